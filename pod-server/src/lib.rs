@@ -1,0 +1,9 @@
+//! devmount-server: the pod-side half of devmount.
+//!
+//! One SSH server (russh) carries everything a developer's laptop needs from the pod: an SFTP
+//! subsystem served concurrently, exec and shells, allow-listed port forwarding and a
+//! file-change feed. The wire formats live in [`proto`], shared with the client.
+
+pub mod feed;
+pub mod proto;
+pub mod sftp;
