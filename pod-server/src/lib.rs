@@ -4,6 +4,12 @@
 //! subsystem served concurrently, exec and shells, allow-listed port forwarding and a
 //! file-change feed. The wire formats live in [`proto`], shared with the client.
 
+pub mod exec;
 pub mod feed;
+pub mod forward;
+pub mod keys;
+pub mod passwd;
 pub mod proto;
+pub mod reaper;
 pub mod sftp;
+pub mod ssh;

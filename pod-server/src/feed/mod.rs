@@ -21,3 +21,19 @@ impl ChangeTracker for () {
     }
     fn own_change(&self, _conn: u64, _abs_path: &Path) {}
 }
+
+mod coalesce;
+mod handle;
+mod hub;
+mod notes;
+mod serve;
+mod sys;
+mod tree;
+mod watch;
+
+pub use handle::{Feed, FeedOptions};
+pub use hub::Subscription;
+pub use serve::serve;
+
+#[cfg(test)]
+mod tests;

@@ -1,1 +1,6 @@
 
+pub mod paths;
+pub mod ops;
+pub mod client;
+pub mod handles;
+pub mod server;

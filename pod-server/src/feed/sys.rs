@@ -1,0 +1,175 @@
+//! The system calls the watcher needs beyond inotify: opening directories beneath the root
+//! without following symlinks, `lstat` relative to the root, and a blocking wait on the inotify
+//! descriptor that a stop signal can interrupt.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::fcntl::{openat, openat2, AtFlags, OFlag, OpenHow, ResolveFlag};
+use nix::sys::stat::{fstat, fstatat, Mode};
+
+use crate::proto::stat::FullStat;
+
+/// The root directory, held open so every lookup is relative to it.
+pub(super) struct Root {
+    fd: OwnedFd,
+    /// `openat2` with `RESOLVE_BENEATH` works here (it is missing before Linux 5.6 and some
+    /// seccomp profiles refuse it); otherwise directories are opened one component at a time.
+    beneath: bool,
+}
+
+const DIR_FLAGS: OFlag = OFlag::O_RDONLY
+    .union(OFlag::O_DIRECTORY)
+    .union(OFlag::O_NOFOLLOW)
+    .union(OFlag::O_CLOEXEC);
+
+impl Root {
+    pub fn open(path: &Path) -> io::Result<Root> {
+        let fd = nix::fcntl::open(path, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())?;
+        Ok(Root { fd, beneath: true })
+    }
+
+    /// Opens the directory at `rel` (relative to the root; empty for the root itself) for
+    /// reading, refusing to follow a symlink anywhere on the way, so a directory swapped for
+    /// a symlink mid-walk cannot lead the walk out of the root.
+    pub fn open_dir(&mut self, rel: &[u8]) -> nix::Result<OwnedFd> {
+        if rel.is_empty() {
+            return openat(self.fd.as_fd(), ".", DIR_FLAGS, Mode::empty());
+        }
+        if self.beneath {
+            let how = OpenHow::new()
+                .flags(DIR_FLAGS)
+                .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
+            match openat2(self.fd.as_fd(), OsStr::from_bytes(rel), how) {
+                Err(Errno::ENOSYS | Errno::EPERM) => {
+                    tracing::debug!("openat2 unavailable; opening directories component by component");
+                    self.beneath = false;
+                }
+                // A concurrent rename makes openat2 give up; the slow path is immune to it.
+                Err(Errno::EAGAIN) => {}
+                r => return r,
+            }
+        }
+        let mut cur: Option<OwnedFd> = None;
+        for name in rel.split(|&b| b == b'/') {
+            let at = cur.as_ref().map_or(self.fd.as_fd(), |f| f.as_fd());
+            cur = Some(openat(at, OsStr::from_bytes(name), DIR_FLAGS, Mode::empty())?);
+        }
+        cur.ok_or(Errno::ENOENT)
+    }
+
+    /// `lstat` of `rel` now; `None` if it does not exist (or cannot be reached).
+    pub fn lstat(&self, rel: &[u8]) -> Option<FullStat> {
+        let st = if rel.is_empty() {
+            fstat(self.fd.as_fd())
+        } else {
+            fstatat(self.fd.as_fd(), OsStr::from_bytes(rel), AtFlags::AT_SYMLINK_NOFOLLOW)
+        };
+        st.ok().map(|st| FullStat::from(&st))
+    }
+}
+
+/// A path naming exactly the directory open as `fd`, for the calls that take only a path
+/// (`inotify_add_watch`, `opendir`): the kernel resolves it to that very inode.
+pub(super) fn fd_path(fd: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// An eventfd that wakes the watcher's `poll` to make it stop.
+pub(super) struct StopSignal(OwnedFd);
+
+impl StopSignal {
+    pub fn new() -> io::Result<StopSignal> {
+        // SAFETY: eventfd takes no pointers; a non-negative result is a new descriptor we own.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by eventfd and is owned by nobody else.
+        Ok(StopSignal(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    pub fn raise(&self) {
+        // SAFETY: writes 8 bytes from a live u64 to a descriptor we own.
+        let n = unsafe { libc::eventfd_write(self.0.as_raw_fd(), 1) };
+        if n < 0 {
+            tracing::warn!(error = %io::Error::last_os_error(), "cannot signal the feed watcher to stop");
+        }
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+/// What woke [`wait`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Woken {
+    pub events: bool,
+    pub stop: bool,
+}
+
+/// Blocks until `events` is readable, `stop` is raised, or `timeout` passes (`None`: no
+/// timeout, so an idle feed sleeps in the kernel and costs no CPU).
+pub(super) fn wait(events: BorrowedFd<'_>, stop: BorrowedFd<'_>, timeout: Option<Duration>) -> io::Result<Woken> {
+    let mut fds = [
+        libc::pollfd { fd: events.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+    ];
+    // Round up so a sub-millisecond remainder does not spin.
+    let ms = timeout.map_or(-1, |t| t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32);
+    loop {
+        // SAFETY: `fds` is a live array of two pollfd structs for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if n >= 0 {
+            let ready = |p: &libc::pollfd| p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0;
+            return Ok(Woken { events: ready(&fds[0]), stop: ready(&fds[1]) });
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_dir_refuses_symlinks_on_the_way() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("a/b")).unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("a"), tmp.path().join("link")).unwrap();
+        std::os::unix::fs::symlink("/", tmp.path().join("a/up")).unwrap();
+        let mut root = Root::open(tmp.path()).unwrap();
+        for slow in [false, true] {
+            root.beneath = !slow;
+            assert!(root.open_dir(b"").is_ok());
+            assert!(root.open_dir(b"a/b").is_ok());
+            assert!(root.open_dir(b"link/b").is_err(), "symlink in the middle");
+            assert!(root.open_dir(b"link").is_err(), "symlink at the end");
+            assert!(root.open_dir(b"a/up/tmp").is_err(), "absolute symlink");
+            assert!(root.open_dir(b"a/missing").is_err());
+        }
+        assert!(root.lstat(b"link").unwrap().mode & libc::S_IFMT == libc::S_IFLNK);
+        assert!(root.lstat(b"").unwrap().is_dir());
+        assert!(root.lstat(b"nope").is_none());
+    }
+
+    #[test]
+    fn wait_times_out_and_wakes_on_stop() {
+        let stop = StopSignal::new().unwrap();
+        let other = StopSignal::new().unwrap();
+        let w = wait(other.fd(), stop.fd(), Some(Duration::from_millis(1))).unwrap();
+        assert_eq!(w, Woken { events: false, stop: false });
+        stop.raise();
+        let w = wait(other.fd(), stop.fd(), None).unwrap();
+        assert_eq!(w, Woken { events: false, stop: true });
+    }
+}

@@ -1,0 +1,513 @@
+//! The watcher: one thread that owns the inotify instance, keeps a watch on every directory
+//! under the root, turns kernel events into changes, and publishes them window by window.
+//!
+//! The thread blocks in `poll` on the inotify descriptor with no timeout while idle; a timeout
+//! exists only while a coalescing window is open. Walks (the first one, and the one after
+//! events were lost) read pending events every [`PUMP_EVERY`] directories, so a big tree does
+//! not let the kernel queue overflow while it is walked.
+//!
+//! Directories are opened beneath the root without following symlinks and watched through
+//! `/proc/self/fd`, so a directory swapped for a symlink mid-walk never gets a watch outside the
+//! root. Every kernel event names a watch; a watch this thread no longer knows (removed, or
+//! moved out of the root) is ignored.
+
+use std::collections::VecDeque;
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
+
+use super::coalesce::{Coalescer, Move, Op};
+use super::hub::{Batch, Hub};
+use super::sys::{self, fd_path, Root, StopSignal};
+use super::tree::{join, Tree, Wd};
+use crate::proto::feed::{Change, BATCH_HEADER_LEN, MAX_FEED_FRAME, MAX_FEED_PATH};
+
+/// The read buffer: room for a few thousand events per `read`.
+const BUFFER_BYTES: usize = 64 * 1024;
+/// Reads per turn of the main loop, so a flood of events cannot hold off a due flush.
+const READS_PER_TURN: usize = 16;
+/// Directories a walk visits between two looks at pending events.
+const PUMP_EVERY: usize = 64;
+
+fn mask() -> WatchMask {
+    WatchMask::CREATE
+        | WatchMask::DELETE
+        | WatchMask::MODIFY
+        | WatchMask::ATTRIB
+        | WatchMask::MOVED_FROM
+        | WatchMask::MOVED_TO
+        | WatchMask::MOVE_SELF
+        | WatchMask::ONLYDIR
+        | WatchMask::EXCL_UNLINK
+}
+
+/// Directories waiting to be watched and listed: (parent's watch, name).
+type Pending = VecDeque<(Wd, Bytes)>;
+
+pub(super) struct Watcher {
+    inotify: Inotify,
+    root: Root,
+    tree: Tree<WatchDescriptor>,
+    window: Coalescer,
+    /// When the open window is flushed; `None` while no window is open.
+    deadline: Option<Instant>,
+    coalesce: Duration,
+    max_watches: Option<usize>,
+    hub: Arc<Hub>,
+    stop: Arc<StopSignal>,
+    /// A top-level walk is running: directories that move in the meantime must be visited.
+    walking: bool,
+    walk_extra: Pending,
+    /// Events were lost (queue overflow) or the tree went stale: rewatch everything.
+    overflowed: bool,
+    stopping: bool,
+    root_lost: bool,
+    /// The first unwatched directory is logged as a warning, the rest quietly.
+    limit_logged: bool,
+    buf: Vec<u8>,
+}
+
+fn watch_root(root: &mut Root, inotify: &Inotify) -> io::Result<WatchDescriptor> {
+    let dir = root.open_dir(b"")?;
+    inotify.watches().add(fd_path(&dir), mask())
+}
+
+impl Watcher {
+    /// Opens the root and puts the first watch on it, so a bad root fails the caller.
+    pub fn new(
+        root_path: &std::path::Path,
+        hub: Arc<Hub>,
+        stop: Arc<StopSignal>,
+        coalesce: Duration,
+        max_watches: Option<usize>,
+    ) -> io::Result<Watcher> {
+        let mut root = Root::open(root_path)?;
+        let inotify = Inotify::init()?;
+        let wd = watch_root(&mut root, &inotify)?;
+        Ok(Watcher {
+            inotify,
+            root,
+            tree: Tree::new(wd.get_watch_descriptor_id(), wd),
+            window: Coalescer::default(),
+            deadline: None,
+            coalesce,
+            max_watches,
+            hub,
+            stop,
+            walking: false,
+            walk_extra: Pending::new(),
+            overflowed: false,
+            stopping: false,
+            root_lost: false,
+            limit_logged: false,
+            buf: vec![0; BUFFER_BYTES],
+        })
+    }
+
+    pub fn run(mut self) {
+        self.walk_root();
+        if self.overflowed {
+            self.rewatch();
+        }
+        if !self.stopping {
+            self.hub.set_ready();
+            tracing::debug!(directories = self.tree.len(), "feed ready");
+        }
+        while !self.stopping {
+            let timeout = self.deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            match sys::wait(self.inotify.as_fd(), self.stop.fd(), timeout) {
+                Ok(w) if w.stop => break,
+                Ok(w) if w.events => self.read_events(),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "feed watcher cannot wait for events; the feed stops");
+                    break;
+                }
+            }
+            if self.due() {
+                self.flush();
+            }
+            if self.overflowed {
+                self.rewatch();
+            }
+        }
+        self.hub.stop();
+    }
+
+    fn due(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    fn open_window(&mut self, now: Instant) {
+        self.deadline.get_or_insert(now + self.coalesce);
+    }
+
+    /// Reads what the kernel has queued, without blocking.
+    fn read_events(&mut self) {
+        let mut buf = std::mem::take(&mut self.buf);
+        for _ in 0..READS_PER_TURN {
+            match self.inotify.read_events(&mut buf) {
+                Ok(events) => {
+                    for ev in events {
+                        self.handle(ev.wd.get_watch_descriptor_id(), ev.mask, ev.cookie, ev.name);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read inotify events; the feed stops");
+                    self.stopping = true;
+                    break;
+                }
+            }
+        }
+        self.buf = buf;
+    }
+
+    /// During a walk: take in pending events, flush a due window, notice a stop.
+    fn pump(&mut self) {
+        match sys::wait(self.inotify.as_fd(), self.stop.fd(), Some(Duration::ZERO)) {
+            Ok(w) if w.stop => self.stopping = true,
+            Ok(w) if w.events => self.read_events(),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "feed watcher cannot poll during a walk"),
+        }
+        if self.due() {
+            self.flush();
+        }
+    }
+
+    fn handle(&mut self, wd: Wd, mask: EventMask, cookie: u32, name: Option<&OsStr>) {
+        if mask.contains(EventMask::Q_OVERFLOW) {
+            self.overflowed = true;
+            return;
+        }
+        if mask.contains(EventMask::IGNORED) {
+            self.watch_gone(wd);
+            return;
+        }
+        let Some(dir) = self.tree.path(wd) else { return };
+        let now = Instant::now();
+        let Some(name) = name else {
+            // The directory itself. Its parent reports the same change by name, except for
+            // the root, which has no watched parent.
+            if wd == self.tree.root() {
+                if mask.contains(EventMask::ATTRIB) {
+                    let own = self.hub.notes().matching(b"", now);
+                    self.window.attrib(Bytes::new(), own);
+                    self.open_window(now);
+                } else if mask.contains(EventMask::MOVE_SELF) {
+                    self.lose_root();
+                }
+            }
+            return;
+        };
+        let name = Bytes::copy_from_slice(name.as_bytes());
+        let path = join(&dir, &name);
+        let isdir = mask.contains(EventMask::ISDIR);
+        let own = self.hub.notes().matching(&path, now);
+        self.open_window(now);
+        if mask.contains(EventMask::CREATE) {
+            self.window.created(path.clone(), own);
+            if isdir {
+                self.walk(Pending::from([(wd, name)]), true);
+            }
+        } else if mask.contains(EventMask::DELETE) {
+            self.window.deleted(path.clone(), isdir, own);
+            if isdir {
+                if let Some(child) = self.tree.child(wd, &name) {
+                    self.unwatch(child);
+                }
+                self.hub.drop_unwatched_under(&path);
+            }
+        } else if mask.contains(EventMask::MODIFY) {
+            self.window.modified(path, own);
+        } else if mask.contains(EventMask::ATTRIB) {
+            self.window.attrib(path, own);
+        } else if mask.contains(EventMask::MOVED_FROM) {
+            let child = if isdir { self.tree.child(wd, &name) } else { None };
+            if let Some(c) = child {
+                self.tree.detach(c);
+            }
+            self.window.move_from(cookie, Move { from: path, dir: isdir, wd: child }, own);
+        } else if mask.contains(EventMask::MOVED_TO) {
+            self.moved_to(wd, name, path, isdir, cookie, own);
+        }
+    }
+
+    fn moved_to(&mut self, parent: Wd, name: Bytes, path: Bytes, isdir: bool, cookie: u32, own: Vec<u64>) {
+        let Some(mv) = self.window.move_to(cookie, path.clone(), own.clone()) else {
+            // From outside the root (or its MOVED_FROM was already given up on): new here.
+            self.window.created(path, own);
+            if isdir {
+                self.walk(Pending::from([(parent, name)]), true);
+            }
+            return;
+        };
+        if !mv.dir {
+            return;
+        }
+        self.hub.drop_unwatched_under(&path);
+        self.hub.rename_unwatched(&mv.from, &path);
+        match mv.wd {
+            Some(child) => match self.tree.attach(parent, name, child, None) {
+                Ok(dropped) => self.remove_watches(dropped),
+                Err(_) => self.overflowed = true,
+            },
+            // A directory this walk has not reached yet, under a name it will no longer find.
+            None if self.walking => self.walk_extra.push_back((parent, name)),
+            // An unwatched directory: its mark moved along.
+            None => {}
+        }
+    }
+
+    /// The kernel dropped a watch: its directory was deleted or unmounted, or we removed it.
+    fn watch_gone(&mut self, wd: Wd) {
+        if wd == self.tree.root() && self.tree.contains(wd) {
+            self.lose_root();
+            return;
+        }
+        if let Some(path) = self.tree.path(wd) {
+            self.hub.drop_unwatched_under(&path);
+        }
+        self.unwatch(wd);
+    }
+
+    fn lose_root(&mut self) {
+        if self.root_lost {
+            return;
+        }
+        self.root_lost = true;
+        tracing::error!("the feed's root directory was moved or deleted; its changes are no longer reported");
+        let all = self.tree.clear();
+        self.remove_watches(all);
+        self.hub.add_unwatched(Bytes::new());
+    }
+
+    fn unwatch(&mut self, wd: Wd) {
+        let dropped = self.tree.remove_subtree(wd);
+        self.remove_watches(dropped);
+    }
+
+    fn remove_watches(&mut self, wds: Vec<WatchDescriptor>) {
+        let mut watches = self.inotify.watches();
+        for wd in wds {
+            // Fails harmlessly when the kernel already dropped the watch.
+            let _ = watches.remove(wd);
+        }
+    }
+
+    /// Watches and lists the root, then walks everything below it.
+    fn walk_root(&mut self) {
+        let root = self.tree.root();
+        let dir = match self.root.open_dir(b"") {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot open the feed's root directory");
+                self.lose_root();
+                return;
+            }
+        };
+        self.walking = true;
+        let mut pending = Pending::new();
+        self.list(root, &dir, b"", false, &mut pending);
+        self.walk(pending, false);
+        self.walking = false;
+    }
+
+    /// Watches and lists each pending directory and, recursively, the directories found in
+    /// it. `scan`: the directories are new, so everything found in them is reported created
+    /// (it may have landed before the watch). A non-scanning walk is the top-level one and
+    /// takes in events as it goes.
+    fn walk(&mut self, mut pending: Pending, scan: bool) {
+        let mut visited = 0usize;
+        loop {
+            if !scan {
+                pending.append(&mut self.walk_extra);
+            }
+            let Some((parent, name)) = pending.pop_front() else { break };
+            if !scan {
+                visited += 1;
+                if visited % PUMP_EVERY == 0 {
+                    self.pump();
+                    if self.stopping {
+                        return;
+                    }
+                }
+            }
+            // Paths are computed only now: the parent may have moved since it was queued.
+            let Some(dir) = self.tree.path(parent) else { continue };
+            let path = join(&dir, &name);
+            let Some((wd, fd)) = self.watch(parent, name, &path) else { continue };
+            self.list(wd, &fd, &path, scan, &mut pending);
+        }
+    }
+
+    /// Puts a watch on the directory at `path` (known as `name` in `parent`). `None` if it is
+    /// gone, not a directory any more, or cannot be watched (then it is marked unwatched).
+    fn watch(&mut self, parent: Wd, name: Bytes, path: &Bytes) -> Option<(Wd, OwnedFd)> {
+        let fd = match self.root.open_dir(path) {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::trace!(path = %path.escape_ascii(), error = %e, "directory gone before it was watched");
+                return None;
+            }
+        };
+        let wd = match self.inotify.watches().add(fd_path(&fd), mask()) {
+            Ok(wd) => wd,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::ENOMEM)) => {
+                self.mark_unwatched(path, &e.to_string());
+                return None;
+            }
+            Err(e) => {
+                tracing::debug!(path = %path.escape_ascii(), error = %e, "cannot watch directory");
+                return None;
+            }
+        };
+        let id = wd.get_watch_descriptor_id();
+        let known = self.tree.contains(id);
+        if !known && self.max_watches.is_some_and(|max| self.tree.len() >= max) {
+            self.remove_watches(vec![wd]);
+            self.mark_unwatched(path, "the feed's watch limit is reached");
+            return None;
+        }
+        match self.tree.attach(parent, name, id, Some(wd.clone())) {
+            Ok(dropped) => self.remove_watches(dropped),
+            Err(_) => {
+                if !known {
+                    self.remove_watches(vec![wd]);
+                }
+                self.overflowed = true;
+                return None;
+            }
+        }
+        Some((id, fd))
+    }
+
+    fn mark_unwatched(&mut self, path: &Bytes, why: &str) {
+        if self.hub.add_unwatched(path.clone()) {
+            if !self.limit_logged {
+                self.limit_logged = true;
+                tracing::warn!(
+                    path = %path.escape_ascii(),
+                    reason = why,
+                    "directory not watched, nor anything below it; clients use short timeouts there \
+                     (raise fs.inotify.max_user_watches to watch it)"
+                );
+            } else {
+                tracing::debug!(path = %path.escape_ascii(), reason = why, "directory not watched");
+            }
+        }
+    }
+
+    /// Lists the directory open as `fd` (watch `wd`, at `path`): queues its subdirectories,
+    /// and when scanning, reports each entry created.
+    fn list(&mut self, wd: Wd, fd: &OwnedFd, path: &[u8], scan: bool, pending: &mut Pending) {
+        let entries = match std::fs::read_dir(fd_path(fd)) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::debug!(path = %path.escape_ascii(), error = %e, "cannot list directory");
+                return;
+            }
+        };
+        let now = Instant::now();
+        for entry in entries {
+            let Ok(entry) = entry else { break };
+            let name = Bytes::copy_from_slice(entry.file_name().as_bytes());
+            if scan {
+                let child = join(path, &name);
+                let own = self.hub.notes().matching(&child, now);
+                self.window.created(child, own);
+                self.open_window(now);
+            }
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                pending.push_back((wd, name));
+            }
+        }
+    }
+
+    /// Ends the window: stats every change now and publishes them, a frame's worth at a time.
+    fn flush(&mut self) {
+        if self.window.has_pending_moves() {
+            // A MOVED_TO split from its MOVED_FROM by a read boundary is already queued.
+            self.read_events();
+        }
+        let (ops, unpaired) = self.window.finish();
+        self.deadline = None;
+        for mv in unpaired {
+            if let Some(wd) = mv.wd {
+                self.unwatch(wd);
+            }
+            if mv.dir {
+                self.hub.drop_unwatched_under(&mv.from);
+            }
+        }
+        self.hub.notes().settle(Instant::now());
+        let mut events = Vec::new();
+        let mut len = 0;
+        let mut too_long = 0usize;
+        for (op, own) in ops {
+            let change = match op {
+                Op::Created(path) => Change::Created { stat: self.root.lstat(&path), path },
+                Op::Modified(path) => Change::Modified { stat: self.root.lstat(&path), path },
+                Op::Attrib(path) => Change::Attrib { stat: self.root.lstat(&path), path },
+                Op::Deleted(path) => Change::Deleted { path },
+                Op::Renamed { from, to } => Change::Renamed { stat: self.root.lstat(&to), from, to },
+            };
+            let longest = match &change {
+                Change::Renamed { from, to, .. } => from.len().max(to.len()),
+                c => c.path().len(),
+            };
+            if longest > MAX_FEED_PATH {
+                too_long += 1;
+                continue;
+            }
+            let l = change.encoded_len();
+            if len + l > MAX_FEED_FRAME - BATCH_HEADER_LEN {
+                self.hub.publish_batch(Batch { events: std::mem::take(&mut events), len });
+                len = 0;
+            }
+            events.push((change, own));
+            len += l;
+        }
+        if !events.is_empty() {
+            self.hub.publish_batch(Batch { events, len });
+        }
+        if too_long > 0 {
+            tracing::warn!(too_long, max = MAX_FEED_PATH, "changes with overlong paths not sent; resync");
+            self.hub.publish_resync();
+        }
+    }
+
+    /// Events were lost: drop every watch, watch the tree afresh, then tell the subscribers
+    /// to resync (after the new watches are in place, so what they re-read is watched).
+    fn rewatch(&mut self) {
+        self.flush();
+        while self.overflowed && !self.stopping && !self.root_lost {
+            self.overflowed = false;
+            tracing::warn!("feed events were lost (inotify queue overflow); rewatching the tree");
+            let all = self.tree.clear();
+            self.remove_watches(all);
+            self.walk_extra.clear();
+            self.hub.clear_unwatched();
+            match watch_root(&mut self.root, &self.inotify) {
+                Ok(wd) => {
+                    self.tree = Tree::new(wd.get_watch_descriptor_id(), wd);
+                    self.walk_root();
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot watch the feed's root directory again");
+                    self.lose_root();
+                }
+            }
+            self.flush();
+        }
+        self.hub.publish_resync();
+    }
+}

@@ -1,0 +1,1361 @@
+//! The SFTP subsystem: one connection's request loop.
+//!
+//! One reader decodes requests in order and hands each to its own task, so requests run
+//! concurrently and answer out of order, as SFTP allows: a slow read does not hold up a stat.
+//! - Requests on one handle keep their order ([`handles::Turn`]).
+//! - File system work runs on tokio's blocking pool ([`ops`]).
+//! - One writer task puts the responses on the stream, coalescing small ones.
+//! - At most `max_in_flight` requests run at once: the reader takes a permit before it reads
+//!   the next packet, so a client that keeps sending while the server is busy is held back by
+//!   the transport's flow control instead of growing queues here.
+//! - A malformed packet (bad or oversized length, truncated body, unknown type) ends this
+//!   connection only; the caller closes its channel.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, IntoRawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, warn};
+
+use super::handles::{Handle, Handles, Object};
+use super::ops::{self, Fs, OpError};
+use super::paths::Root;
+use crate::feed::ChangeTracker;
+use crate::proto::sftp::{
+    self, Attrs, Init, NameEntry, Request, RequestBody, Response, ResponseBody, SeqStat, SetAttrs,
+    Status, StatusCode, TimeSet, Version, WalkBatch, MAX_DATA, MAX_PACKET,
+};
+use crate::proto::stat::Timespec;
+use crate::proto::wire::{take_frame, DecodeError};
+
+/// Per-connection resource caps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Open handles; one more OPEN answers FAILURE "too many open handles".
+    pub max_handles: usize,
+    /// Requests being served at once; beyond it the server stops reading.
+    pub max_in_flight: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_handles: 4096,
+            max_in_flight: 256,
+        }
+    }
+}
+
+/// What one SFTP session needs from the server.
+pub struct SftpContext {
+    /// The confinement root, canonical.
+    pub root: PathBuf,
+    /// The SSH connection's id, as the change tracker knows it.
+    pub conn: u64,
+    pub changes: Arc<dyn ChangeTracker>,
+    pub limits: Limits,
+}
+
+/// Entries per READDIR reply.
+const READDIR_BATCH: usize = 100;
+/// Entries per `walk-read@devmount` reply when the client asks for 0, and the most it may ask.
+const WALK_BATCH_DEFAULT: usize = 4096;
+const WALK_BATCH_MAX: usize = 65_536;
+
+/// Why a session ended early.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("malformed packet: {0}")]
+    Malformed(#[from] DecodeError),
+    #[error("the stream ended inside a packet")]
+    TruncatedStream,
+    #[error("reading the stream")]
+    Read(#[source] io::Error),
+}
+
+/// Serves one SFTP session on `stream` until the client ends it. Returns an error, already
+/// logged, when the session was cut short by a malformed packet or a broken stream; other
+/// connections are never affected.
+pub async fn serve<S>(stream: S, ctx: Arc<SftpContext>) -> anyhow::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let root =
+        Root::open(&ctx.root).with_context(|| format!("opening root {}", ctx.root.display()))?;
+    let conn = Arc::new(Conn {
+        fs: Fs::new(root, ctx.conn, ctx.changes.clone()),
+        handles: Handles::new(ctx.limits.max_handles),
+        max_handles: ctx.limits.max_handles,
+    });
+    let (rd, wr) = tokio::io::split(stream);
+    let in_flight = ctx.limits.max_in_flight.max(1);
+    let (tx, rx) = mpsc::channel(in_flight);
+    let writer = tokio::spawn(write_loop(wr, rx));
+    match read_loop(rd, &conn, tx, in_flight).await {
+        Ok(()) => {
+            // Every task holds a sender: the writer ends once the last answer is out.
+            match writer.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(conn = ctx.conn, "sftp: writing answers: {e}"),
+                Err(e) => warn!(conn = ctx.conn, "sftp: writer task failed: {e}"),
+            }
+            Ok(())
+        }
+        Err(e) => {
+            writer.abort();
+            warn!(conn = ctx.conn, "sftp: closing the session: {e}");
+            Err(anyhow::Error::new(e).context(format!("sftp session of connection {}", ctx.conn)))
+        }
+    }
+}
+
+struct Conn {
+    fs: Fs,
+    handles: Handles,
+    max_handles: usize,
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::Receiver<Bytes>) -> io::Result<()> {
+    let mut wr = BufWriter::with_capacity(64 * 1024, wr);
+    while let Some(frame) = rx.recv().await {
+        wr.write_all(&frame).await?;
+        while let Ok(frame) = rx.try_recv() {
+            wr.write_all(&frame).await?;
+        }
+        wr.flush().await?;
+    }
+    wr.shutdown().await
+}
+
+/// The next frame, `None` at a clean end of stream.
+async fn next_frame<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+) -> Result<Option<Bytes>, SessionError> {
+    loop {
+        if let Some(frame) = take_frame(buf, MAX_PACKET)? {
+            return Ok(Some(frame));
+        }
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(64 * 1024);
+        }
+        if rd.read_buf(buf).await.map_err(SessionError::Read)? == 0 {
+            return if buf.is_empty() {
+                Ok(None)
+            } else {
+                Err(SessionError::TruncatedStream)
+            };
+        }
+    }
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    mut rd: R,
+    conn: &Arc<Conn>,
+    tx: mpsc::Sender<Bytes>,
+    in_flight: usize,
+) -> Result<(), SessionError> {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let Some(first) = next_frame(&mut rd, &mut buf).await? else {
+        return Ok(());
+    };
+    let init = Init::decode(first)?;
+    debug!(version = init.version, "sftp: client hello");
+    let mut hello = BytesMut::new();
+    Version::devmount().encode(&mut hello);
+    if tx.send(hello.freeze()).await.is_err() {
+        return Ok(());
+    }
+    let permits = Arc::new(Semaphore::new(in_flight));
+    loop {
+        let permit = permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let Some(frame) = next_frame(&mut rd, &mut buf).await? else {
+            return Ok(());
+        };
+        let req = Request::decode(frame)?;
+        dispatch(conn, req, permit, &tx);
+    }
+}
+
+/// Starts serving one request. Runs on the reader, in arrival order: that is where a
+/// request takes its place in its handle's queue.
+fn dispatch(
+    conn: &Arc<Conn>,
+    req: Request,
+    permit: OwnedSemaphorePermit,
+    tx: &mpsc::Sender<Bytes>,
+) {
+    let Request { id, body } = req;
+    let tx = tx.clone();
+    let conn = conn.clone();
+    let Some((handle, close)) = handle_of(&body) else {
+        tokio::task::spawn_blocking(move || {
+            let reply = path_op(&conn, body);
+            // A closed channel means the session is over: nobody is waiting for the answer.
+            let _ = tx.blocking_send(encode(id, reply));
+            drop(permit);
+        });
+        return;
+    };
+    let found = if close {
+        conn.handles.remove(handle)
+    } else {
+        conn.handles.get(handle)
+    };
+    tokio::spawn(async move {
+        let reply = match found {
+            None => bad_handle(),
+            Some((h, turn)) => {
+                let done = turn.wait().await;
+                let reply = tokio::task::spawn_blocking(move || handle_op(&conn, h, body)).await;
+                drop(done);
+                reply.unwrap_or_else(|e| {
+                    warn!("sftp: request {id} failed: {e}");
+                    status(StatusCode::FAILURE, "internal error")
+                })
+            }
+        };
+        let _ = tx.send(encode(id, reply)).await;
+        drop(permit);
+    });
+}
+
+fn encode(id: u32, body: ResponseBody) -> Bytes {
+    let mut buf = BytesMut::new();
+    Response { id, body }.encode(&mut buf);
+    buf.freeze()
+}
+
+/// The handle a request works on, and whether it closes it.
+fn handle_of(body: &RequestBody) -> Option<(&[u8], bool)> {
+    use RequestBody::*;
+    match body {
+        Close { handle } => Some((handle, true)),
+        Read { handle, .. }
+        | Write { handle, .. }
+        | Fstat { handle }
+        | Fsetstat { handle, .. }
+        | Readdir { handle }
+        | Fstatvfs { handle }
+        | Fsync { handle }
+        | DevFstat { handle }
+        | DevWalkRead { handle }
+        | DevWrite { handle, .. } => Some((handle, false)),
+        _ => None,
+    }
+}
+
+fn status(code: StatusCode, message: &str) -> ResponseBody {
+    ResponseBody::Status(Status::new(code, message))
+}
+
+fn ok() -> ResponseBody {
+    ResponseBody::Status(Status::ok())
+}
+
+fn bad_handle() -> ResponseBody {
+    ResponseBody::Status(Status::from_io(&io::Error::from_raw_os_error(libc::EBADF)))
+}
+
+fn too_many_handles() -> ResponseBody {
+    status(StatusCode::FAILURE, "too many open handles")
+}
+
+fn io_status(e: &io::Error) -> ResponseBody {
+    debug!("sftp: {e}");
+    ResponseBody::Status(Status::from_io(e))
+}
+
+fn op_status(e: &OpError) -> ResponseBody {
+    match e {
+        OpError::Io(e) => io_status(e),
+        OpError::Changed => status(StatusCode::CHANGED, "file changed"),
+        OpError::TooLarge { max } => status(
+            StatusCode::TOO_LARGE,
+            &format!("file larger than {max} bytes"),
+        ),
+        OpError::Unsupported(what) => status(StatusCode::OP_UNSUPPORTED, what),
+    }
+}
+
+/// A reply from a result: `f` builds the success.
+fn reply<T, E>(r: Result<T, E>, f: impl FnOnce(T) -> ResponseBody) -> ResponseBody
+where
+    E: Into<OpError>,
+{
+    match r {
+        Ok(v) => f(v),
+        Err(e) => op_status(&e.into()),
+    }
+}
+
+fn done<E: Into<OpError>>(r: Result<(), E>) -> ResponseBody {
+    reply(r, |()| ok())
+}
+
+/// SFTP v3 attributes as a set request: whole-second times.
+fn set_attrs(a: &Attrs) -> SetAttrs {
+    let at = |sec: u32| {
+        TimeSet::At(Timespec {
+            sec: i64::from(sec),
+            nsec: 0,
+        })
+    };
+    SetAttrs {
+        mode: a.permissions,
+        uid: a.uid_gid.map(|(u, _)| u),
+        gid: a.uid_gid.map(|(_, g)| g),
+        size: a.size,
+        atime: a.atime_mtime.map_or(TimeSet::Omit, |(t, _)| at(t)),
+        mtime: a.atime_mtime.map_or(TimeSet::Omit, |(_, t)| at(t)),
+    }
+}
+
+/// A NAME reply of one path, as OpenSSH sends REALPATH and READLINK (the long name is the name).
+fn one_name(name: &[u8]) -> ResponseBody {
+    let name = Bytes::copy_from_slice(name);
+    ResponseBody::Name(vec![NameEntry {
+        filename: name.clone(),
+        longname: name,
+        attrs: Attrs::default(),
+    }])
+}
+
+fn new_handle(conn: &Conn, object: Object) -> ResponseBody {
+    match conn.handles.insert(object) {
+        Some(h) => ResponseBody::Handle(h),
+        None => too_many_handles(),
+    }
+}
+
+/// Requests that name paths (the reader sends requests on handles to [`handle_op`]).
+fn path_op(conn: &Conn, body: RequestBody) -> ResponseBody {
+    use RequestBody::*;
+    let fs = &conn.fs;
+    match body {
+        Open {
+            filename,
+            pflags,
+            attrs,
+        } => {
+            if conn.handles.is_full() {
+                return too_many_handles();
+            }
+            reply(fs.open(&filename, pflags, attrs.permissions), |f| {
+                new_handle(conn, Object::File(f))
+            })
+        }
+        Opendir { path } => {
+            if conn.handles.is_full() {
+                return too_many_handles();
+            }
+            reply(fs.opendir(&path), |d| {
+                new_handle(conn, Object::Dir(Mutex::new(d)))
+            })
+        }
+        DevWalk { path, max_entries } => {
+            if conn.handles.is_full() {
+                return too_many_handles();
+            }
+            let max_entries = match max_entries as usize {
+                0 => WALK_BATCH_DEFAULT,
+                n => n.min(WALK_BATCH_MAX),
+            };
+            reply(fs.walk(&path), |walk| {
+                new_handle(
+                    conn,
+                    Object::Walk {
+                        walk: Mutex::new(walk),
+                        max_entries,
+                    },
+                )
+            })
+        }
+        Lstat { path } => reply(fs.stat(&path, false), |st| {
+            ResponseBody::Attrs(Attrs::from_stat(&st))
+        }),
+        Stat { path } => reply(fs.stat(&path, true), |st| {
+            ResponseBody::Attrs(Attrs::from_stat(&st))
+        }),
+        Setstat { path, attrs } => done(fs.setstat(&path, &set_attrs(&attrs), true)),
+        Lsetstat { path, attrs } => done(fs.setstat(&path, &set_attrs(&attrs), false)),
+        Remove { filename } => done(fs.remove(&filename)),
+        Mkdir { path, attrs } => done(fs.mkdir(&path, attrs.permissions)),
+        Rmdir { path } => done(fs.rmdir(&path)),
+        Realpath { path } => reply(fs.realpath(&path), |p| one_name(p.as_os_str().as_bytes())),
+        ExpandPath { path } => reply(fs.expand_path(&path), |p| {
+            one_name(p.as_os_str().as_bytes())
+        }),
+        Rename { oldpath, newpath } => done(fs.rename_noreplace(&oldpath, &newpath)),
+        PosixRename { oldpath, newpath } => done(fs.rename(&oldpath, &newpath, 0, None)),
+        Readlink { path } => reply(fs.readlink(&path), |t| one_name(&t)),
+        Symlink { linkpath, target } => done(fs.symlink(&linkpath, &target)),
+        Hardlink { oldpath, newpath } => done(fs.hardlink(&oldpath, &newpath)),
+        Statvfs { path } => reply(fs.statvfs(&path), ResponseBody::StatVfs),
+        Limits => ResponseBody::Limits(sftp::Limits {
+            max_packet_len: MAX_PACKET as u64,
+            max_read_len: u64::from(MAX_DATA),
+            max_write_len: u64::from(MAX_DATA),
+            max_open_handles: conn.max_handles as u64,
+        }),
+        DevStat { path, follow } => reply(fs.seq_stat(&path, follow), ResponseBody::SeqStat),
+        DevSetstat {
+            path,
+            follow,
+            attrs,
+        } => done(fs.setstat(&path, &attrs, follow)),
+        DevRename {
+            oldpath,
+            newpath,
+            flags,
+            condition,
+        } => done(fs.rename(&oldpath, &newpath, flags, condition.as_ref())),
+        DevMknod { path, mode, rdev } => done(fs.mknod(&path, mode, rdev)),
+        DevGet { path, max_size } => reply(fs.get(&path, max_size), ResponseBody::Get),
+        DevPut(put) => reply(fs.put(&put), ResponseBody::SeqStat),
+        Extended { name, .. } => {
+            debug!(
+                "sftp: unsupported extension {:?}",
+                String::from_utf8_lossy(&name)
+            );
+            status(StatusCode::OP_UNSUPPORTED, "unsupported extension")
+        }
+        Close { .. }
+        | Read { .. }
+        | Write { .. }
+        | Fstat { .. }
+        | Fsetstat { .. }
+        | Readdir { .. }
+        | Fstatvfs { .. }
+        | Fsync { .. }
+        | DevFstat { .. }
+        | DevWalkRead { .. }
+        | DevWrite { .. } => bad_handle(),
+    }
+}
+
+/// Requests on a handle; runs after every earlier request on the same handle.
+fn handle_op(conn: &Conn, handle: Arc<Handle>, body: RequestBody) -> ResponseBody {
+    use RequestBody::*;
+    let fs = &conn.fs;
+    let file = match &handle.object {
+        Object::File(f) => Some(f),
+        _ => None,
+    };
+    match (body, file) {
+        (Close { .. }, _) => close(handle),
+        (Read { offset, len, .. }, Some(f)) => {
+            let len = len.min(MAX_DATA) as usize;
+            reply(ops::read_at(f.fd.as_fd(), offset, len), |data| {
+                if data.is_empty() {
+                    status(StatusCode::EOF, "End of file")
+                } else {
+                    ResponseBody::Data(data.into())
+                }
+            })
+        }
+        (Write { offset, data, .. }, Some(f)) => done(fs.write(f, offset, &data)),
+        (Fsetstat { attrs, .. }, Some(f)) => {
+            done(fs.fsetstat(f.fd.as_fd(), &f.abs, &set_attrs(&attrs)))
+        }
+        (Fsync { .. }, Some(f)) => done(ops::fsync(f.fd.as_fd())),
+        (
+            DevWrite {
+                offset,
+                condition,
+                data,
+                ..
+            },
+            Some(f),
+        ) => done(fs.write_if(f, offset, &condition, &data)),
+        (Fstat { .. }, _) => with_fd(&handle, |fd| {
+            reply(ops::fstat(fd), |st| {
+                ResponseBody::Attrs(Attrs::from_stat(&st))
+            })
+        }),
+        (DevFstat { .. }, _) => with_fd(&handle, |fd| {
+            let seq = fs.sequence();
+            reply(ops::fstat(fd), |stat| {
+                ResponseBody::SeqStat(SeqStat { seq, stat })
+            })
+        }),
+        (Fstatvfs { .. }, _) => with_fd(&handle, |fd| {
+            reply(ops::fstatvfs(fd), ResponseBody::StatVfs)
+        }),
+        (Readdir { .. }, None) => readdir(&handle),
+        (DevWalkRead { .. }, None) => walk_read(fs, &handle),
+        _ => bad_handle(),
+    }
+}
+
+/// Runs `f` on the descriptor of a file or directory handle.
+fn with_fd(handle: &Handle, f: impl FnOnce(BorrowedFd<'_>) -> ResponseBody) -> ResponseBody {
+    match &handle.object {
+        Object::File(file) => f(file.fd.as_fd()),
+        Object::Dir(dir) => f(dir.lock().expect("directory cursor poisoned").fd()),
+        Object::Walk { .. } => bad_handle(),
+    }
+}
+
+fn close(handle: Arc<Handle>) -> ResponseBody {
+    // Earlier requests on the handle are done and have let go of it, so this is the last
+    // reference: the descriptor is closed here, with its error reported.
+    let Ok(handle) = Arc::try_unwrap(handle) else {
+        return ok();
+    };
+    match handle.object {
+        Object::File(f) => {
+            // SAFETY: the descriptor is owned and closed exactly once, here.
+            let r = unsafe { libc::close(f.fd.into_raw_fd()) };
+            if r < 0 {
+                io_status(&io::Error::last_os_error())
+            } else {
+                ok()
+            }
+        }
+        Object::Dir(_) | Object::Walk { .. } => ok(),
+    }
+}
+
+fn readdir(handle: &Handle) -> ResponseBody {
+    let Object::Dir(dir) = &handle.object else {
+        return bad_handle();
+    };
+    let mut dir = dir.lock().expect("directory cursor poisoned");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    reply(dir.next_batch(READDIR_BATCH), |entries| {
+        if entries.is_empty() {
+            return status(StatusCode::EOF, "End of file");
+        }
+        let names = entries
+            .into_iter()
+            .map(|(name, st)| NameEntry {
+                longname: ops::longname(name.as_bytes(), &st, now).into(),
+                filename: Bytes::from(name.into_bytes()),
+                attrs: Attrs::from_stat(&st),
+            })
+            .collect();
+        ResponseBody::Name(names)
+    })
+}
+
+fn walk_read(fs: &Fs, handle: &Handle) -> ResponseBody {
+    let Object::Walk { walk, max_entries } = &handle.object else {
+        return bad_handle();
+    };
+    let mut walk = walk.lock().expect("walk cursor poisoned");
+    let seq = fs.sequence();
+    reply(walk.next_batch(*max_entries), |entries| {
+        if entries.is_empty() {
+            status(StatusCode::EOF, "End of file")
+        } else {
+            ResponseBody::Walk(WalkBatch { seq, entries })
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::os::unix::fs::{symlink, MetadataExt};
+    use std::path::Path;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    use tokio::io::{DuplexStream, ReadHalf, WriteHalf};
+    use tokio::task::JoinHandle;
+    use tokio::time::timeout;
+
+    use super::*;
+    use crate::proto::sftp::{ext, open_flags, rename_flags, Condition, Put, ReplyKind};
+
+    const DEADLINE: Duration = Duration::from_secs(20);
+
+    /// A change tracker that counts and records.
+    #[derive(Default)]
+    struct Recorder {
+        seq: AtomicU64,
+        own: std::sync::Mutex<Vec<(u64, PathBuf)>>,
+    }
+
+    impl ChangeTracker for Recorder {
+        fn sequence(&self) -> u64 {
+            self.seq.load(Ordering::SeqCst)
+        }
+        fn own_change(&self, conn: u64, abs_path: &Path) {
+            self.own
+                .lock()
+                .unwrap()
+                .push((conn, abs_path.to_path_buf()));
+        }
+    }
+
+    /// The client side of a test, speaking raw codec frames so it controls exactly what is
+    /// sent and when.
+    struct Peer {
+        rd: ReadHalf<DuplexStream>,
+        wr: WriteHalf<DuplexStream>,
+        buf: BytesMut,
+        next: u32,
+        kinds: HashMap<u32, ReplyKind>,
+        version: Version,
+        session: JoinHandle<anyhow::Result<()>>,
+    }
+
+    fn context(root: &Path, limits: Limits, changes: Arc<dyn ChangeTracker>) -> Arc<SftpContext> {
+        Arc::new(SftpContext {
+            root: root.canonicalize().unwrap(),
+            conn: 7,
+            changes,
+            limits,
+        })
+    }
+
+    async fn start(root: &Path) -> Peer {
+        start_with(context(root, Limits::default(), Arc::new(()))).await
+    }
+
+    async fn start_with(ctx: Arc<SftpContext>) -> Peer {
+        let (ours, theirs) = tokio::io::duplex(4 << 20);
+        let session = tokio::spawn(serve(theirs, ctx));
+        let (rd, mut wr) = tokio::io::split(ours);
+        let mut out = BytesMut::new();
+        Init {
+            version: 3,
+            extensions: Vec::new(),
+        }
+        .encode(&mut out);
+        wr.write_all(&out).await.unwrap();
+        let mut peer = Peer {
+            rd,
+            wr,
+            buf: BytesMut::new(),
+            next: 1,
+            kinds: HashMap::new(),
+            version: Version {
+                version: 0,
+                extensions: Vec::new(),
+            },
+            session,
+        };
+        peer.version = Version::decode(peer.frame().await.expect("a VERSION")).unwrap();
+        peer
+    }
+
+    impl Peer {
+        /// The next frame, `None` at end of stream.
+        async fn frame(&mut self) -> Option<Bytes> {
+            timeout(DEADLINE, async {
+                loop {
+                    if let Some(f) = take_frame(&mut self.buf, MAX_PACKET).unwrap() {
+                        return Some(f);
+                    }
+                    if self.rd.read_buf(&mut self.buf).await.unwrap() == 0 {
+                        return None;
+                    }
+                }
+            })
+            .await
+            .expect("the server answers within the deadline")
+        }
+
+        async fn send(&mut self, body: RequestBody) -> u32 {
+            let id = self.next;
+            self.next += 1;
+            self.kinds.insert(id, body.reply_kind());
+            let mut out = BytesMut::new();
+            Request { id, body }.encode(&mut out);
+            self.wr.write_all(&out).await.unwrap();
+            id
+        }
+
+        async fn recv(&mut self) -> Response {
+            let frame = self.frame().await.expect("a response");
+            let kinds = &self.kinds;
+            Response::decode(frame, |id| kinds[&id]).unwrap()
+        }
+
+        async fn call(&mut self, body: RequestBody) -> ResponseBody {
+            let id = self.send(body).await;
+            let r = self.recv().await;
+            assert_eq!(r.id, id);
+            r.body
+        }
+
+        async fn handle(&mut self, body: RequestBody) -> Bytes {
+            match self.call(body).await {
+                ResponseBody::Handle(h) => h,
+                other => panic!("expected a handle, got {other:?}"),
+            }
+        }
+
+        async fn open(&mut self, path: &[u8], pflags: u32, perm: Option<u32>) -> Bytes {
+            let attrs = Attrs {
+                permissions: perm,
+                ..Attrs::default()
+            };
+            self.handle(RequestBody::Open {
+                filename: b(path),
+                pflags,
+                attrs,
+            })
+            .await
+        }
+    }
+
+    fn b(s: &[u8]) -> Bytes {
+        Bytes::copy_from_slice(s)
+    }
+
+    fn code(body: &ResponseBody) -> (StatusCode, String) {
+        match body {
+            ResponseBody::Status(s) => (s.code, String::from_utf8_lossy(&s.message).into_owned()),
+            other => panic!("expected a status, got {other:?}"),
+        }
+    }
+
+    fn is_ok(body: &ResponseBody) {
+        assert_eq!(code(body).0, StatusCode::OK, "{body:?}");
+    }
+
+    fn tree() -> (tempfile::TempDir, PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().canonicalize().unwrap();
+        (tmp, root)
+    }
+
+    fn abs(root: &Path, rel: &str) -> Bytes {
+        b(root.join(rel).as_os_str().as_bytes())
+    }
+
+    #[tokio::test]
+    async fn hello_lists_the_extensions() {
+        let (_t, root) = tree();
+        let peer = start(&root).await;
+        assert_eq!(peer.version.version, 3);
+        assert!(peer.version.extension(ext::POSIX_RENAME).is_some());
+        assert!(peer.version.extension(ext::WALK).is_some());
+        assert_eq!(
+            peer.version.extension(ext::VERSION).unwrap().as_ref(),
+            crate::proto::SERVER_VERSION.as_bytes()
+        );
+    }
+
+    #[tokio::test]
+    async fn paths_are_confined_to_the_root() {
+        let (_t, root) = tree();
+        std::fs::create_dir(root.join("d")).unwrap();
+        std::fs::write(root.join("d/f"), b"inside").unwrap();
+        symlink("/etc", root.join("etc")).unwrap();
+        symlink(root.join("d"), root.join("abs")).unwrap();
+        symlink("loop", root.join("loop")).unwrap();
+        let mut peer = start(&root).await;
+        let realpath = |p: &[u8]| RequestBody::Realpath { path: b(p) };
+        let rootname = |body: ResponseBody| match body {
+            ResponseBody::Name(n) => n[0].filename.clone(),
+            other => panic!("{other:?}"),
+        };
+        let root_bytes = b(root.as_os_str().as_bytes());
+        assert_eq!(rootname(peer.call(realpath(b".")).await), root_bytes);
+        assert_eq!(rootname(peer.call(realpath(b"..")).await), root_bytes);
+        assert_eq!(
+            code(&peer.call(realpath(b"/")).await).0,
+            StatusCode::NO_SUCH_FILE
+        );
+        let stat = |p: Bytes| RequestBody::Stat { path: p };
+        let lstat = |p: Bytes| RequestBody::Lstat { path: p };
+        // `..` stops at the root: these name <root>/bin/sh and <root>/d/f ...
+        assert_eq!(
+            code(&peer.call(stat(b(b"../../bin/sh"))).await).0,
+            StatusCode::NO_SUCH_FILE
+        );
+        assert!(matches!(
+            peer.call(stat(b(b"../../d/f"))).await,
+            ResponseBody::Attrs(_)
+        ));
+        // ... and <root>/etc is the symlink to /etc, refused when followed.
+        assert_eq!(
+            code(&peer.call(stat(b(b"../../etc/passwd"))).await).0,
+            StatusCode::PERMISSION_DENIED
+        );
+        assert_eq!(
+            code(&peer.call(stat(b(b"/etc/passwd"))).await).0,
+            StatusCode::NO_SUCH_FILE
+        );
+        assert_eq!(
+            code(&peer.call(stat(b(b"etc/passwd"))).await).0,
+            StatusCode::PERMISSION_DENIED
+        );
+        assert_eq!(
+            code(&peer.call(stat(b(b"etc"))).await).0,
+            StatusCode::PERMISSION_DENIED
+        );
+        match peer.call(lstat(b(b"etc"))).await {
+            ResponseBody::Attrs(a) => {
+                assert_eq!(a.permissions.unwrap() & libc::S_IFMT, libc::S_IFLNK)
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            rootname(peer.call(RequestBody::Readlink { path: b(b"etc") }).await).as_ref(),
+            b"/etc"
+        );
+        let h = peer
+            .open(&abs(&root, "abs/f"), open_flags::READ, None)
+            .await;
+        match peer
+            .call(RequestBody::Read {
+                handle: h,
+                offset: 0,
+                len: 100,
+            })
+            .await
+        {
+            ResponseBody::Data(d) => assert_eq!(d.as_ref(), b"inside"),
+            other => panic!("{other:?}"),
+        }
+        let (c, msg) = code(&peer.call(stat(b(b"loop"))).await);
+        assert_eq!(
+            (c, msg.as_str()),
+            (StatusCode::FAILURE, nix::errno::Errno::ELOOP.desc())
+        );
+        // Removing a symlink to the outside removes the link, not its target.
+        is_ok(
+            &peer
+                .call(RequestBody::Remove {
+                    filename: b(b"etc"),
+                })
+                .await,
+        );
+        assert!(Path::new("/etc/passwd").exists());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_request_does_not_hold_up_others() {
+        let (_t, root) = tree();
+        nix::unistd::mkfifo(
+            &root.join("fifo"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        std::fs::write(root.join("f"), b"x").unwrap();
+        let mut peer = start(&root).await;
+        // Opening a fifo for reading blocks until a writer comes.
+        let open = peer
+            .send(RequestBody::Open {
+                filename: b(b"fifo"),
+                pflags: open_flags::READ,
+                attrs: Attrs::default(),
+            })
+            .await;
+        let stat = peer.send(RequestBody::Stat { path: b(b"f") }).await;
+        assert_eq!(peer.recv().await.id, stat);
+        let fifo = root.join("fifo");
+        let writer = tokio::task::spawn_blocking(move || {
+            std::fs::OpenOptions::new().write(true).open(fifo).unwrap()
+        });
+        let r = peer.recv().await;
+        assert_eq!(r.id, open);
+        let ResponseBody::Handle(h) = r.body else {
+            panic!("{r:?}")
+        };
+        let mut writer = writer.await.unwrap();
+        // A read of the fifo blocks until data comes; a stat still answers.
+        let read = peer
+            .send(RequestBody::Read {
+                handle: h,
+                offset: 0,
+                len: 1 << 20,
+            })
+            .await;
+        let stat = peer.send(RequestBody::Lstat { path: b(b"f") }).await;
+        assert_eq!(peer.recv().await.id, stat);
+        std::io::Write::write_all(&mut writer, b"late").unwrap();
+        let r = peer.recv().await;
+        assert_eq!((r.id, r.body), (read, ResponseBody::Data(b(b"late"))));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_on_one_handle_keep_their_order() {
+        let (_t, root) = tree();
+        let mut peer = start(&root).await;
+        let h = peer
+            .open(
+                b"f",
+                open_flags::READ | open_flags::WRITE | open_flags::CREAT,
+                None,
+            )
+            .await;
+        let mut ids = Vec::new();
+        for i in 0..64u8 {
+            let data = Bytes::from(vec![i; 64 * 1024]);
+            ids.push(
+                peer.send(RequestBody::Write {
+                    handle: h.clone(),
+                    offset: 0,
+                    data,
+                })
+                .await,
+            );
+        }
+        let read = peer
+            .send(RequestBody::Read {
+                handle: h.clone(),
+                offset: 0,
+                len: 64 * 1024,
+            })
+            .await;
+        let close = peer.send(RequestBody::Close { handle: h.clone() }).await;
+        let after = peer
+            .send(RequestBody::Read {
+                handle: h,
+                offset: 0,
+                len: 1,
+            })
+            .await;
+        let mut replies = HashMap::new();
+        for _ in 0..ids.len() + 3 {
+            let r = peer.recv().await;
+            replies.insert(r.id, r.body);
+        }
+        for id in ids {
+            is_ok(&replies[&id]);
+        }
+        assert_eq!(
+            replies[&read],
+            ResponseBody::Data(Bytes::from(vec![63u8; 64 * 1024]))
+        );
+        is_ok(&replies[&close]);
+        let bad = (
+            StatusCode::FAILURE,
+            nix::errno::Errno::EBADF.desc().to_owned(),
+        );
+        assert_eq!(code(&replies[&after]), bad);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_thousand_handles_and_a_cap() {
+        let (_t, root) = tree();
+        let mut peer = start(&root).await;
+        let mut ids = Vec::new();
+        for i in 0..1000 {
+            let filename = b(format!("f{i}").as_bytes());
+            let pflags = open_flags::WRITE | open_flags::CREAT;
+            ids.push(
+                peer.send(RequestBody::Open {
+                    filename,
+                    pflags,
+                    attrs: Attrs::default(),
+                })
+                .await,
+            );
+        }
+        let mut handles = HashMap::new();
+        for _ in 0..ids.len() {
+            let r = peer.recv().await;
+            let ResponseBody::Handle(h) = r.body else {
+                panic!("{r:?}")
+            };
+            handles.insert(r.id, h);
+        }
+        let distinct: std::collections::HashSet<_> = handles.values().collect();
+        assert_eq!(distinct.len(), 1000);
+        for (i, id) in ids.iter().enumerate() {
+            let data = b(format!("{i}").as_bytes());
+            is_ok(
+                &peer
+                    .call(RequestBody::Write {
+                        handle: handles[id].clone(),
+                        offset: 0,
+                        data,
+                    })
+                    .await,
+            );
+        }
+        for h in handles.values() {
+            is_ok(&peer.call(RequestBody::Close { handle: h.clone() }).await);
+        }
+        assert_eq!(std::fs::read(root.join("f999")).unwrap(), b"999");
+
+        let limits = Limits {
+            max_handles: 2,
+            max_in_flight: 4,
+        };
+        let mut small = start_with(context(&root, limits, Arc::new(()))).await;
+        let a = small.open(b"f1", open_flags::READ, None).await;
+        small.handle(RequestBody::Opendir { path: b(b".") }).await;
+        let third = small.call(RequestBody::Open {
+            filename: b(b"f2"),
+            pflags: open_flags::READ,
+            attrs: Attrs::default(),
+        });
+        assert_eq!(
+            code(&third.await),
+            (StatusCode::FAILURE, "too many open handles".to_owned())
+        );
+        is_ok(&small.call(RequestBody::Close { handle: a }).await);
+        small.open(b"f2", open_flags::READ, None).await;
+    }
+
+    #[tokio::test]
+    async fn names_are_bytes_end_to_end() {
+        let (_t, root) = tree();
+        let mut peer = start(&root).await;
+        let name = b"caf\xe9-\xff";
+        let h = peer
+            .open(name, open_flags::WRITE | open_flags::CREAT, Some(0o644))
+            .await;
+        is_ok(
+            &peer
+                .call(RequestBody::Write {
+                    handle: h.clone(),
+                    offset: 0,
+                    data: b(b"bytes"),
+                })
+                .await,
+        );
+        is_ok(&peer.call(RequestBody::Close { handle: h }).await);
+        assert_eq!(
+            std::fs::read(root.join(std::ffi::OsStr::from_bytes(name))).unwrap(),
+            b"bytes"
+        );
+        let dir = peer
+            .handle(RequestBody::Opendir {
+                path: abs(&root, ""),
+            })
+            .await;
+        let mut listed = Vec::new();
+        loop {
+            match peer
+                .call(RequestBody::Readdir {
+                    handle: dir.clone(),
+                })
+                .await
+            {
+                ResponseBody::Name(entries) => listed.extend(entries),
+                end => {
+                    assert_eq!(code(&end).0, StatusCode::EOF);
+                    break;
+                }
+            }
+        }
+        let entry = listed
+            .iter()
+            .find(|e| e.filename.as_ref() == name)
+            .expect("listed with its bytes");
+        assert!(
+            entry.longname.starts_with(b"-rw-r--r--"),
+            "{:?}",
+            entry.longname
+        );
+        assert!(entry.longname.ends_with(name));
+        let mut names: Vec<_> = listed.iter().map(|e| e.filename.clone()).collect();
+        names.sort();
+        assert_eq!(names, [b(b"."), b(b".."), b(name)]);
+        match peer.call(RequestBody::Stat { path: b(name) }).await {
+            ResponseBody::Attrs(a) => assert_eq!(a.size, Some(5)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn modes_errors_and_renames() {
+        let (_t, root) = tree();
+        // SAFETY: process-wide, but 022 is the usual umask of a test run; what matters is
+        // that it is not zero.
+        unsafe { libc::umask(0o022) };
+        let recorder = Arc::new(Recorder::default());
+        let mut peer = start_with(context(&root, Limits::default(), recorder.clone())).await;
+        let h = peer
+            .open(
+                b"f",
+                open_flags::WRITE | open_flags::CREAT | open_flags::EXCL,
+                Some(0o666),
+            )
+            .await;
+        is_ok(&peer.call(RequestBody::Close { handle: h }).await);
+        assert_eq!(
+            std::fs::metadata(root.join("f")).unwrap().mode() & 0o7777,
+            0o666
+        );
+        let mkdir = |p: &[u8], perm| RequestBody::Mkdir {
+            path: b(p),
+            attrs: Attrs {
+                permissions: Some(perm),
+                ..Attrs::default()
+            },
+        };
+        is_ok(&peer.call(mkdir(b"d", 0o777)).await);
+        assert_eq!(
+            std::fs::metadata(root.join("d")).unwrap().mode() & 0o7777,
+            0o777
+        );
+        assert_eq!(
+            code(&peer.call(mkdir(b"d", 0o777)).await),
+            (StatusCode::FAILURE, "File exists".to_owned())
+        );
+        std::fs::write(root.join("d/x"), b"").unwrap();
+        let rmdir = peer.call(RequestBody::Rmdir { path: b(b"d") }).await;
+        assert_eq!(
+            code(&rmdir),
+            (StatusCode::FAILURE, "Directory not empty".to_owned())
+        );
+        assert_eq!(
+            code(
+                &peer
+                    .call(RequestBody::Remove {
+                        filename: b(b"nope")
+                    })
+                    .await
+            )
+            .0,
+            StatusCode::NO_SUCH_FILE
+        );
+
+        let setstat = RequestBody::Setstat {
+            path: b(b"f"),
+            attrs: Attrs {
+                permissions: Some(0o600),
+                atime_mtime: Some((1, 2)),
+                ..Attrs::default()
+            },
+        };
+        is_ok(&peer.call(setstat).await);
+        let meta = std::fs::metadata(root.join("f")).unwrap();
+        assert_eq!((meta.mode() & 0o7777, meta.mtime()), (0o600, 2));
+
+        std::fs::write(root.join("a"), b"a").unwrap();
+        std::fs::write(root.join("b"), b"b").unwrap();
+        let rename = peer
+            .call(RequestBody::Rename {
+                oldpath: b(b"a"),
+                newpath: b(b"b"),
+            })
+            .await;
+        assert_eq!(
+            code(&rename),
+            (StatusCode::FAILURE, "File exists".to_owned())
+        );
+        let noreplace = RequestBody::DevRename {
+            oldpath: b(b"a"),
+            newpath: b(b"b"),
+            flags: rename_flags::NOREPLACE,
+            condition: None,
+        };
+        assert_eq!(
+            code(&peer.call(noreplace).await),
+            (StatusCode::FAILURE, "File exists".to_owned())
+        );
+        recorder.own.lock().unwrap().clear();
+        is_ok(
+            &peer
+                .call(RequestBody::PosixRename {
+                    oldpath: b(b"a"),
+                    newpath: abs(&root, "b"),
+                })
+                .await,
+        );
+        assert_eq!(std::fs::read(root.join("b")).unwrap(), b"a");
+        let own = recorder.own.lock().unwrap().clone();
+        assert_eq!(own, [(7, root.join("a")), (7, root.join("b"))]);
+    }
+
+    #[tokio::test]
+    async fn devmount_extensions() {
+        let (_t, root) = tree();
+        let recorder = Arc::new(Recorder::default());
+        recorder.seq.store(41, Ordering::SeqCst);
+        let mut peer = start_with(context(&root, Limits::default(), recorder.clone())).await;
+
+        let mtime = Timespec {
+            sec: 4_000_000_000,
+            nsec: 7,
+        };
+        let put = Put {
+            path: b(b"p"),
+            excl: false,
+            fsync: true,
+            mode: 0o640,
+            atime: None,
+            mtime: Some(mtime),
+            condition: None,
+            data: b(b"small file"),
+        };
+        let ResponseBody::SeqStat(put_st) = peer.call(RequestBody::DevPut(put.clone())).await
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (put_st.seq, put_st.stat.mode & 0o7777, put_st.stat.mtime),
+            (41, 0o640, mtime)
+        );
+        let ResponseBody::Get(got) = peer
+            .call(RequestBody::DevGet {
+                path: b(b"p"),
+                max_size: 1 << 20,
+            })
+            .await
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (got.data.as_ref(), got.stat),
+            (&b"small file"[..], put_st.stat)
+        );
+        let too_large = peer
+            .call(RequestBody::DevGet {
+                path: b(b"p"),
+                max_size: 3,
+            })
+            .await;
+        assert_eq!(code(&too_large).0, StatusCode::TOO_LARGE);
+        let stale = Put {
+            condition: Some(Condition {
+                size: 0,
+                mtime,
+                ino: put_st.stat.ino,
+            }),
+            ..put.clone()
+        };
+        assert_eq!(
+            code(&peer.call(RequestBody::DevPut(stale)).await).0,
+            StatusCode::CHANGED
+        );
+
+        let ResponseBody::SeqStat(st) = peer
+            .call(RequestBody::DevStat {
+                path: b(b"p"),
+                follow: true,
+            })
+            .await
+        else {
+            panic!()
+        };
+        let cond = Condition::of(&st.stat);
+        let h = peer.open(b"p", open_flags::WRITE, None).await;
+        let write = |data: &[u8]| RequestBody::DevWrite {
+            handle: h.clone(),
+            offset: 0,
+            condition: cond,
+            data: b(data),
+        };
+        is_ok(&peer.call(write(b"SMALL FILE + more")).await);
+        assert_eq!(
+            code(&peer.call(write(b"again")).await).0,
+            StatusCode::CHANGED
+        );
+        assert_eq!(std::fs::read(root.join("p")).unwrap(), b"SMALL FILE + more");
+
+        let set = SetAttrs {
+            mtime: TimeSet::At(Timespec { sec: -1, nsec: 5 }),
+            ..SetAttrs::default()
+        };
+        is_ok(
+            &peer
+                .call(RequestBody::DevSetstat {
+                    path: b(b"p"),
+                    follow: false,
+                    attrs: set,
+                })
+                .await,
+        );
+        let ResponseBody::SeqStat(st) = peer.call(RequestBody::DevFstat { handle: h }).await else {
+            panic!()
+        };
+        assert_eq!(st.stat.mtime, Timespec { sec: -1, nsec: 5 });
+
+        let mknod = RequestBody::DevMknod {
+            path: b(b"fifo"),
+            mode: libc::S_IFIFO | 0o606,
+            rdev: 0,
+        };
+        is_ok(&peer.call(mknod).await);
+        let fifo_mode = std::fs::symlink_metadata(root.join("fifo")).unwrap().mode();
+        assert_eq!(fifo_mode, libc::S_IFIFO | 0o606);
+
+        std::fs::create_dir_all(root.join("t/u/v")).unwrap();
+        for i in 0..300 {
+            std::fs::write(root.join(format!("t/u/v/{i}")), b"").unwrap();
+        }
+        symlink("u", root.join("t/link")).unwrap();
+        let walk = peer
+            .handle(RequestBody::DevWalk {
+                path: b(b"t"),
+                max_entries: 100,
+            })
+            .await;
+        let mut paths = Vec::new();
+        loop {
+            match peer
+                .call(RequestBody::DevWalkRead {
+                    handle: walk.clone(),
+                })
+                .await
+            {
+                ResponseBody::Walk(batch) => {
+                    assert!(batch.entries.len() <= 100);
+                    paths.extend(batch.entries.into_iter().map(|e| e.path));
+                }
+                end => {
+                    assert_eq!(code(&end).0, StatusCode::EOF);
+                    break;
+                }
+            }
+        }
+        // t itself, u, u/v, the files, link.
+        assert_eq!(paths.len(), 3 + 300 + 1);
+        assert!(
+            paths.contains(&b(b"u/v/299"))
+                && paths.contains(&b(b"link"))
+                && paths.contains(&b(b""))
+        );
+        is_ok(&peer.call(RequestBody::Close { handle: walk }).await);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_malformed_packet_ends_only_its_own_session() {
+        let (_t, root) = tree();
+        std::fs::write(root.join("f"), b"x").unwrap();
+        let mut good = start(&root).await;
+        let garbage: [&[u8]; 3] = [
+            // unknown type
+            &[0, 0, 0, 5, 99, 0, 0, 0, 1],
+            // a STAT whose path runs past the end
+            &[0, 0, 0, 9, 17, 0, 0, 0, 1, 0, 0, 0, 200],
+            // a length over the cap
+            &[0x7f, 0xff, 0xff, 0xff],
+        ];
+        for bad in garbage {
+            let mut peer = start(&root).await;
+            let stat = peer.call(RequestBody::Stat { path: b(b"f") });
+            assert!(matches!(stat.await, ResponseBody::Attrs(_)));
+            peer.wr.write_all(bad).await.unwrap();
+            assert!(peer.frame().await.is_none(), "the session ends");
+            let ended = timeout(DEADLINE, &mut peer.session).await.unwrap().unwrap();
+            assert!(ended.is_err());
+            assert!(matches!(
+                good.call(RequestBody::Stat { path: b(b"f") }).await,
+                ResponseBody::Attrs(_)
+            ));
+        }
+        good.wr.shutdown().await.unwrap();
+        assert!(good.frame().await.is_none());
+        assert!(timeout(DEADLINE, good.session)
+            .await
+            .unwrap()
+            .unwrap()
+            .is_ok());
+    }
+}
