@@ -84,8 +84,11 @@ fn run(args: Args) -> Result<()> {
         forward: args.allow_forward.iter().copied().collect(),
         reverse: args.allow_reverse.iter().copied().collect(),
     };
+    // Each SFTP connection may keep up to `Limits::max_in_flight` file operations on blocking
+    // threads (a read of a FIFO can block for good); leave room for several connections.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(2048)
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(serve(root, args.listen, host_key, args.authorized_keys, allow))

@@ -26,7 +26,7 @@ use crate::{keys, sftp};
 
 /// Subsystem names this server answers.
 pub const SUBSYSTEM_SFTP: &str = "sftp";
-pub const SUBSYSTEM_FEED: &str = "devmount-feed";
+pub const SUBSYSTEM_FEED: &str = crate::proto::feed::SUBSYSTEM;
 
 /// What every connection shares.
 pub struct Shared {

@@ -32,9 +32,9 @@ use tempfile::TempDir;
 /// How long an ordinary command may take on a loaded 2-core machine before it counts as hung.
 pub const TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the server may take to print its two ready lines.
-pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// The SSH user name the clients send; the server ignores it.
-pub const USER: &str = "devmount";
+const USER: &str = "devmount";
 /// Where the server listens.
 pub const HOST: &str = "127.0.0.1";
 /// The environment variable that carries the host key when [`Options::host_key_in_env`] is set.
@@ -46,7 +46,7 @@ const PIPE_GRACE: Duration = Duration::from_secs(5);
 
 /// The directory holding the workspace's binaries: `DEVMOUNT_BIN_DIR`, else the parent of the
 /// test executable's directory (`target/debug/deps/<test>` gives `target/debug`).
-pub fn bin_dir() -> Result<PathBuf> {
+fn bin_dir() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("DEVMOUNT_BIN_DIR") {
         return Ok(dir.into());
     }
@@ -72,13 +72,7 @@ pub fn server_bin() -> Result<PathBuf> {
 /// whose git ignores the developer's git configuration.
 pub fn command(program: impl AsRef<OsStr>) -> Command {
     let mut cmd = Command::new(program);
-    for var in [
-        "SSH_AUTH_SOCK",
-        "SSH_AGENT_PID",
-        "SSH_ASKPASS",
-        "SSH_ASKPASS_REQUIRE",
-        "DISPLAY",
-    ] {
+    for var in ["SSH_AUTH_SOCK", "SSH_AGENT_PID", "SSH_ASKPASS", "SSH_ASKPASS_REQUIRE", "DISPLAY"] {
         cmd.env_remove(var);
     }
     cmd.env("GIT_CONFIG_NOSYSTEM", "1")
@@ -105,34 +99,25 @@ pub fn git(dir: &Path) -> Command {
 /// Generates an unencrypted ed25519 key pair at `path` and `path.pub`.
 pub fn keygen(path: &Path) -> Result<()> {
     run_ok(
-        command("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-C", "devmount-test", "-f"])
-            .arg(path),
+        command("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", "devmount-test", "-f"]).arg(path),
     )?;
     Ok(())
 }
 
 /// The public half of an OpenSSH private key file as `TYPE BASE64`, derived with `ssh-keygen -y`.
-pub fn public_key_of(private: &Path) -> Result<String> {
+fn public_key_of(private: &Path) -> Result<String> {
     let out = run_ok(command("ssh-keygen").arg("-y").arg("-f").arg(private))?;
     let text = out.stdout_text();
     let mut fields = text.split_whitespace();
     match (fields.next(), fields.next()) {
         (Some(kind), Some(blob)) => Ok(format!("{kind} {blob}")),
-        _ => bail!(
-            "unexpected output of ssh-keygen -y -f {}: {text:?}",
-            private.display()
-        ),
+        _ => bail!("unexpected output of ssh-keygen -y -f {}: {text:?}", private.display()),
     }
 }
 
 /// Calls `attempt` until it succeeds or `timeout` passes; the error names `what` and carries the
 /// last failure seen.
-pub fn retry<T>(
-    what: &str,
-    timeout: Duration,
-    mut attempt: impl FnMut() -> Result<T>,
-) -> Result<T> {
+pub fn retry<T>(what: &str, timeout: Duration, mut attempt: impl FnMut() -> Result<T>) -> Result<T> {
     let deadline = Instant::now() + timeout;
     loop {
         match attempt() {
@@ -176,11 +161,7 @@ impl Run {
 fn tail(bytes: &[u8]) -> String {
     const MAX: usize = 4096;
     let start = bytes.len().saturating_sub(MAX);
-    let skipped = if start > 0 {
-        format!("[{start} bytes before this]\n")
-    } else {
-        String::new()
-    };
+    let skipped = if start > 0 { format!("[{start} bytes before this]\n") } else { String::new() };
     format!("{skipped}{}", String::from_utf8_lossy(&bytes[start..]))
 }
 
@@ -250,9 +231,7 @@ impl Capture {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, StreamState> {
         // A panicking waiter cannot leave the buffer half-written: keep using it.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn snapshot(&self) -> Vec<u8> {
@@ -292,24 +271,13 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(cmd: &mut Command) -> Result<Proc> {
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let command = describe_command(cmd);
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("starting `{command}`"))?;
+        let mut child = cmd.spawn().with_context(|| format!("starting `{command}`"))?;
         let stdin = child.stdin.take();
         let stdout = Capture::start(child.stdout.take().expect("stdout is piped"));
         let stderr = Capture::start(child.stderr.take().expect("stderr is piped"));
-        Ok(Proc {
-            command,
-            child,
-            stdin,
-            stdout,
-            stderr,
-            status: None,
-        })
+        Ok(Proc { command, child, stdin, stdout, stderr, status: None })
     }
 
     pub fn command(&self) -> &str {
@@ -317,10 +285,7 @@ impl Proc {
     }
 
     pub fn write(&mut self, data: &[u8]) -> Result<()> {
-        let stdin = self
-            .stdin
-            .as_mut()
-            .ok_or_else(|| anyhow!("stdin of `{}` is closed", self.command))?;
+        let stdin = self.stdin.as_mut().ok_or_else(|| anyhow!("stdin of `{}` is closed", self.command))?;
         stdin
             .write_all(data)
             .and_then(|()| stdin.flush())
@@ -333,7 +298,7 @@ impl Proc {
     }
 
     /// Hands stdin to the caller, e.g. to feed it from another thread.
-    pub fn take_stdin(&mut self) -> Option<ChildStdin> {
+    fn take_stdin(&mut self) -> Option<ChildStdin> {
         self.stdin.take()
     }
 
@@ -341,7 +306,7 @@ impl Proc {
         self.stdout.snapshot()
     }
 
-    pub fn stderr(&self) -> Vec<u8> {
+    fn stderr(&self) -> Vec<u8> {
         self.stderr.snapshot()
     }
 
@@ -354,21 +319,15 @@ impl Proc {
         mut ready: impl FnMut(&[u8]) -> bool,
     ) -> Result<()> {
         let mut ok = false;
-        let finished = self
-            .stdout
-            .wait_until(Instant::now() + timeout, |bytes, closed| {
-                ok = ready(bytes);
-                ok || closed
-            });
+        let finished = self.stdout.wait_until(Instant::now() + timeout, |bytes, closed| {
+            ok = ready(bytes);
+            ok || closed
+        });
         ensure!(
             ok,
             "waiting for {what} from `{}`: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
             self.command,
-            if finished {
-                "stdout closed first"
-            } else {
-                "deadline passed"
-            },
+            if finished { "stdout closed first" } else { "deadline passed" },
             tail(&self.stdout()),
             tail(&self.stderr())
         );
@@ -383,21 +342,15 @@ impl Proc {
         mut ready: impl FnMut(&[u8]) -> bool,
     ) -> Result<()> {
         let mut ok = false;
-        let finished = self
-            .stderr
-            .wait_until(Instant::now() + timeout, |bytes, closed| {
-                ok = ready(bytes);
-                ok || closed
-            });
+        let finished = self.stderr.wait_until(Instant::now() + timeout, |bytes, closed| {
+            ok = ready(bytes);
+            ok || closed
+        });
         ensure!(
             ok,
             "waiting for {what} on the stderr of `{}`: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
             self.command,
-            if finished {
-                "stderr closed first"
-            } else {
-                "deadline passed"
-            },
+            if finished { "stderr closed first" } else { "deadline passed" },
             tail(&self.stdout()),
             tail(&self.stderr())
         );
@@ -410,17 +363,13 @@ impl Proc {
             return Ok(());
         }
         let pid = i32::try_from(self.child.id()).context("pid out of range")?;
-        kill(Pid::from_raw(pid), signal)
-            .with_context(|| format!("sending {signal} to `{}`", self.command))
+        kill(Pid::from_raw(pid), signal).with_context(|| format!("sending {signal} to `{}`", self.command))
     }
 
     /// The exit status, if the process has ended.
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
         if self.status.is_none() {
-            self.status = self
-                .child
-                .try_wait()
-                .with_context(|| format!("waiting for `{}`", self.command))?;
+            self.status = self.child.try_wait().with_context(|| format!("waiting for `{}`", self.command))?;
         }
         Ok(self.status)
     }
@@ -432,11 +381,7 @@ impl Proc {
         while self.try_wait()?.is_none() {
             if Instant::now() >= deadline {
                 self.kill();
-                bail!(
-                    "`{}` still running after {timeout:?}; killed it\n{}",
-                    self.command,
-                    self.outputs()
-                );
+                bail!("`{}` still running after {timeout:?}; killed it\n{}", self.command, self.outputs());
             }
             thread::sleep(POLL);
         }
@@ -454,11 +399,7 @@ impl Proc {
     }
 
     fn outputs(&self) -> String {
-        format!(
-            "--- stdout ---\n{}\n--- stderr ---\n{}",
-            tail(&self.stdout()),
-            tail(&self.stderr())
-        )
+        format!("--- stdout ---\n{}\n--- stderr ---\n{}", tail(&self.stdout()), tail(&self.stderr()))
     }
 
     fn finished(&mut self) -> Run {
@@ -468,9 +409,7 @@ impl Proc {
         self.stderr.wait_until(deadline, |_, closed| closed);
         Run {
             command: self.command.clone(),
-            status: self
-                .status
-                .expect("finished() is called after the process was reaped"),
+            status: self.status.expect("finished() is called after the process was reaped"),
             stdout: self.stdout(),
             stderr: self.stderr(),
         }
@@ -570,10 +509,7 @@ impl Server {
             .prefix("devmount-e2e-")
             .tempdir()
             .context("creating the test directory")?;
-        let base = dir
-            .path()
-            .canonicalize()
-            .context("resolving the test directory")?;
+        let base = dir.path().canonicalize().context("resolving the test directory")?;
         let (root, local, keys) = (base.join("root"), base.join("local"), base.join("keys"));
         for d in [&root, &local, &keys] {
             fs::create_dir(d).with_context(|| format!("creating {}", d.display()))?;
@@ -582,8 +518,8 @@ impl Server {
         let client_key = keys.join("client");
         keygen(&client_key)?;
         let authorized = keys.join("authorized_keys");
-        let client_pub = fs::read(client_key.with_extension("pub"))
-            .context("reading the client's public key")?;
+        let client_pub =
+            fs::read(client_key.with_extension("pub")).context("reading the client's public key")?;
         // A comment and a blank line, as real authorized_keys files have.
         let mut authorized_text = b"# devmount end-to-end test key\n\n".to_vec();
         authorized_text.extend_from_slice(&client_pub);
@@ -591,17 +527,12 @@ impl Server {
 
         let host_key = keys.join("host_key");
         let mut cmd = command(server_bin()?);
-        cmd.arg("--root")
-            .arg(&root)
-            .arg("--listen")
-            .arg(format!("{HOST}:0"));
+        cmd.arg("--root").arg(&root).arg("--listen").arg(format!("{HOST}:0"));
         cmd.arg("--authorized-keys").arg(&authorized);
         if options.host_key_in_env {
             keygen(&host_key)?;
             let key = fs::read_to_string(&host_key).context("reading the generated host key")?;
-            cmd.env(HOST_KEY_ENV, key)
-                .arg("--host-key-env")
-                .arg(HOST_KEY_ENV);
+            cmd.env(HOST_KEY_ENV, key).arg("--host-key-env").arg(HOST_KEY_ENV);
         } else {
             cmd.arg("--host-key").arg(&host_key);
         }
@@ -627,21 +558,9 @@ impl Server {
 
         let known_hosts = keys.join("known_hosts");
         let host_pub = public_key_of(&host_key)?;
-        fs::write(&known_hosts, format!("[{HOST}]:{port} {host_pub}\n"))
-            .context("writing known_hosts")?;
+        fs::write(&known_hosts, format!("[{HOST}]:{port} {host_pub}\n")).context("writing known_hosts")?;
 
-        Ok(Server {
-            proc,
-            port,
-            fingerprint,
-            root,
-            local,
-            keys,
-            client_key,
-            known_hosts,
-            host_key,
-            dir,
-        })
+        Ok(Server { proc, port, fingerprint, root, local, keys, client_key, known_hosts, host_key, dir })
     }
 
     /// The served directory, canonical: what `realpath .` must answer.
@@ -677,14 +596,6 @@ impl Server {
         &self.host_key
     }
 
-    pub fn client_key(&self) -> &Path {
-        &self.client_key
-    }
-
-    pub fn known_hosts(&self) -> &Path {
-        &self.known_hosts
-    }
-
     /// `USER@HOST`, the destination for ssh, sftp and sshfs.
     pub fn destination(&self) -> String {
         format!("{USER}@{HOST}")
@@ -692,7 +603,7 @@ impl Server {
 
     /// `-o` settings shared by ssh, sftp and sshfs, identity excluded: the port, the pinned host
     /// key (strictly checked), no prompts.
-    pub fn client_settings(&self) -> Vec<String> {
+    fn client_settings(&self) -> Vec<String> {
         vec![
             format!("Port={}", self.port),
             format!("UserKnownHostsFile={}", self.known_hosts.display()),
@@ -703,43 +614,36 @@ impl Server {
         ]
     }
 
-    /// Options for ssh and sftp: no user config, this test's key only, [`Server::client_settings`].
+    /// Options for ssh and sftp: no user config, `key` only, the port, the pinned host key
+    /// (strictly checked), no prompts.
     pub fn client_options_with_key(&self, key: &Path) -> Vec<OsString> {
-        let mut args: Vec<OsString> =
-            vec!["-F".into(), "/dev/null".into(), "-i".into(), key.into()];
-        for setting in ["IdentitiesOnly=yes".to_string()]
-            .into_iter()
-            .chain(self.client_settings())
-        {
+        let mut args: Vec<OsString> = vec!["-F".into(), "/dev/null".into(), "-i".into(), key.into()];
+        for setting in ["IdentitiesOnly=yes".to_string()].into_iter().chain(self.client_settings()) {
             args.push("-o".into());
             args.push(setting.into());
         }
         args
     }
 
-    pub fn client_options(&self) -> Vec<OsString> {
+    fn client_options(&self) -> Vec<OsString> {
         self.client_options_with_key(&self.client_key)
     }
 
-    /// `ssh [options] [extra] USER@HOST [remote]`; an empty `remote` runs no command.
+    /// `ssh [extra] [options] USER@HOST [remote]`; an empty `remote` runs no command. `extra`
+    /// comes first so that its `-o` settings win: ssh keeps the first value it reads.
     pub fn ssh(&self, extra: &[&str], remote: &str) -> Command {
         let mut cmd = command("ssh");
-        cmd.args(self.client_options())
-            .args(extra)
-            .arg(self.destination());
+        cmd.args(extra).args(self.client_options()).arg(self.destination());
         if !remote.is_empty() {
             cmd.arg(remote);
         }
         cmd
     }
 
-    /// `sftp [options] [extra] USER@HOST`, run in [`Server::local`].
+    /// `sftp [extra] [options] USER@HOST`, run in [`Server::local`]; `extra` settings win.
     pub fn sftp(&self, extra: &[&str]) -> Command {
         let mut cmd = command("sftp");
-        cmd.args(self.client_options())
-            .args(extra)
-            .arg(self.destination())
-            .current_dir(&self.local);
+        cmd.args(extra).args(self.client_options()).arg(self.destination()).current_dir(&self.local);
         cmd
     }
 
@@ -755,16 +659,12 @@ impl Server {
     pub fn sshfs_mount(&self) -> Result<Mount> {
         let mnt = self.base().join("mnt");
         fs::create_dir_all(&mnt).context("creating the mount point")?;
-        let mut settings = vec![
-            format!("IdentityFile={}", self.client_key.display()),
-            "IdentitiesOnly=yes".into(),
-        ];
+        let mut settings =
+            vec![format!("IdentityFile={}", self.client_key.display()), "IdentitiesOnly=yes".into()];
         settings.extend(self.client_settings());
         let mut cmd = command("sshfs");
-        cmd.args(["-f", "-F", "/dev/null", "-o"])
-            .arg(settings.join(","));
-        cmd.arg(format!("{}:{}", self.destination(), self.root.display()))
-            .arg(&mnt);
+        cmd.args(["-f", "-F", "/dev/null", "-o"]).arg(settings.join(","));
+        cmd.arg(format!("{}:{}", self.destination(), self.root.display())).arg(&mnt);
         Mount::start(cmd, mnt)
     }
 
@@ -775,19 +675,13 @@ impl Server {
 
     /// `run` followed by the server's log, for assertion messages.
     pub fn report(&self, run: &Run) -> String {
-        format!(
-            "{run}\n--- server stderr ---\n{}",
-            tail(self.log().as_bytes())
-        )
+        format!("{run}\n--- server stderr ---\n{}", tail(self.log().as_bytes()))
     }
 
     /// Fails if the server process has exited.
     pub fn check_alive(&mut self) -> Result<()> {
         if let Some(status) = self.proc.try_wait()? {
-            bail!(
-                "devmount-server exited with {status}\n--- server stderr ---\n{}",
-                self.log()
-            );
+            bail!("devmount-server exited with {status}\n--- server stderr ---\n{}", self.log());
         }
         Ok(())
     }
@@ -802,9 +696,7 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         // Stop it gently so it can clean up, then for sure.
-        if self.proc.signal(Signal::SIGTERM).is_ok()
-            && self.proc.wait(Duration::from_secs(5)).is_ok()
-        {
+        if self.proc.signal(Signal::SIGTERM).is_ok() && self.proc.wait(Duration::from_secs(5)).is_ok() {
             return;
         }
         self.proc.kill();
@@ -814,11 +706,9 @@ impl Drop for Server {
 /// Waits for a server's `listening on ADDR:PORT` and `host key SHA256:...` lines and returns
 /// the port and the fingerprint.
 pub fn wait_ready(server: &Proc) -> Result<(u16, String)> {
-    server.wait_stdout(
-        "`listening on` and `host key` lines",
-        START_TIMEOUT,
-        |out| parse_ready(out).is_some(),
-    )?;
+    server.wait_stdout("`listening on` and `host key` lines", START_TIMEOUT, |out| {
+        parse_ready(out).is_some()
+    })?;
     Ok(parse_ready(&server.stdout()).expect("checked by wait_stdout"))
 }
 
@@ -831,10 +721,7 @@ fn parse_ready(stdout: &[u8]) -> Option<(u16, String)> {
     let mut fingerprint = None;
     for line in complete.lines() {
         if let Some(addr) = line.strip_prefix("listening on ") {
-            port = addr
-                .trim()
-                .rsplit_once(':')
-                .and_then(|(_, p)| p.parse::<u16>().ok());
+            port = addr.trim().rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok());
         } else if let Some(fp) = line.strip_prefix("host key ") {
             fingerprint = Some(fp.trim().to_string());
         }
@@ -853,11 +740,7 @@ pub struct Mount {
 impl Mount {
     fn start(mut cmd: Command, path: PathBuf) -> Result<Mount> {
         let proc = Proc::spawn(&mut cmd)?;
-        let mut mount = Mount {
-            path,
-            proc,
-            mounted: false,
-        };
+        let mut mount = Mount { path, proc, mounted: false };
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if is_mount_point(&mount.path)? {
@@ -865,10 +748,7 @@ impl Mount {
                 return Ok(mount);
             }
             if let Some(status) = mount.proc.try_wait()? {
-                bail!(
-                    "sshfs exited with {status} before mounting\n{}",
-                    mount.proc.outputs()
-                );
+                bail!("sshfs exited with {status} before mounting\n{}", mount.proc.outputs());
             }
             if Instant::now() >= deadline {
                 bail!(
@@ -914,12 +794,10 @@ impl Drop for Mount {
 }
 
 /// Whether `path` is a mount point, according to /proc/self/mountinfo.
-pub fn is_mount_point(path: &Path) -> Result<bool> {
+fn is_mount_point(path: &Path) -> Result<bool> {
     let info = fs::read("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
     let wanted = path.as_os_str().as_encoded_bytes();
-    Ok(info
-        .split(|&b| b == b'\n')
-        .any(|line| line.split(|&b| b == b' ').nth(4) == Some(wanted)))
+    Ok(info.split(|&b| b == b'\n').any(|line| line.split(|&b| b == b' ').nth(4) == Some(wanted)))
 }
 
 /// A free TCP port on loopback, for a listener some other process will open.
@@ -953,11 +831,7 @@ impl EchoServer {
                 thread::spawn(move || echo(conn));
             }
         });
-        Ok(EchoServer {
-            port,
-            connections,
-            stop,
-        })
+        Ok(EchoServer { port, connections, stop })
     }
 
     pub fn port(&self) -> u16 {
@@ -996,8 +870,7 @@ impl Drop for EchoServer {
 /// Connects to `port`, sends `message`, closes the sending side and reads until the peer
 /// closes: the whole echo of `message` through whatever relays the port.
 pub fn echo_roundtrip(port: u16, message: &[u8], timeout: Duration) -> Result<Vec<u8>> {
-    let conn =
-        TcpStream::connect((HOST, port)).with_context(|| format!("connecting to {HOST}:{port}"))?;
+    let conn = TcpStream::connect((HOST, port)).with_context(|| format!("connecting to {HOST}:{port}"))?;
     roundtrip(conn, message, timeout)
 }
 
@@ -1006,8 +879,7 @@ pub fn roundtrip(mut conn: TcpStream, message: &[u8], timeout: Duration) -> Resu
     conn.set_read_timeout(Some(timeout))?;
     conn.set_write_timeout(Some(timeout))?;
     conn.write_all(message).context("sending")?;
-    conn.shutdown(Shutdown::Write)
-        .context("closing the sending side")?;
+    conn.shutdown(Shutdown::Write).context("closing the sending side")?;
     let mut reply = Vec::new();
     conn.read_to_end(&mut reply).context("reading the reply")?;
     Ok(reply)
@@ -1023,8 +895,5 @@ pub fn write_file_mode(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
 /// The permission bits of `path` (not following a final symlink).
 pub fn mode_of(path: &Path) -> Result<u32> {
     use std::os::unix::fs::MetadataExt;
-    Ok(fs::symlink_metadata(path)
-        .with_context(|| format!("stat {}", path.display()))?
-        .mode()
-        & 0o7777)
+    Ok(fs::symlink_metadata(path).with_context(|| format!("stat {}", path.display()))?.mode() & 0o7777)
 }

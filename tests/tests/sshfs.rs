@@ -19,10 +19,7 @@ fn git_workload_on_an_sshfs_mount() -> Result<()> {
     run_ok(git(&repo).args(["add", "-A"]))?;
     run_ok(git(&repo).args(["commit", "-q", "-m", "first"]))?;
     let status = run_ok(git(&repo).args(["status", "--porcelain"]))?;
-    ensure!(
-        status.stdout.is_empty(),
-        "tree not clean after commit:\n{status}"
-    );
+    ensure!(status.stdout.is_empty(), "tree not clean after commit:\n{status}");
 
     run_ok(git(&repo).args(["checkout", "-q", "-b", "feature"]))?;
     fs::write(repo.join("src/lib.rs"), b"pub fn answer() -> u32 { 43 }\n")?;

@@ -86,8 +86,7 @@ impl Coalescer {
         let i = *self.last.get(path)?;
         let epoch = self.epoch;
         self.entries[i].as_mut().filter(|e| {
-            e.epoch == epoch
-                && matches!(e.slot, Slot::Op(Op::Created(_) | Op::Modified(_) | Op::Attrib(_)))
+            e.epoch == epoch && matches!(e.slot, Slot::Op(Op::Created(_) | Op::Modified(_) | Op::Attrib(_)))
         })
     }
 

@@ -46,12 +46,13 @@ impl Feed {
     /// Watches `root` recursively on a thread of its own. The first watch is in place when
     /// this returns; the walk below it goes on in the background until `ready`.
     pub fn start(root: PathBuf, options: FeedOptions) -> anyhow::Result<Arc<Feed>> {
-        let canonical = std::fs::canonicalize(&root)
-            .with_context(|| format!("feed root {}", root.display()))?;
+        let canonical =
+            std::fs::canonicalize(&root).with_context(|| format!("feed root {}", root.display()))?;
         let hub = Arc::new(Hub::new(options.queue_bytes));
         let stop = Arc::new(StopSignal::new().context("creating the feed's stop signal")?);
-        let watcher = Watcher::new(&canonical, hub.clone(), stop.clone(), options.coalesce, options.max_watches)
-            .with_context(|| format!("watching {}", canonical.display()))?;
+        let watcher =
+            Watcher::new(&canonical, hub.clone(), stop.clone(), options.coalesce, options.max_watches)
+                .with_context(|| format!("watching {}", canonical.display()))?;
         std::thread::Builder::new()
             .name("devmount-feed".into())
             .spawn(move || watcher.run())

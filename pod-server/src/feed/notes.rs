@@ -6,7 +6,7 @@
 //! again after that change was seen (another mutation is under way). A note nothing matches
 //! (the mutation failed, or changed nothing) lapses after [`NOTE_TTL`].
 //!
-//! Consequence, documented in `docs/protocol-feed.md`: a pod process changing the same path
+//! Consequence, documented in `docs/protocol.md (Change feed)`: a pod process changing the same path
 //! while a note is alive is marked own as well.
 
 use std::collections::HashMap;

@@ -6,46 +6,46 @@ use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use nix::errno::Errno;
-use nix::fcntl::{openat, openat2, AtFlags, OFlag, OpenHow, ResolveFlag};
-use nix::sys::stat::{fstat, fstatat, Mode};
+use nix::fcntl::{openat, openat2, OFlag, OpenHow, ResolveFlag};
+use nix::sys::stat::{lstat, Mode};
 
 use crate::proto::stat::FullStat;
 
-/// The root directory, held open so every lookup is relative to it.
+/// The root directory, by path. It is opened afresh for each lookup and never held open
+/// between them: the kernel reports a directory's deletion only once nobody holds it open.
 pub(super) struct Root {
-    fd: OwnedFd,
+    path: PathBuf,
     /// `openat2` with `RESOLVE_BENEATH` works here (it is missing before Linux 5.6 and some
     /// seccomp profiles refuse it); otherwise directories are opened one component at a time.
     beneath: bool,
 }
 
-const DIR_FLAGS: OFlag = OFlag::O_RDONLY
-    .union(OFlag::O_DIRECTORY)
-    .union(OFlag::O_NOFOLLOW)
-    .union(OFlag::O_CLOEXEC);
+const DIR_FLAGS: OFlag =
+    OFlag::O_RDONLY.union(OFlag::O_DIRECTORY).union(OFlag::O_NOFOLLOW).union(OFlag::O_CLOEXEC);
 
 impl Root {
-    pub fn open(path: &Path) -> io::Result<Root> {
-        let fd = nix::fcntl::open(path, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())?;
-        Ok(Root { fd, beneath: true })
+    /// `path` must be canonical (no symlinks), as every lookup is made from it.
+    pub fn new(path: PathBuf) -> Root {
+        Root { path, beneath: true }
     }
 
     /// Opens the directory at `rel` (relative to the root; empty for the root itself) for
     /// reading, refusing to follow a symlink anywhere on the way, so a directory swapped for
     /// a symlink mid-walk cannot lead the walk out of the root.
     pub fn open_dir(&mut self, rel: &[u8]) -> nix::Result<OwnedFd> {
+        let root = nix::fcntl::open(&self.path, DIR_FLAGS, Mode::empty())?;
         if rel.is_empty() {
-            return openat(self.fd.as_fd(), ".", DIR_FLAGS, Mode::empty());
+            return Ok(root);
         }
         if self.beneath {
             let how = OpenHow::new()
                 .flags(DIR_FLAGS)
                 .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
-            match openat2(self.fd.as_fd(), OsStr::from_bytes(rel), how) {
+            match openat2(root.as_fd(), OsStr::from_bytes(rel), how) {
                 Err(Errno::ENOSYS | Errno::EPERM) => {
                     tracing::debug!("openat2 unavailable; opening directories component by component");
                     self.beneath = false;
@@ -55,22 +55,17 @@ impl Root {
                 r => return r,
             }
         }
-        let mut cur: Option<OwnedFd> = None;
+        let mut cur = root;
         for name in rel.split(|&b| b == b'/') {
-            let at = cur.as_ref().map_or(self.fd.as_fd(), |f| f.as_fd());
-            cur = Some(openat(at, OsStr::from_bytes(name), DIR_FLAGS, Mode::empty())?);
+            cur = openat(cur.as_fd(), OsStr::from_bytes(name), DIR_FLAGS, Mode::empty())?;
         }
-        cur.ok_or(Errno::ENOENT)
+        Ok(cur)
     }
 
     /// `lstat` of `rel` now; `None` if it does not exist (or cannot be reached).
     pub fn lstat(&self, rel: &[u8]) -> Option<FullStat> {
-        let st = if rel.is_empty() {
-            fstat(self.fd.as_fd())
-        } else {
-            fstatat(self.fd.as_fd(), OsStr::from_bytes(rel), AtFlags::AT_SYMLINK_NOFOLLOW)
-        };
-        st.ok().map(|st| FullStat::from(&st))
+        let path = if rel.is_empty() { self.path.clone() } else { self.path.join(OsStr::from_bytes(rel)) };
+        lstat(&path).ok().map(|st| FullStat::from(&st))
     }
 }
 
@@ -116,7 +111,11 @@ pub(super) struct Woken {
 
 /// Blocks until `events` is readable, `stop` is raised, or `timeout` passes (`None`: no
 /// timeout, so an idle feed sleeps in the kernel and costs no CPU).
-pub(super) fn wait(events: BorrowedFd<'_>, stop: BorrowedFd<'_>, timeout: Option<Duration>) -> io::Result<Woken> {
+pub(super) fn wait(
+    events: BorrowedFd<'_>,
+    stop: BorrowedFd<'_>,
+    timeout: Option<Duration>,
+) -> io::Result<Woken> {
     let mut fds = [
         libc::pollfd { fd: events.as_raw_fd(), events: libc::POLLIN, revents: 0 },
         libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
@@ -147,7 +146,7 @@ mod tests {
         std::fs::create_dir_all(tmp.path().join("a/b")).unwrap();
         std::os::unix::fs::symlink(tmp.path().join("a"), tmp.path().join("link")).unwrap();
         std::os::unix::fs::symlink("/", tmp.path().join("a/up")).unwrap();
-        let mut root = Root::open(tmp.path()).unwrap();
+        let mut root = Root::new(tmp.path().canonicalize().unwrap());
         for slow in [false, true] {
             root.beneath = !slow;
             assert!(root.open_dir(b"").is_ok());

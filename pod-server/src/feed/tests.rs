@@ -142,10 +142,8 @@ async fn a_new_directory_filled_at_once_reports_every_file() {
         fs::write(dir.join("f"), b"x").unwrap();
     }
     let wanted: Vec<String> = (0..N).map(|i| format!("d{i}/b/c/f")).collect();
-    c.until("every file created", |c| {
-        wanted.iter().all(|w| c.events().any(|e| is(&e.change, "created", w)))
-    })
-    .await;
+    c.until("every file created", |c| wanted.iter().all(|w| c.events().any(|e| is(&e.change, "created", w))))
+        .await;
     // The directories themselves are reported too, parents before children.
     let pos = |p: &str| c.events().position(|e| is(&e.change, "created", p)).unwrap();
     assert!(pos("d0") < pos("d0/b") && pos("d0/b") < pos("d0/b/c") && pos("d0/b/c") < pos("d0/b/c/f"));
@@ -169,8 +167,10 @@ async fn own_changes_are_marked_for_their_connection_only() {
     assert!(!e.own, "{e:?}");
 
     // Once that change was seen, the note is spent: a later change is nobody's own.
-    mine.until("the own batch to settle", |c| c.messages.last().map(FeedMessage::seq) == Some(feed.sequence()))
-        .await;
+    mine.until("the own batch to settle", |c| {
+        c.messages.last().map(FeedMessage::seq) == Some(feed.sequence())
+    })
+    .await;
     fs::write(&path, b"pod process").unwrap();
     let e = mine.event("foreign write", |e| is(&e.change, "modified", "own.txt") && !e.own).await;
     assert!(!e.own);
@@ -333,4 +333,39 @@ async fn own_change_accepts_paths_under_either_root_spelling() {
     assert_eq!(feed.relative(&tmp.path().join("real")).as_deref(), Some(&b""[..]));
     assert_eq!(feed.relative(&tmp.path().join("real/../x")), None);
     assert_eq!(feed.relative(Path::new("/elsewhere")), None);
+}
+
+#[tokio::test]
+async fn survives_directories_vanishing_under_it() {
+    let tmp = TempDir::new().unwrap();
+    let feed = start(&tmp, FeedOptions::default());
+    let mut c = Client::new(&feed, 1);
+    c.ready().await;
+    let root = tmp.path().to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        // Errors are expected: the point is to race the watcher, not to succeed.
+        for i in 0..300 {
+            let a = root.join(format!("c{}", i % 5));
+            let _ = fs::create_dir_all(a.join("x/y"));
+            let _ = fs::write(a.join("x/y/f"), b"1");
+            let _ = fs::rename(a.join("x"), a.join("z"));
+            let _ = fs::rename(&a, root.join(format!("moved{}", i % 3)));
+            let _ = fs::remove_dir_all(root.join(format!("moved{}", i % 3)));
+            let _ = fs::remove_dir_all(&a);
+            let _ = std::os::unix::fs::symlink("/", &a);
+            let _ = fs::remove_file(&a);
+        }
+    })
+    .await
+    .unwrap();
+    fs::create_dir_all(tmp.path().join("after/deep")).unwrap();
+    fs::write(tmp.path().join("after/deep/f"), b"").unwrap();
+    c.event("changes after the churn", |e| is(&e.change, "created", "after/deep/f")).await;
+    // Everything sent is a well-formed message (plain relative paths).
+    for m in &c.messages {
+        let mut buf = BytesMut::new();
+        m.encode(&mut buf);
+        let frame = take_frame(&mut buf, MAX_FEED_FRAME).unwrap().unwrap();
+        assert_eq!(&FeedMessage::decode(frame).unwrap(), m);
+    }
 }

@@ -116,7 +116,8 @@ impl<H> Tree<H> {
             dropped = self.remove_subtree(other);
         }
         if let Some(handle) = handle.filter(|_| !known) {
-            self.nodes.insert(wd, Node { handle, parent: None, name: Bytes::new(), children: HashMap::new() });
+            self.nodes
+                .insert(wd, Node { handle, parent: None, name: Bytes::new(), children: HashMap::new() });
         }
         let node = self.nodes.get_mut(&wd).expect("inserted or known");
         node.parent = Some(parent);

@@ -43,6 +43,7 @@ fn mask() -> WatchMask {
         | WatchMask::MOVED_FROM
         | WatchMask::MOVED_TO
         | WatchMask::MOVE_SELF
+        | WatchMask::DELETE_SELF
         | WatchMask::ONLYDIR
         | WatchMask::EXCL_UNLINK
 }
@@ -79,7 +80,8 @@ fn watch_root(root: &mut Root, inotify: &Inotify) -> io::Result<WatchDescriptor>
 }
 
 impl Watcher {
-    /// Opens the root and puts the first watch on it, so a bad root fails the caller.
+    /// Puts the first watch on the root (canonical: no symlinks), so a bad root fails the
+    /// caller.
     pub fn new(
         root_path: &std::path::Path,
         hub: Arc<Hub>,
@@ -87,7 +89,7 @@ impl Watcher {
         coalesce: Duration,
         max_watches: Option<usize>,
     ) -> io::Result<Watcher> {
-        let mut root = Root::open(root_path)?;
+        let mut root = Root::new(root_path.to_path_buf());
         let inotify = Inotify::init()?;
         let wd = watch_root(&mut root, &inotify)?;
         Ok(Watcher {
@@ -202,7 +204,7 @@ impl Watcher {
                     let own = self.hub.notes().matching(b"", now);
                     self.window.attrib(Bytes::new(), own);
                     self.open_window(now);
-                } else if mask.contains(EventMask::MOVE_SELF) {
+                } else if mask.intersects(EventMask::MOVE_SELF | EventMask::DELETE_SELF) {
                     self.lose_root();
                 }
             }
@@ -326,15 +328,16 @@ impl Watcher {
     /// (it may have landed before the watch). A non-scanning walk is the top-level one and
     /// takes in events as it goes.
     fn walk(&mut self, mut pending: Pending, scan: bool) {
-        let mut visited = 0usize;
+        let mut since_pump = 0;
         loop {
             if !scan {
                 pending.append(&mut self.walk_extra);
             }
             let Some((parent, name)) = pending.pop_front() else { break };
             if !scan {
-                visited += 1;
-                if visited % PUMP_EVERY == 0 {
+                since_pump += 1;
+                if since_pump == PUMP_EVERY {
+                    since_pump = 0;
                     self.pump();
                     if self.stopping {
                         return;
@@ -509,5 +512,90 @@ impl Watcher {
             self.flush();
         }
         self.hub.publish_resync();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::feed::FeedMessage;
+
+    fn watcher(root: &std::path::Path, hub: &Arc<Hub>) -> Watcher {
+        let stop = Arc::new(StopSignal::new().unwrap());
+        Watcher::new(root, hub.clone(), stop, Duration::ZERO, None).unwrap()
+    }
+
+    /// Driven by hand on the test thread, so the kernel queue can be filled while nobody reads.
+    #[test]
+    fn lost_events_rewatch_the_tree_then_resync() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("a/b");
+        std::fs::create_dir_all(&dir).unwrap();
+        let hub = Arc::new(Hub::new(usize::MAX));
+        let mut w = watcher(&tmp.path().canonicalize().unwrap(), &hub);
+        w.walk_root();
+        let mut sub = hub.subscribe(1);
+
+        let max: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+            .map_or(16384, |s| s.trim().parse().unwrap_or(16384));
+        if max > 100_000 {
+            eprintln!("max_queued_events is {max}: filling the queue would take too long; skipped");
+            return;
+        }
+        for i in 0..max / 2 + 1 {
+            let f = dir.join(format!("f{i}"));
+            std::fs::write(&f, b"").unwrap();
+            std::fs::remove_file(&f).unwrap();
+        }
+        // Its creation is lost with the overflow; only the fresh walk finds it.
+        std::fs::create_dir(dir.join("new")).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !w.overflowed && Instant::now() < deadline {
+            w.read_events();
+        }
+        assert!(w.overflowed, "the kernel queue did not overflow");
+        w.rewatch();
+        assert!(!w.overflowed);
+        let msgs: Vec<FeedMessage> = std::iter::from_fn(|| sub.try_recv()).collect();
+        assert!(matches!(msgs.last(), Some(FeedMessage::Resync { .. })), "{:?}", msgs.last());
+
+        std::fs::write(dir.join("new/f"), b"").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let seen = loop {
+            w.read_events();
+            w.flush();
+            let msgs: Vec<FeedMessage> = std::iter::from_fn(|| sub.try_recv()).collect();
+            let found = msgs.iter().any(|m| {
+                matches!(m, FeedMessage::Batch { events, .. }
+                    if events.iter().any(|e| e.change.path().as_ref() == b"a/b/new/f"))
+            });
+            if found || Instant::now() > deadline {
+                break found;
+            }
+        };
+        assert!(seen, "a directory created during the overflow is watched after the rewatch");
+    }
+
+    #[test]
+    fn a_deleted_root_is_reported_unwatched() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        let hub = Arc::new(Hub::new(usize::MAX));
+        let mut w = watcher(&root.canonicalize().unwrap(), &hub);
+        w.walk_root();
+        let mut sub = hub.subscribe(1);
+        std::fs::remove_dir_all(&root).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !w.root_lost && Instant::now() < deadline {
+            w.read_events();
+        }
+        w.flush();
+        let msgs: Vec<FeedMessage> = std::iter::from_fn(|| sub.try_recv()).collect();
+        assert!(
+            msgs.iter().any(|m| matches!(m, FeedMessage::Unwatched { path, .. } if path.is_empty())),
+            "{msgs:?}"
+        );
+        assert_eq!(w.tree.len(), 0);
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! A stream of frames (`uint32 length` + body, see [`wire::take_frame`]) each holding one
 //! [`FeedMessage`]. The byte layout, the sequence-number rules and what each message obliges the
-//! client to do are in `docs/protocol-feed.md`.
+//! client to do are in `docs/protocol.md (Change feed)`.
 //!
 //! Decoding refuses unknown message types, unknown kinds and flag bits, trailing bytes, counts
 //! the frame cannot hold and paths that are not plain relative paths, and never panics.
@@ -60,13 +60,28 @@ const MIN_EVENT_LEN: usize = 2 + 4;
 /// of the new path) when the server emitted the event, absent when the path no longer existed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    Created { path: Bytes, stat: Option<FullStat> },
+    Created {
+        path: Bytes,
+        stat: Option<FullStat>,
+    },
     /// The content changed.
-    Modified { path: Bytes, stat: Option<FullStat> },
+    Modified {
+        path: Bytes,
+        stat: Option<FullStat>,
+    },
     /// Metadata changed: mode, owner, times, link count, extended attributes.
-    Attrib { path: Bytes, stat: Option<FullStat> },
-    Deleted { path: Bytes },
-    Renamed { from: Bytes, to: Bytes, stat: Option<FullStat> },
+    Attrib {
+        path: Bytes,
+        stat: Option<FullStat>,
+    },
+    Deleted {
+        path: Bytes,
+    },
+    Renamed {
+        from: Bytes,
+        to: Bytes,
+        stat: Option<FullStat>,
+    },
 }
 
 impl Change {
@@ -164,7 +179,7 @@ impl Change {
 pub struct FeedEvent {
     pub change: Change,
     /// The subscriber's own SSH connection asked for this change (see the limits in
-    /// `docs/protocol-feed.md`).
+    /// `docs/protocol.md (Change feed)`).
     pub own: bool,
 }
 
@@ -240,11 +255,9 @@ impl FeedMessage {
         }
         let mut r = Reader::new(body);
         let m = match r.u8()? {
-            msg::HELLO => FeedMessage::Hello {
-                protocol: r.u32()?,
-                server_version: r.string()?,
-                seq: r.u64()?,
-            },
+            msg::HELLO => {
+                FeedMessage::Hello { protocol: r.u32()?, server_version: r.string()?, seq: r.u64()? }
+            }
             msg::READY => FeedMessage::Ready { seq: r.u64()? },
             msg::BATCH => {
                 let seq = r.u64()?;
