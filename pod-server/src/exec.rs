@@ -15,8 +15,9 @@
 //! - Client data is queued for the child's stdin up to [`STDIN_QUEUE_BYTES`] and written by
 //!   its own task, so a child that does not read never stops the channel's message loop
 //!   (russh stalls the whole connection when a channel's queue fills). Past the cap the loop
-//!   stops reading the channel; the connection then stalls, which is how SSH's own window
-//!   pushes back.
+//!   stops reading the channel and the connection stalls until the child reads: russh widens
+//!   the receive window as data arrives rather than as it is consumed, so this cap is the
+//!   only push-back there is, and it covers the whole connection, not just this channel.
 //! - Client EOF closes the stdin pipe. With a pty it only closes our writing end of the
 //!   master, which the child cannot see, exactly as sshd does: a terminal has no EOF, and
 //!   typing ^D is the client's business.
@@ -95,8 +96,10 @@ pub async fn run(channel: Channel<Msg>, handle: Handle, req: ExecRequest, reaper
         Ok(process) => process,
         Err(e) => {
             let shell = user.as_ref().map_or(Path::new(passwd::FALLBACK_SHELL), |u| u.shell_or_default());
-            tracing::warn!(channel = %id, "cannot start {}: {e}", shell.display());
-            let message = format!("devmount-server: cannot start {}: {e}\r\n", shell.display());
+            let message =
+                format!("devmount-server: cannot start {} in {}: {e}", shell.display(), req.cwd.display());
+            tracing::warn!(channel = %id, "{message}");
+            let message = format!("{message}\r\n");
             let code = if e.kind() == io::ErrorKind::NotFound { 127 } else { 126 };
             // The client may already be gone; there is nobody left to tell then.
             let _ = tx.extended_data_bytes(1, Bytes::from(message)).await;
@@ -582,9 +585,9 @@ impl ChildOutput {
         }
     }
 
-    /// Reads what is available after the child exited: on a pty, `None` once nothing is left
-    /// (a background job may keep the slave open forever); on a pipe, waits for EOF as sshd
-    /// does.
+    /// Reads what is left after the child exited: on a pty, 0 once nothing is buffered (a
+    /// background job may keep the slave open forever; the kernel flushes pending slave
+    /// output before it answers EAGAIN); on a pipe, waits for EOF as sshd does.
     async fn read_after_exit(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             ChildOutput::Pipe(_) => self.read(buf).await,
@@ -1084,6 +1087,7 @@ mod tests {
 
         struct TestServer {
             reaper: Arc<Reaper>,
+            cwd: PathBuf,
         }
 
         impl server::Handler for TestServer {
@@ -1100,14 +1104,15 @@ mod tests {
                 session: &mut server::Session,
             ) -> Result<(), Self::Error> {
                 reply.accept().await;
-                tokio::spawn(dispatch(channel, session.handle(), Arc::clone(&self.reaper)));
+                tokio::spawn(dispatch(channel, session.handle(), Arc::clone(&self.reaper), self.cwd.clone()));
                 Ok(())
             }
         }
 
         /// What ssh.rs does: collect pty-req and env, hand over on exec or shell.
-        async fn dispatch(mut channel: Channel<Msg>, handle: Handle, reaper: Arc<Reaper>) {
+        async fn dispatch(mut channel: Channel<Msg>, handle: Handle, reaper: Arc<Reaper>, cwd: PathBuf) {
             let mut req = request(None, None);
+            req.cwd = cwd;
             while let Some(msg) = channel.wait().await {
                 match msg {
                     ChannelMsg::RequestPty {
@@ -1152,13 +1157,17 @@ mod tests {
         }
 
         async fn connect(reaper: &Arc<Reaper>) -> client::Handle<TestClient> {
+            connect_in(reaper, Path::new("/")).await
+        }
+
+        async fn connect_in(reaper: &Arc<Reaper>, cwd: &Path) -> client::Handle<TestClient> {
             // Room for more than a channel window each way: a russh session stops reading
             // while one of its writes blocks, so two russh peers over a small pipe deadlock
             // when both push bulk data (kernel socket buffers are large enough in practice).
             let (server_end, client_end) = tokio::io::duplex(16 << 20);
             let mut config = server::Config::default();
             config.keys.push(PrivateKey::from(Ed25519Keypair::from_seed(&[7; 32])));
-            let handler = TestServer { reaper: Arc::clone(reaper) };
+            let handler = TestServer { reaper: Arc::clone(reaper), cwd: cwd.to_owned() };
             tokio::spawn(async move {
                 let session = server::run_stream(Arc::new(config), server_end, handler).await?;
                 session.await
@@ -1311,6 +1320,18 @@ mod tests {
             wait_for_stdout(&mut rx, &mut t, b"started").await;
             channel.close().await.unwrap();
             timeout(DEADLINE, reaper.wait_all_exited()).await.expect("the group got SIGHUP");
+        });
+
+        isolated_test!(a_command_that_cannot_start_reports_127, async {
+            let reaper = Reaper::start().unwrap();
+            let client = connect_in(&reaper, Path::new("/nonexistent/devmount-root")).await;
+            let (mut rx, channel) = client.channel_open_session().await.unwrap().split();
+            channel.exec(false, "true").await.unwrap();
+            let mut t = Transcript::default();
+            read_until_close(&mut rx, &mut t).await;
+            assert_eq!(t.exit.as_deref(), Some("status 127"));
+            let err = String::from_utf8_lossy(&t.stderr);
+            assert!(err.contains("/nonexistent/devmount-root"), "{err}");
         });
     }
 }

@@ -396,7 +396,7 @@ mod tests {
             cmd.process_group(0);
             waiters.push(reaper.spawn(&mut cmd).unwrap().exit);
         }
-        let lone = reaper.spawn(&mut Command::new("sleep").arg("100")).unwrap();
+        let lone = reaper.spawn(Command::new("sleep").arg("100")).unwrap();
         waiters.push(lone.exit);
         reaper.kill_all(Signal::SIGTERM);
         for waiter in waiters {
