@@ -303,7 +303,7 @@ async fn subsystem(shared: &Shared, conn: u64, channel: Channel<Msg>, name: &str
                 root: shared.root.clone(),
                 conn,
                 changes: shared.feed.clone(),
-                limits: shared.sftp_limits.clone(),
+                limits: shared.sftp_limits,
             });
             if let Err(e) = sftp::server::serve(channel.into_stream(), ctx).await {
                 tracing::warn!(conn, "sftp session ended: {e:#}");

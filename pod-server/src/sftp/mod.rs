@@ -3,4 +3,5 @@ pub mod paths;
 pub mod ops;
 pub mod client;
 pub mod handles;
+pub mod order;
 pub mod server;

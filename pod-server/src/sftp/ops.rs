@@ -24,8 +24,8 @@ use bytes::Bytes;
 use super::paths::{sys, At, Root, Step};
 use crate::feed::ChangeTracker;
 use crate::proto::sftp::{
-    open_flags, rename_flags, Condition, GetReply, Put, SeqStat, SetAttrs, StatVfs, TimeSet,
-    WalkEntry, MAX_DATA, MAX_PACKET,
+    open_flags, rename_flags, Condition, GetReply, Put, SeqStat, SetAttrs, StatVfs, TimeSet, WalkEntry,
+    MAX_DATA, MAX_PACKET,
 };
 use crate::proto::stat::{FullStat, Timespec};
 
@@ -72,11 +72,7 @@ pub struct Fs {
 
 impl Fs {
     pub fn new(root: Root, conn: u64, changes: Arc<dyn ChangeTracker>) -> Fs {
-        Fs {
-            root,
-            conn,
-            changes,
-        }
+        Fs { root, conn, changes }
     }
 
     pub fn root(&self) -> &Root {
@@ -96,25 +92,16 @@ impl Fs {
         if follow {
             self.root.follow(path, |at| {
                 let st = sys::lstat(at.dir, at.name)?;
-                Ok(if is_symlink(&st) {
-                    Step::Symlink
-                } else {
-                    Step::Done(FullStat::from(&st))
-                })
+                Ok(if is_symlink(&st) { Step::Symlink } else { Step::Done(FullStat::from(&st)) })
             })
         } else {
-            self.root.at(path, |at| {
-                sys::lstat(at.dir, at.name).map(|st| FullStat::from(&st))
-            })
+            self.root.at(path, |at| sys::lstat(at.dir, at.name).map(|st| FullStat::from(&st)))
         }
     }
 
     pub fn seq_stat(&self, path: &[u8], follow: bool) -> io::Result<SeqStat> {
         let seq = self.sequence();
-        Ok(SeqStat {
-            seq,
-            stat: self.stat(path, follow)?,
-        })
+        Ok(SeqStat { seq, stat: self.stat(path, follow)? })
     }
 
     /// OPEN: `pflags` as SFTP sends them; `mode` (default 0666) is applied exactly to a file
@@ -151,10 +138,7 @@ impl Fs {
                     if created {
                         fchmod(fd.as_fd(), mode)?;
                     }
-                    Step::Done(File {
-                        fd,
-                        abs: at.abs.to_path_buf(),
-                    })
+                    Step::Done(File { fd, abs: at.abs.to_path_buf() })
                 }
             })
         })
@@ -162,7 +146,7 @@ impl Fs {
 
     pub fn opendir(&self, path: &[u8]) -> io::Result<DirReader> {
         self.root.follow(path, |at| {
-            let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NONBLOCK;
+            let flags = libc::O_RDONLY | libc::O_DIRECTORY;
             Ok(match open_nofollow(&at, flags)? {
                 Step::Symlink => Step::Symlink,
                 Step::Done(fd) => Step::Done(DirReader::new(fd, at.abs == self.root.path())),
@@ -205,13 +189,7 @@ impl Fs {
             let gid = attrs.gid.unwrap_or(u32::MAX);
             // SAFETY: plain syscall on a borrowed descriptor and a NUL-terminated name.
             sys::cvt(unsafe {
-                libc::fchownat(
-                    at.dir.as_raw_fd(),
-                    at.name.as_ptr(),
-                    uid,
-                    gid,
-                    libc::AT_SYMLINK_NOFOLLOW,
-                )
+                libc::fchownat(at.dir.as_raw_fd(), at.name.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW)
             })?;
         }
         if let Some(mode) = attrs.mode {
@@ -221,12 +199,7 @@ impl Fs {
             let ts = [timespec(attrs.atime), timespec(attrs.mtime)];
             // SAFETY: `ts` holds the two timespecs utimensat reads.
             sys::cvt(unsafe {
-                libc::utimensat(
-                    at.dir.as_raw_fd(),
-                    at.name.as_ptr(),
-                    ts.as_ptr(),
-                    libc::AT_SYMLINK_NOFOLLOW,
-                )
+                libc::utimensat(at.dir.as_raw_fd(), at.name.as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
             })?;
         }
         Ok(())
@@ -287,19 +260,13 @@ impl Fs {
         let kind = match mode & libc::S_IFMT {
             0 | libc::S_IFREG => libc::S_IFREG,
             libc::S_IFIFO => libc::S_IFIFO,
-            _ => {
-                return Err(OpError::Unsupported(
-                    "mknod of devices and sockets is not supported",
-                ))
-            }
+            _ => return Err(OpError::Unsupported("mknod of devices and sockets is not supported")),
         };
         let perm = mode & 0o7777;
         self.root.at(path, |at| {
             self.own(at.abs);
             // SAFETY: plain syscall on a borrowed descriptor and a NUL-terminated name.
-            sys::cvt(unsafe {
-                libc::mknodat(at.dir.as_raw_fd(), at.name.as_ptr(), kind | perm, rdev)
-            })?;
+            sys::cvt(unsafe { libc::mknodat(at.dir.as_raw_fd(), at.name.as_ptr(), kind | perm, rdev) })?;
             Ok(fchmodat_nofollow(at.dir, at.name, perm)?)
         })
     }
@@ -366,9 +333,7 @@ impl Fs {
         self.root.at(linkpath, |at| {
             self.own(at.abs);
             // SAFETY: NUL-terminated strings and a borrowed descriptor.
-            sys::cvt(unsafe {
-                libc::symlinkat(target.as_ptr(), at.dir.as_raw_fd(), at.name.as_ptr())
-            })?;
+            sys::cvt(unsafe { libc::symlinkat(target.as_ptr(), at.dir.as_raw_fd(), at.name.as_ptr()) })?;
             Ok(())
         })
     }
@@ -380,13 +345,7 @@ impl Fs {
                 self.own(b.abs);
                 // SAFETY: NUL-terminated names and borrowed descriptors.
                 sys::cvt(unsafe {
-                    libc::linkat(
-                        a.dir.as_raw_fd(),
-                        a.name.as_ptr(),
-                        b.dir.as_raw_fd(),
-                        b.name.as_ptr(),
-                        0,
-                    )
+                    libc::linkat(a.dir.as_raw_fd(), a.name.as_ptr(), b.dir.as_raw_fd(), b.name.as_ptr(), 0)
                 })?;
                 Ok(())
             })
@@ -423,11 +382,7 @@ impl Fs {
     pub fn walk(&self, path: &[u8]) -> io::Result<Walk> {
         self.root.at(path, |at| {
             let st = sys::lstat(at.dir, at.name)?;
-            let target = if is_symlink(&st) {
-                sys::readlinkat(at.dir, at.name)?
-            } else {
-                Vec::new()
-            };
+            let target = if is_symlink(&st) { sys::readlinkat(at.dir, at.name)? } else { Vec::new() };
             let mut stack = Vec::new();
             if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
                 let fd = sys::openat(
@@ -435,20 +390,10 @@ impl Fs {
                     at.name,
                     libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
                 )?;
-                stack.push(WalkDir {
-                    reader: DirReader::new(fd, false),
-                    prefix: Vec::new(),
-                });
+                stack.push(WalkDir { reader: DirReader::new(fd, false), prefix: Vec::new() });
             }
-            let first = WalkEntry {
-                path: Bytes::new(),
-                stat: FullStat::from(&st),
-                target: target.into(),
-            };
-            Ok(Walk {
-                first: Some(first),
-                stack,
-            })
+            let first = WalkEntry { path: Bytes::new(), stat: FullStat::from(&st), target: target.into() };
+            Ok(Walk { first: Some(first), stack })
         })
     }
 
@@ -470,9 +415,7 @@ impl Fs {
         }
         let mut data = Vec::with_capacity(st.size as usize);
         loop {
-            let want = (max_size + 1)
-                .saturating_sub(data.len() as u64)
-                .min(1 << 20) as usize;
+            let want = (max_size + 1).saturating_sub(data.len() as u64).min(1 << 20) as usize;
             let chunk = read_at(fd.as_fd(), data.len() as u64, want)?;
             if chunk.is_empty() {
                 break;
@@ -482,30 +425,20 @@ impl Fs {
                 return Err(OpError::TooLarge { max: max_size });
             }
         }
-        Ok(GetReply {
-            seq,
-            stat: st,
-            data: data.into(),
-        })
+        Ok(GetReply { seq, stat: st, data: data.into() })
     }
 
     /// `put@devmount`: writes a temporary file next to the target, then renames it over the
     /// target (following a final symlink, as a write through the path would).
     pub fn put(&self, put: &Put) -> Result<SeqStat, OpError> {
-        self.root
-            .follow(&put.path, |at| match sys::lstat(at.dir, at.name) {
-                Ok(st) if is_symlink(&st) => Ok(Step::Symlink),
-                Ok(st) => self.put_at(&at, put, Ok(st)).map(Step::Done),
-                Err(e) => self.put_at(&at, put, Err(e)).map(Step::Done),
-            })
+        self.root.follow(&put.path, |at| match sys::lstat(at.dir, at.name) {
+            Ok(st) if is_symlink(&st) => Ok(Step::Symlink),
+            Ok(st) => self.put_at(&at, put, Ok(st)).map(Step::Done),
+            Err(e) => self.put_at(&at, put, Err(e)).map(Step::Done),
+        })
     }
 
-    fn put_at(
-        &self,
-        at: &At<'_>,
-        put: &Put,
-        existing: io::Result<libc::stat>,
-    ) -> Result<SeqStat, OpError> {
+    fn put_at(&self, at: &At<'_>, put: &Put, existing: io::Result<libc::stat>) -> Result<SeqStat, OpError> {
         if at.name.to_bytes() == b"." {
             return Err(errno(libc::EISDIR).into());
         }
@@ -540,11 +473,7 @@ impl Fs {
                 fsync(fd.as_fd())?;
             }
             self.own(at.abs);
-            let target = At {
-                dir: at.dir,
-                name: &tmp,
-                abs: &tmp_abs,
-            };
+            let target = At { dir: at.dir, name: &tmp, abs: &tmp_abs };
             if put.excl {
                 match renameat2(&target, at, libc::RENAME_NOREPLACE) {
                     Err(e) if is_errno(&e, libc::EINVAL) => {
@@ -566,15 +495,11 @@ impl Fs {
                 renameat2(&target, at, 0)?;
             }
             if put.fsync {
-                let dir =
-                    sys::openat(at.dir.as_raw_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY)?;
+                let dir = sys::openat(at.dir.as_raw_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY)?;
                 fsync(dir.as_fd())?;
             }
             let seq = self.sequence();
-            Ok(SeqStat {
-                seq,
-                stat: FullStat::from(&fstat_raw(fd.as_fd())?),
-            })
+            Ok(SeqStat { seq, stat: FullStat::from(&fstat_raw(fd.as_fd())?) })
         })();
         if written.is_err() {
             // A leftover temporary file would show up in the client's tree. After a successful
@@ -635,18 +560,9 @@ fn is_noop(a: &SetAttrs) -> bool {
 
 fn timespec(t: TimeSet) -> libc::timespec {
     match t {
-        TimeSet::Omit => libc::timespec {
-            tv_sec: 0,
-            tv_nsec: libc::UTIME_OMIT,
-        },
-        TimeSet::Now => libc::timespec {
-            tv_sec: 0,
-            tv_nsec: libc::UTIME_NOW,
-        },
-        TimeSet::At(t) => libc::timespec {
-            tv_sec: t.sec as libc::time_t,
-            tv_nsec: t.nsec as libc::c_long,
-        },
+        TimeSet::Omit => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
+        TimeSet::Now => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
+        TimeSet::At(t) => libc::timespec { tv_sec: t.sec as libc::time_t, tv_nsec: t.nsec as libc::c_long },
     }
 }
 
@@ -666,15 +582,9 @@ fn temp_name(name: &CStr) -> CString {
 
 /// Opens the last component without following it; a symlink there asks for another round.
 fn open_nofollow(at: &At<'_>, flags: libc::c_int) -> io::Result<Step<OwnedFd>> {
-    match sys::openat(
-        at.dir.as_raw_fd(),
-        at.name,
-        flags | libc::O_NOFOLLOW | libc::O_NOCTTY,
-    ) {
+    match sys::openat(at.dir.as_raw_fd(), at.name, flags | libc::O_NOFOLLOW | libc::O_NOCTTY) {
         Ok(fd) => Ok(Step::Done(fd)),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
-            symlink_or(at, e)
-        }
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => symlink_or(at, e),
         Err(e) => Err(e),
     }
 }
@@ -697,12 +607,7 @@ fn open_or_create(
 ) -> io::Result<Step<(OwnedFd, bool)>> {
     let base = flags | libc::O_NOFOLLOW | libc::O_NOCTTY;
     let create = |extra| {
-        sys::openat_mode(
-            at.dir.as_raw_fd(),
-            at.name,
-            base | libc::O_CREAT | libc::O_EXCL | extra,
-            mode,
-        )
+        sys::openat_mode(at.dir.as_raw_fd(), at.name, base | libc::O_CREAT | libc::O_EXCL | extra, mode)
     };
     if excl {
         return create(0).map(|fd| Step::Done((fd, true)));
@@ -729,13 +634,7 @@ fn open_or_create(
 fn renameat2(a: &At<'_>, b: &At<'_>, flags: libc::c_uint) -> io::Result<()> {
     // SAFETY: NUL-terminated names and borrowed descriptors.
     sys::cvt(unsafe {
-        libc::renameat2(
-            a.dir.as_raw_fd(),
-            a.name.as_ptr(),
-            b.dir.as_raw_fd(),
-            b.name.as_ptr(),
-            flags,
-        )
+        libc::renameat2(a.dir.as_raw_fd(), a.name.as_ptr(), b.dir.as_raw_fd(), b.name.as_ptr(), flags)
     })?;
     Ok(())
 }
@@ -844,14 +743,7 @@ pub fn read_at(fd: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<Vec<u8
     while done < len {
         let off = libc::off_t::try_from(offset + done as u64).map_err(|_| errno(libc::EINVAL))?;
         // SAFETY: the pointer and length stay inside `buf`.
-        let n = unsafe {
-            libc::pread(
-                fd.as_raw_fd(),
-                buf[done..].as_mut_ptr().cast(),
-                len - done,
-                off,
-            )
-        };
+        let n = unsafe { libc::pread(fd.as_raw_fd(), buf[done..].as_mut_ptr().cast(), len - done, off) };
         if n < 0 {
             let e = io::Error::last_os_error();
             match e.raw_os_error() {
@@ -895,8 +787,7 @@ pub fn write_at(fd: BorrowedFd<'_>, offset: u64, data: &[u8]) -> io::Result<()> 
         let n = if stream {
             unsafe { libc::write(fd.as_raw_fd(), rest.as_ptr().cast(), rest.len()) }
         } else {
-            let off =
-                libc::off_t::try_from(offset + done as u64).map_err(|_| errno(libc::EFBIG))?;
+            let off = libc::off_t::try_from(offset + done as u64).map_err(|_| errno(libc::EFBIG))?;
             unsafe { libc::pwrite(fd.as_raw_fd(), rest.as_ptr().cast(), rest.len(), off) }
         };
         if n < 0 {
@@ -931,14 +822,7 @@ pub struct DirReader {
 
 impl DirReader {
     fn new(fd: OwnedFd, is_root: bool) -> DirReader {
-        DirReader {
-            fd,
-            buf: vec![0; 32 * 1024],
-            pos: 0,
-            len: 0,
-            eof: false,
-            is_root,
-        }
+        DirReader { fd, buf: vec![0; 32 * 1024], pos: 0, len: 0, eof: false, is_root }
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {
@@ -951,15 +835,12 @@ impl DirReader {
             if self.pos < self.len {
                 // linux_dirent64: u64 ino, i64 off, u16 reclen, u8 type, name NUL-terminated.
                 let rec = &self.buf[self.pos..self.len];
-                let reclen = rec
-                    .get(16..18)
-                    .map(|b| u16::from_ne_bytes([b[0], b[1]]) as usize);
+                let reclen = rec.get(16..18).map(|b| u16::from_ne_bytes([b[0], b[1]]) as usize);
                 let Some(reclen) = reclen.filter(|&r| r > 19 && r <= rec.len()) else {
                     return Err(errno(libc::EIO));
                 };
                 self.pos += reclen;
-                let name =
-                    CStr::from_bytes_until_nul(&rec[19..reclen]).map_err(|_| errno(libc::EIO))?;
+                let name = CStr::from_bytes_until_nul(&rec[19..reclen]).map_err(|_| errno(libc::EIO))?;
                 return Ok(Some(name.to_owned()));
             }
             if self.eof {
@@ -993,11 +874,7 @@ impl DirReader {
         let mut out = Vec::new();
         while out.len() < max {
             let Some(name) = self.next_name()? else { break };
-            let stat_name: &CStr = if self.is_root && name.as_bytes() == b".." {
-                c"."
-            } else {
-                &name
-            };
+            let stat_name: &CStr = if self.is_root && name.as_bytes() == b".." { c"." } else { &name };
             match sys::lstat(self.fd.as_fd(), stat_name) {
                 Ok(st) => out.push((name, FullStat::from(&st))),
                 Err(e) if is_errno(&e, libc::ENOENT) => {}
@@ -1061,9 +938,8 @@ fn mode_string(mode: u32) -> String {
 /// `Mon dd HH:MM` for times within the last six months, `Mon dd  YYYY` otherwise, in UTC
 /// (a pod's local time zone is UTC, and this keeps the listing independent of libc's).
 fn date_string(t: i64, now: i64) -> String {
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
+    const MONTHS: [&str; 12] =
+        ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
     let days = t.div_euclid(86_400);
     let secs = t.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
@@ -1150,17 +1026,11 @@ impl Walk {
             } else {
                 None
             };
-            let entry = WalkEntry {
-                path: Bytes::from(path),
-                stat: FullStat::from(&st),
-                target: target.into(),
-            };
+            let entry =
+                WalkEntry { path: Bytes::from(path), stat: FullStat::from(&st), target: target.into() };
             if let Some(fd) = sub {
                 let prefix = entry.path.to_vec();
-                self.stack.push(WalkDir {
-                    reader: DirReader::new(fd, false),
-                    prefix,
-                });
+                self.stack.push(WalkDir { reader: DirReader::new(fd, false), prefix });
             }
             if used + entry.encoded_len() > budget && !out.is_empty() {
                 // Does not fit: it opens the next batch, followed by its contents.
@@ -1197,36 +1067,16 @@ mod tests {
         // SAFETY: umask is process-wide; 022 is what the test runner has anyway, so other
         // tests are not disturbed, and the point is that it is not zero.
         unsafe { libc::umask(0o022) };
-        let f = fs
-            .open(b"f", open_flags::WRITE | open_flags::CREAT, Some(0o666))
-            .unwrap();
+        let f = fs.open(b"f", open_flags::WRITE | open_flags::CREAT, Some(0o666)).unwrap();
         drop(f);
-        assert_eq!(
-            std::fs::metadata(r.join("f")).unwrap().permissions().mode() & 0o7777,
-            0o666
-        );
-        fs.open(
-            b"g",
-            open_flags::WRITE | open_flags::CREAT | open_flags::EXCL,
-            Some(0o600),
-        )
-        .unwrap();
-        assert_eq!(
-            std::fs::metadata(r.join("g")).unwrap().mode() & 0o7777,
-            0o600
-        );
+        assert_eq!(std::fs::metadata(r.join("f")).unwrap().permissions().mode() & 0o7777, 0o666);
+        fs.open(b"g", open_flags::WRITE | open_flags::CREAT | open_flags::EXCL, Some(0o600)).unwrap();
+        assert_eq!(std::fs::metadata(r.join("g")).unwrap().mode() & 0o7777, 0o600);
         // Opening an existing file with CREAT leaves its mode alone.
-        fs.open(b"g", open_flags::WRITE | open_flags::CREAT, Some(0o777))
-            .unwrap();
-        assert_eq!(
-            std::fs::metadata(r.join("g")).unwrap().mode() & 0o7777,
-            0o600
-        );
+        fs.open(b"g", open_flags::WRITE | open_flags::CREAT, Some(0o777)).unwrap();
+        assert_eq!(std::fs::metadata(r.join("g")).unwrap().mode() & 0o7777, 0o600);
         fs.mkdir(b"d", Some(0o777)).unwrap();
-        assert_eq!(
-            std::fs::metadata(r.join("d")).unwrap().mode() & 0o7777,
-            0o777
-        );
+        assert_eq!(std::fs::metadata(r.join("d")).unwrap().mode() & 0o7777, 0o777);
         fs.mknod(b"p", libc::S_IFIFO | 0o662, 0).unwrap();
         let m = std::fs::symlink_metadata(r.join("p")).unwrap().mode();
         assert_eq!(m, libc::S_IFIFO | 0o662);
@@ -1244,21 +1094,13 @@ mod tests {
         std::fs::write(r.join("a"), b"aa").unwrap();
         std::fs::write(r.join("b"), b"bbb").unwrap();
         assert_eq!(code(fs.rename_noreplace(b"a", b"b")), libc::EEXIST);
-        let e = fs
-            .rename(b"a", b"b", rename_flags::NOREPLACE, None)
-            .unwrap_err();
-        assert!(
-            matches!(e, OpError::Io(ref e) if is_errno(e, libc::EEXIST)),
-            "{e:?}"
-        );
+        let e = fs.rename(b"a", b"b", rename_flags::NOREPLACE, None).unwrap_err();
+        assert!(matches!(e, OpError::Io(ref e) if is_errno(e, libc::EEXIST)), "{e:?}");
         fs.rename(b"a", b"b", rename_flags::EXCHANGE, None).unwrap();
         assert_eq!(std::fs::read(r.join("b")).unwrap(), b"aa");
         let cond = Condition::of(&fs.stat(b"b", false).unwrap());
         std::fs::write(r.join("b"), b"changed").unwrap();
-        assert!(matches!(
-            fs.rename(b"a", b"b", 0, Some(&cond)),
-            Err(OpError::Changed)
-        ));
+        assert!(matches!(fs.rename(b"a", b"b", 0, Some(&cond)), Err(OpError::Changed)));
         let cond = Condition::of(&fs.stat(b"b", false).unwrap());
         fs.rename(b"a", b"b", 0, Some(&cond)).unwrap();
         assert_eq!(std::fs::read(r.join("b")).unwrap(), b"bbb");
@@ -1271,28 +1113,15 @@ mod tests {
         let r = fs.root().path().to_path_buf();
         std::fs::write(r.join("f"), b"hello").unwrap();
         symlink("f", r.join("l")).unwrap();
-        let t = Timespec {
-            sec: 5_000_000_000,
-            nsec: 123_456_789,
-        };
-        let attrs = SetAttrs {
-            mode: Some(0o640),
-            size: Some(2),
-            mtime: TimeSet::At(t),
-            ..Default::default()
-        };
+        let t = Timespec { sec: 5_000_000_000, nsec: 123_456_789 };
+        let attrs =
+            SetAttrs { mode: Some(0o640), size: Some(2), mtime: TimeSet::At(t), ..Default::default() };
         fs.setstat(b"l", &attrs, true).unwrap();
         let st = fs.stat(b"f", false).unwrap();
         assert_eq!((st.mode & 0o7777, st.size, st.mtime), (0o640, 2, t));
-        let link_mtime = SetAttrs {
-            mtime: TimeSet::At(Timespec { sec: 7, nsec: 8 }),
-            ..Default::default()
-        };
+        let link_mtime = SetAttrs { mtime: TimeSet::At(Timespec { sec: 7, nsec: 8 }), ..Default::default() };
         fs.setstat(b"l", &link_mtime, false).unwrap();
-        assert_eq!(
-            fs.stat(b"l", false).unwrap().mtime,
-            Timespec { sec: 7, nsec: 8 }
-        );
+        assert_eq!(fs.stat(b"l", false).unwrap().mtime, Timespec { sec: 7, nsec: 8 });
         assert_eq!(fs.stat(b"f", false).unwrap().mtime, t);
     }
 
@@ -1300,10 +1129,7 @@ mod tests {
     fn put_get_and_conditional_write() {
         let (_t, fs) = setup();
         let r = fs.root().path().to_path_buf();
-        let mtime = Timespec {
-            sec: 1_700_000_000,
-            nsec: 5,
-        };
+        let mtime = Timespec { sec: 1_700_000_000, nsec: 5 };
         let mut put = Put {
             path: Bytes::from_static(b"p"),
             excl: true,
@@ -1318,19 +1144,12 @@ mod tests {
         assert_eq!((st.mode & 0o7777, st.size, st.mtime), (0o751, 7, mtime));
         assert!(matches!(fs.put(&put), Err(OpError::Io(ref e)) if is_errno(e, libc::EEXIST)));
         put.excl = false;
-        put.condition = Some(Condition {
-            size: 1,
-            mtime,
-            ino: st.ino,
-        });
+        put.condition = Some(Condition { size: 1, mtime, ino: st.ino });
         assert!(matches!(fs.put(&put), Err(OpError::Changed)));
         put.condition = Some(Condition::of(&st));
         put.data = Bytes::from_static(b"new");
         fs.put(&put).unwrap();
-        let names: Vec<_> = std::fs::read_dir(&r)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let names: Vec<_> = std::fs::read_dir(&r).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, ["p"], "no temporary file is left behind");
         let got = fs.get(b"p", 100).unwrap();
         assert_eq!(got.data.as_ref(), b"new");
@@ -1340,18 +1159,12 @@ mod tests {
         let cond = Condition::of(&fstat(file.fd.as_fd()).unwrap());
         fs.write_if(&file, 0, &cond, b"NEW!").unwrap();
         // The size changed, whatever the mtime granularity.
-        assert!(matches!(
-            fs.write_if(&file, 0, &cond, b"X"),
-            Err(OpError::Changed)
-        ));
+        assert!(matches!(fs.write_if(&file, 0, &cond, b"X"), Err(OpError::Changed)));
         assert_eq!(std::fs::read(r.join("p")).unwrap(), b"NEW!");
         let cond = Condition::of(&fstat(file.fd.as_fd()).unwrap());
         std::fs::write(r.join("other"), b"x").unwrap();
         std::fs::rename(r.join("other"), r.join("p")).unwrap();
-        assert!(matches!(
-            fs.write_if(&file, 0, &cond, b"Y"),
-            Err(OpError::Changed)
-        ));
+        assert!(matches!(fs.write_if(&file, 0, &cond, b"Y"), Err(OpError::Changed)));
     }
 
     #[test]
@@ -1378,11 +1191,7 @@ mod tests {
         assert_eq!(sorted, [&b""[..], b"a", b"a/b", b"a/b/f", b"g", b"l"]);
         let pos = |p: &[u8]| paths.iter().position(|x| *x == p).unwrap();
         assert!(pos(b"a") < pos(b"a/b") && pos(b"a/b") < pos(b"a/b/f"));
-        assert_eq!(
-            pos(b"a/b") + 1,
-            pos(b"a/b/f"),
-            "a directory's entries follow it"
-        );
+        assert_eq!(pos(b"a/b") + 1, pos(b"a/b/f"), "a directory's entries follow it");
         assert_eq!(all[pos(b"l")].target.as_ref(), b"/etc");
     }
 
@@ -1409,30 +1218,10 @@ mod tests {
             size: 4096,
             ..Default::default()
         };
-        let line = longname(
-            b"n\xff",
-            &FullStat {
-                mtime: Timespec { sec: 0, nsec: 0 },
-                ..st
-            },
-            1_000_000_000,
-        );
-        assert_eq!(
-            line,
-            b"drwsr-xr-x   2 0        10           4096 Jan  1  1970 n\xff"
-        );
-        let recent = FullStat {
-            mtime: Timespec {
-                sec: 999_999_000,
-                nsec: 0,
-            },
-            ..st
-        };
+        let line = longname(b"n\xff", &FullStat { mtime: Timespec { sec: 0, nsec: 0 }, ..st }, 1_000_000_000);
+        assert_eq!(line, b"drwsr-xr-x   2 0        10           4096 Jan  1  1970 n\xff");
+        let recent = FullStat { mtime: Timespec { sec: 999_999_000, nsec: 0 }, ..st };
         let line = longname(b"x", &recent, 1_000_000_000);
-        assert!(
-            line.ends_with(b"Sep  9 01:30 x"),
-            "{}",
-            String::from_utf8_lossy(&line)
-        );
+        assert!(line.ends_with(b"Sep  9 01:30 x"), "{}", String::from_utf8_lossy(&line));
     }
 }

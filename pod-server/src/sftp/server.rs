@@ -2,7 +2,9 @@
 //!
 //! One reader decodes requests in order and hands each to its own task, so requests run
 //! concurrently and answer out of order, as SFTP allows: a slow read does not hold up a stat.
-//! - Requests on one handle keep their order ([`handles::Turn`]).
+//! - Requests that depend on each other run in arrival order: requests on one handle, and a
+//!   mutation and any other request on a related path ([`super::order`]). The reader takes each
+//!   request's place in that order before it reads the next.
 //! - File system work runs on tokio's blocking pool ([`ops`]).
 //! - One writer task puts the responses on the stream, coalescing small ones.
 //! - At most `max_in_flight` requests run at once: the reader takes a permit before it reads
@@ -25,11 +27,12 @@ use tracing::{debug, warn};
 
 use super::handles::{Handle, Handles, Object};
 use super::ops::{self, Fs, OpError};
+use super::order::{Access, InFlight, Key, Keys};
 use super::paths::Root;
 use crate::feed::ChangeTracker;
 use crate::proto::sftp::{
-    self, Attrs, Init, NameEntry, Request, RequestBody, Response, ResponseBody, SeqStat, SetAttrs,
-    Status, StatusCode, TimeSet, Version, WalkBatch, MAX_DATA, MAX_PACKET,
+    self, open_flags, Attrs, Init, NameEntry, Request, RequestBody, Response, ResponseBody, SeqStat,
+    SetAttrs, Status, StatusCode, TimeSet, Version, WalkBatch, MAX_DATA, MAX_PACKET,
 };
 use crate::proto::stat::Timespec;
 use crate::proto::wire::{take_frame, DecodeError};
@@ -45,10 +48,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            max_handles: 4096,
-            max_in_flight: 256,
-        }
+        Limits { max_handles: 4096, max_in_flight: 256 }
     }
 }
 
@@ -86,9 +86,15 @@ pub async fn serve<S>(stream: S, ctx: Arc<SftpContext>) -> anyhow::Result<()>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let root =
-        Root::open(&ctx.root).with_context(|| format!("opening root {}", ctx.root.display()))?;
+    let root = match Root::open(&ctx.root) {
+        Ok(root) => root,
+        Err(e) => {
+            warn!(conn = ctx.conn, "sftp: cannot open the root {}: {e}", ctx.root.display());
+            return Err(e).with_context(|| format!("opening root {}", ctx.root.display()));
+        }
+    };
     let conn = Arc::new(Conn {
+        keys: Keys::new(root.path()),
         fs: Fs::new(root, ctx.conn, ctx.changes.clone()),
         handles: Handles::new(ctx.limits.max_handles),
         max_handles: ctx.limits.max_handles,
@@ -116,6 +122,7 @@ where
 }
 
 struct Conn {
+    keys: Keys,
     fs: Fs,
     handles: Handles,
     max_handles: usize,
@@ -146,11 +153,7 @@ async fn next_frame<R: AsyncRead + Unpin>(
             buf.reserve(64 * 1024);
         }
         if rd.read_buf(buf).await.map_err(SessionError::Read)? == 0 {
-            return if buf.is_empty() {
-                Ok(None)
-            } else {
-                Err(SessionError::TruncatedStream)
-            };
+            return if buf.is_empty() { Ok(None) } else { Err(SessionError::TruncatedStream) };
         }
     }
 }
@@ -173,61 +176,71 @@ async fn read_loop<R: AsyncRead + Unpin>(
         return Ok(());
     }
     let permits = Arc::new(Semaphore::new(in_flight));
+    let mut order = InFlight::default();
     loop {
-        let permit = permits
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
+        let permit = permits.clone().acquire_owned().await.expect("the semaphore is never closed");
         let Some(frame) = next_frame(&mut rd, &mut buf).await? else {
             return Ok(());
         };
         let req = Request::decode(frame)?;
-        dispatch(conn, req, permit, &tx);
+        dispatch(conn, &mut order, req, permit, &tx);
     }
 }
 
+/// What a request works through.
+enum Target {
+    Paths,
+    Handle(Arc<Handle>),
+    /// A handle that is not open (or never was): answered at once, ordered after nothing.
+    BadHandle,
+}
+
 /// Starts serving one request. Runs on the reader, in arrival order: that is where a
-/// request takes its place in its handle's queue.
+/// request takes its place in the order.
 fn dispatch(
     conn: &Arc<Conn>,
+    order: &mut InFlight,
     req: Request,
     permit: OwnedSemaphorePermit,
     tx: &mpsc::Sender<Bytes>,
 ) {
     let Request { id, body } = req;
+    let target = match handle_of(&body) {
+        None => Target::Paths,
+        Some((handle, close)) => {
+            let found = if close { conn.handles.remove(handle) } else { conn.handles.get(handle) };
+            found.map_or(Target::BadHandle, Target::Handle)
+        }
+    };
+    let scope = match &target {
+        Target::Handle(h) => Some(&h.scope),
+        Target::Paths | Target::BadHandle => None,
+    };
+    let turn = order.admit(Access::of(&body, &conn.keys, scope));
     let tx = tx.clone();
     let conn = conn.clone();
-    let Some((handle, close)) = handle_of(&body) else {
-        tokio::task::spawn_blocking(move || {
-            let reply = path_op(&conn, body);
-            // A closed channel means the session is over: nobody is waiting for the answer.
-            let _ = tx.blocking_send(encode(id, reply));
-            drop(permit);
-        });
-        return;
-    };
-    let found = if close {
-        conn.handles.remove(handle)
-    } else {
-        conn.handles.get(handle)
-    };
     tokio::spawn(async move {
-        let reply = match found {
-            None => bad_handle(),
-            Some((h, turn)) => {
-                let done = turn.wait().await;
-                let reply = tokio::task::spawn_blocking(move || handle_op(&conn, h, body)).await;
-                drop(done);
-                reply.unwrap_or_else(|e| {
-                    warn!("sftp: request {id} failed: {e}");
-                    status(StatusCode::FAILURE, "internal error")
-                })
-            }
+        let done = turn.wait().await;
+        let reply = match target {
+            Target::Paths => blocking(id, move || path_op(&conn, body)).await,
+            Target::Handle(h) => blocking(id, move || handle_op(&conn, h, body)).await,
+            Target::BadHandle => bad_handle(),
         };
+        // A closed channel means the session is over: nobody is waiting for the answer.
         let _ = tx.send(encode(id, reply)).await;
+        // Only now may requests that depend on this one start (and a CLOSE find the handle
+        // let go of).
+        drop(done);
         drop(permit);
     });
+}
+
+/// Runs request `id`'s file system work on the blocking pool.
+async fn blocking(id: u32, op: impl FnOnce() -> ResponseBody + Send + 'static) -> ResponseBody {
+    tokio::task::spawn_blocking(op).await.unwrap_or_else(|e| {
+        warn!("sftp: request {id} failed: {e}");
+        status(StatusCode::FAILURE, "internal error")
+    })
 }
 
 fn encode(id: u32, body: ResponseBody) -> Bytes {
@@ -280,10 +293,7 @@ fn op_status(e: &OpError) -> ResponseBody {
     match e {
         OpError::Io(e) => io_status(e),
         OpError::Changed => status(StatusCode::CHANGED, "file changed"),
-        OpError::TooLarge { max } => status(
-            StatusCode::TOO_LARGE,
-            &format!("file larger than {max} bytes"),
-        ),
+        OpError::TooLarge { max } => status(StatusCode::TOO_LARGE, &format!("file larger than {max} bytes")),
         OpError::Unsupported(what) => status(StatusCode::OP_UNSUPPORTED, what),
     }
 }
@@ -305,12 +315,7 @@ fn done<E: Into<OpError>>(r: Result<(), E>) -> ResponseBody {
 
 /// SFTP v3 attributes as a set request: whole-second times.
 fn set_attrs(a: &Attrs) -> SetAttrs {
-    let at = |sec: u32| {
-        TimeSet::At(Timespec {
-            sec: i64::from(sec),
-            nsec: 0,
-        })
-    };
+    let at = |sec: u32| TimeSet::At(Timespec { sec: i64::from(sec), nsec: 0 });
     SetAttrs {
         mode: a.permissions,
         uid: a.uid_gid.map(|(u, _)| u),
@@ -324,15 +329,12 @@ fn set_attrs(a: &Attrs) -> SetAttrs {
 /// A NAME reply of one path, as OpenSSH sends REALPATH and READLINK (the long name is the name).
 fn one_name(name: &[u8]) -> ResponseBody {
     let name = Bytes::copy_from_slice(name);
-    ResponseBody::Name(vec![NameEntry {
-        filename: name.clone(),
-        longname: name,
-        attrs: Attrs::default(),
-    }])
+    ResponseBody::Name(vec![NameEntry { filename: name.clone(), longname: name, attrs: Attrs::default() }])
 }
 
-fn new_handle(conn: &Conn, object: Object) -> ResponseBody {
-    match conn.handles.insert(object) {
+/// Opens a handle on `object`, which the request opened by `path`.
+fn new_handle(conn: &Conn, object: Object, path: Option<Key>, writes: bool) -> ResponseBody {
+    match conn.handles.insert(object, path, writes) {
         Some(h) => ResponseBody::Handle(h),
         None => too_many_handles(),
     }
@@ -343,16 +345,17 @@ fn path_op(conn: &Conn, body: RequestBody) -> ResponseBody {
     use RequestBody::*;
     let fs = &conn.fs;
     match body {
-        Open {
-            filename,
-            pflags,
-            attrs,
-        } => {
+        Open { filename, pflags, attrs } => {
             if conn.handles.is_full() {
                 return too_many_handles();
             }
             reply(fs.open(&filename, pflags, attrs.permissions), |f| {
-                new_handle(conn, Object::File(f))
+                // The data of a FIFO, socket or device does not live at its path: its handle
+                // is ordered by itself only (see [`super::order`]).
+                let special = ops::fstat(f.fd.as_fd())
+                    .is_ok_and(|st| !matches!(st.mode & libc::S_IFMT, libc::S_IFREG | libc::S_IFDIR));
+                let path = if special { None } else { conn.keys.key(&filename) };
+                new_handle(conn, Object::File(f), path, pflags & open_flags::WRITE != 0)
             })
         }
         Opendir { path } => {
@@ -360,7 +363,7 @@ fn path_op(conn: &Conn, body: RequestBody) -> ResponseBody {
                 return too_many_handles();
             }
             reply(fs.opendir(&path), |d| {
-                new_handle(conn, Object::Dir(Mutex::new(d)))
+                new_handle(conn, Object::Dir(Mutex::new(d)), conn.keys.key(&path), false)
             })
         }
         DevWalk { path, max_entries } => {
@@ -372,30 +375,19 @@ fn path_op(conn: &Conn, body: RequestBody) -> ResponseBody {
                 n => n.min(WALK_BATCH_MAX),
             };
             reply(fs.walk(&path), |walk| {
-                new_handle(
-                    conn,
-                    Object::Walk {
-                        walk: Mutex::new(walk),
-                        max_entries,
-                    },
-                )
+                let walk = Object::Walk { walk: Mutex::new(walk), max_entries };
+                new_handle(conn, walk, conn.keys.key(&path), false)
             })
         }
-        Lstat { path } => reply(fs.stat(&path, false), |st| {
-            ResponseBody::Attrs(Attrs::from_stat(&st))
-        }),
-        Stat { path } => reply(fs.stat(&path, true), |st| {
-            ResponseBody::Attrs(Attrs::from_stat(&st))
-        }),
+        Lstat { path } => reply(fs.stat(&path, false), |st| ResponseBody::Attrs(Attrs::from_stat(&st))),
+        Stat { path } => reply(fs.stat(&path, true), |st| ResponseBody::Attrs(Attrs::from_stat(&st))),
         Setstat { path, attrs } => done(fs.setstat(&path, &set_attrs(&attrs), true)),
         Lsetstat { path, attrs } => done(fs.setstat(&path, &set_attrs(&attrs), false)),
         Remove { filename } => done(fs.remove(&filename)),
         Mkdir { path, attrs } => done(fs.mkdir(&path, attrs.permissions)),
         Rmdir { path } => done(fs.rmdir(&path)),
         Realpath { path } => reply(fs.realpath(&path), |p| one_name(p.as_os_str().as_bytes())),
-        ExpandPath { path } => reply(fs.expand_path(&path), |p| {
-            one_name(p.as_os_str().as_bytes())
-        }),
+        ExpandPath { path } => reply(fs.expand_path(&path), |p| one_name(p.as_os_str().as_bytes())),
         Rename { oldpath, newpath } => done(fs.rename_noreplace(&oldpath, &newpath)),
         PosixRename { oldpath, newpath } => done(fs.rename(&oldpath, &newpath, 0, None)),
         Readlink { path } => reply(fs.readlink(&path), |t| one_name(&t)),
@@ -409,25 +401,15 @@ fn path_op(conn: &Conn, body: RequestBody) -> ResponseBody {
             max_open_handles: conn.max_handles as u64,
         }),
         DevStat { path, follow } => reply(fs.seq_stat(&path, follow), ResponseBody::SeqStat),
-        DevSetstat {
-            path,
-            follow,
-            attrs,
-        } => done(fs.setstat(&path, &attrs, follow)),
-        DevRename {
-            oldpath,
-            newpath,
-            flags,
-            condition,
-        } => done(fs.rename(&oldpath, &newpath, flags, condition.as_ref())),
+        DevSetstat { path, follow, attrs } => done(fs.setstat(&path, &attrs, follow)),
+        DevRename { oldpath, newpath, flags, condition } => {
+            done(fs.rename(&oldpath, &newpath, flags, condition.as_ref()))
+        }
         DevMknod { path, mode, rdev } => done(fs.mknod(&path, mode, rdev)),
         DevGet { path, max_size } => reply(fs.get(&path, max_size), ResponseBody::Get),
         DevPut(put) => reply(fs.put(&put), ResponseBody::SeqStat),
         Extended { name, .. } => {
-            debug!(
-                "sftp: unsupported extension {:?}",
-                String::from_utf8_lossy(&name)
-            );
+            debug!("sftp: unsupported extension {:?}", String::from_utf8_lossy(&name));
             status(StatusCode::OP_UNSUPPORTED, "unsupported extension")
         }
         Close { .. }
@@ -465,33 +447,19 @@ fn handle_op(conn: &Conn, handle: Arc<Handle>, body: RequestBody) -> ResponseBod
             })
         }
         (Write { offset, data, .. }, Some(f)) => done(fs.write(f, offset, &data)),
-        (Fsetstat { attrs, .. }, Some(f)) => {
-            done(fs.fsetstat(f.fd.as_fd(), &f.abs, &set_attrs(&attrs)))
-        }
+        (Fsetstat { attrs, .. }, Some(f)) => done(fs.fsetstat(f.fd.as_fd(), &f.abs, &set_attrs(&attrs))),
         (Fsync { .. }, Some(f)) => done(ops::fsync(f.fd.as_fd())),
-        (
-            DevWrite {
-                offset,
-                condition,
-                data,
-                ..
-            },
-            Some(f),
-        ) => done(fs.write_if(f, offset, &condition, &data)),
-        (Fstat { .. }, _) => with_fd(&handle, |fd| {
-            reply(ops::fstat(fd), |st| {
-                ResponseBody::Attrs(Attrs::from_stat(&st))
-            })
-        }),
+        (DevWrite { offset, condition, data, .. }, Some(f)) => {
+            done(fs.write_if(f, offset, &condition, &data))
+        }
+        (Fstat { .. }, _) => {
+            with_fd(&handle, |fd| reply(ops::fstat(fd), |st| ResponseBody::Attrs(Attrs::from_stat(&st))))
+        }
         (DevFstat { .. }, _) => with_fd(&handle, |fd| {
             let seq = fs.sequence();
-            reply(ops::fstat(fd), |stat| {
-                ResponseBody::SeqStat(SeqStat { seq, stat })
-            })
+            reply(ops::fstat(fd), |stat| ResponseBody::SeqStat(SeqStat { seq, stat }))
         }),
-        (Fstatvfs { .. }, _) => with_fd(&handle, |fd| {
-            reply(ops::fstatvfs(fd), ResponseBody::StatVfs)
-        }),
+        (Fstatvfs { .. }, _) => with_fd(&handle, |fd| reply(ops::fstatvfs(fd), ResponseBody::StatVfs)),
         (Readdir { .. }, None) => readdir(&handle),
         (DevWalkRead { .. }, None) => walk_read(fs, &handle),
         _ => bad_handle(),
@@ -532,9 +500,8 @@ fn readdir(handle: &Handle) -> ResponseBody {
         return bad_handle();
     };
     let mut dir = dir.lock().expect("directory cursor poisoned");
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
     reply(dir.next_batch(READDIR_BATCH), |entries| {
         if entries.is_empty() {
             return status(StatusCode::EOF, "End of file");
@@ -595,10 +562,7 @@ mod tests {
             self.seq.load(Ordering::SeqCst)
         }
         fn own_change(&self, conn: u64, abs_path: &Path) {
-            self.own
-                .lock()
-                .unwrap()
-                .push((conn, abs_path.to_path_buf()));
+            self.own.lock().unwrap().push((conn, abs_path.to_path_buf()));
         }
     }
 
@@ -615,12 +579,7 @@ mod tests {
     }
 
     fn context(root: &Path, limits: Limits, changes: Arc<dyn ChangeTracker>) -> Arc<SftpContext> {
-        Arc::new(SftpContext {
-            root: root.canonicalize().unwrap(),
-            conn: 7,
-            changes,
-            limits,
-        })
+        Arc::new(SftpContext { root: root.canonicalize().unwrap(), conn: 7, changes, limits })
     }
 
     async fn start(root: &Path) -> Peer {
@@ -632,11 +591,7 @@ mod tests {
         let session = tokio::spawn(serve(theirs, ctx));
         let (rd, mut wr) = tokio::io::split(ours);
         let mut out = BytesMut::new();
-        Init {
-            version: 3,
-            extensions: Vec::new(),
-        }
-        .encode(&mut out);
+        Init { version: 3, extensions: Vec::new() }.encode(&mut out);
         wr.write_all(&out).await.unwrap();
         let mut peer = Peer {
             rd,
@@ -644,10 +599,7 @@ mod tests {
             buf: BytesMut::new(),
             next: 1,
             kinds: HashMap::new(),
-            version: Version {
-                version: 0,
-                extensions: Vec::new(),
-            },
+            version: Version { version: 0, extensions: Vec::new() },
             session,
         };
         peer.version = Version::decode(peer.frame().await.expect("a VERSION")).unwrap();
@@ -702,16 +654,8 @@ mod tests {
         }
 
         async fn open(&mut self, path: &[u8], pflags: u32, perm: Option<u32>) -> Bytes {
-            let attrs = Attrs {
-                permissions: perm,
-                ..Attrs::default()
-            };
-            self.handle(RequestBody::Open {
-                filename: b(path),
-                pflags,
-                attrs,
-            })
-            .await
+            let attrs = Attrs { permissions: perm, ..Attrs::default() };
+            self.handle(RequestBody::Open { filename: b(path), pflags, attrs }).await
         }
     }
 
@@ -770,86 +714,40 @@ mod tests {
         let root_bytes = b(root.as_os_str().as_bytes());
         assert_eq!(rootname(peer.call(realpath(b".")).await), root_bytes);
         assert_eq!(rootname(peer.call(realpath(b"..")).await), root_bytes);
-        assert_eq!(
-            code(&peer.call(realpath(b"/")).await).0,
-            StatusCode::NO_SUCH_FILE
-        );
+        assert_eq!(code(&peer.call(realpath(b"/")).await).0, StatusCode::NO_SUCH_FILE);
         let stat = |p: Bytes| RequestBody::Stat { path: p };
         let lstat = |p: Bytes| RequestBody::Lstat { path: p };
         // `..` stops at the root: these name <root>/bin/sh and <root>/d/f ...
-        assert_eq!(
-            code(&peer.call(stat(b(b"../../bin/sh"))).await).0,
-            StatusCode::NO_SUCH_FILE
-        );
-        assert!(matches!(
-            peer.call(stat(b(b"../../d/f"))).await,
-            ResponseBody::Attrs(_)
-        ));
+        assert_eq!(code(&peer.call(stat(b(b"../../bin/sh"))).await).0, StatusCode::NO_SUCH_FILE);
+        assert!(matches!(peer.call(stat(b(b"../../d/f"))).await, ResponseBody::Attrs(_)));
         // ... and <root>/etc is the symlink to /etc, refused when followed.
-        assert_eq!(
-            code(&peer.call(stat(b(b"../../etc/passwd"))).await).0,
-            StatusCode::PERMISSION_DENIED
-        );
-        assert_eq!(
-            code(&peer.call(stat(b(b"/etc/passwd"))).await).0,
-            StatusCode::NO_SUCH_FILE
-        );
-        assert_eq!(
-            code(&peer.call(stat(b(b"etc/passwd"))).await).0,
-            StatusCode::PERMISSION_DENIED
-        );
-        assert_eq!(
-            code(&peer.call(stat(b(b"etc"))).await).0,
-            StatusCode::PERMISSION_DENIED
-        );
+        assert_eq!(code(&peer.call(stat(b(b"../../etc/passwd"))).await).0, StatusCode::PERMISSION_DENIED);
+        assert_eq!(code(&peer.call(stat(b(b"/etc/passwd"))).await).0, StatusCode::NO_SUCH_FILE);
+        assert_eq!(code(&peer.call(stat(b(b"etc/passwd"))).await).0, StatusCode::PERMISSION_DENIED);
+        assert_eq!(code(&peer.call(stat(b(b"etc"))).await).0, StatusCode::PERMISSION_DENIED);
         match peer.call(lstat(b(b"etc"))).await {
             ResponseBody::Attrs(a) => {
                 assert_eq!(a.permissions.unwrap() & libc::S_IFMT, libc::S_IFLNK)
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(
-            rootname(peer.call(RequestBody::Readlink { path: b(b"etc") }).await).as_ref(),
-            b"/etc"
-        );
-        let h = peer
-            .open(&abs(&root, "abs/f"), open_flags::READ, None)
-            .await;
-        match peer
-            .call(RequestBody::Read {
-                handle: h,
-                offset: 0,
-                len: 100,
-            })
-            .await
-        {
+        assert_eq!(rootname(peer.call(RequestBody::Readlink { path: b(b"etc") }).await).as_ref(), b"/etc");
+        let h = peer.open(&abs(&root, "abs/f"), open_flags::READ, None).await;
+        match peer.call(RequestBody::Read { handle: h, offset: 0, len: 100 }).await {
             ResponseBody::Data(d) => assert_eq!(d.as_ref(), b"inside"),
             other => panic!("{other:?}"),
         }
         let (c, msg) = code(&peer.call(stat(b(b"loop"))).await);
-        assert_eq!(
-            (c, msg.as_str()),
-            (StatusCode::FAILURE, nix::errno::Errno::ELOOP.desc())
-        );
+        assert_eq!((c, msg.as_str()), (StatusCode::FAILURE, nix::errno::Errno::ELOOP.desc()));
         // Removing a symlink to the outside removes the link, not its target.
-        is_ok(
-            &peer
-                .call(RequestBody::Remove {
-                    filename: b(b"etc"),
-                })
-                .await,
-        );
+        is_ok(&peer.call(RequestBody::Remove { filename: b(b"etc") }).await);
         assert!(Path::new("/etc/passwd").exists());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_slow_request_does_not_hold_up_others() {
         let (_t, root) = tree();
-        nix::unistd::mkfifo(
-            &root.join("fifo"),
-            nix::sys::stat::Mode::from_bits_truncate(0o600),
-        )
-        .unwrap();
+        nix::unistd::mkfifo(&root.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
         std::fs::write(root.join("f"), b"x").unwrap();
         let mut peer = start(&root).await;
         // Opening a fifo for reading blocks until a writer comes.
@@ -863,23 +761,14 @@ mod tests {
         let stat = peer.send(RequestBody::Stat { path: b(b"f") }).await;
         assert_eq!(peer.recv().await.id, stat);
         let fifo = root.join("fifo");
-        let writer = tokio::task::spawn_blocking(move || {
-            std::fs::OpenOptions::new().write(true).open(fifo).unwrap()
-        });
+        let writer =
+            tokio::task::spawn_blocking(move || std::fs::OpenOptions::new().write(true).open(fifo).unwrap());
         let r = peer.recv().await;
         assert_eq!(r.id, open);
-        let ResponseBody::Handle(h) = r.body else {
-            panic!("{r:?}")
-        };
+        let ResponseBody::Handle(h) = r.body else { panic!("{r:?}") };
         let mut writer = writer.await.unwrap();
         // A read of the fifo blocks until data comes; a stat still answers.
-        let read = peer
-            .send(RequestBody::Read {
-                handle: h,
-                offset: 0,
-                len: 1 << 20,
-            })
-            .await;
+        let read = peer.send(RequestBody::Read { handle: h, offset: 0, len: 1 << 20 }).await;
         let stat = peer.send(RequestBody::Lstat { path: b(b"f") }).await;
         assert_eq!(peer.recv().await.id, stat);
         std::io::Write::write_all(&mut writer, b"late").unwrap();
@@ -887,44 +776,116 @@ mod tests {
         assert_eq!((r.id, r.body), (read, ResponseBody::Data(b(b"late"))));
     }
 
+    /// Sends every request before reading any reply, and returns the replies by id.
+    async fn pipelined(peer: &mut Peer, requests: Vec<RequestBody>) -> Vec<ResponseBody> {
+        let mut ids = Vec::new();
+        for body in requests {
+            ids.push(peer.send(body).await);
+        }
+        let mut replies = HashMap::new();
+        for _ in 0..ids.len() {
+            let r = peer.recv().await;
+            replies.insert(r.id, r.body);
+        }
+        ids.iter().map(|id| replies.remove(id).expect("one reply per request")).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dependent_requests_run_in_arrival_order() {
+        let (_t, root) = tree();
+        let mut peer = start(&root).await;
+        let create = |filename: Bytes| RequestBody::Open {
+            filename,
+            pflags: open_flags::WRITE | open_flags::CREAT | open_flags::TRUNC,
+            attrs: Attrs::default(),
+        };
+        // sshfs creates a file with OPEN and LSTATs it right away, without waiting.
+        let mut requests = Vec::new();
+        for i in 0..200 {
+            requests.push(create(b(format!("f{i}").as_bytes())));
+            requests.push(RequestBody::Lstat { path: b(format!("f{i}").as_bytes()) });
+        }
+        for (i, r) in pipelined(&mut peer, requests).await.iter().enumerate() {
+            match (i % 2, r) {
+                (0, ResponseBody::Handle(_)) | (1, ResponseBody::Attrs(_)) => {}
+                _ => panic!("request {i}: {r:?}"),
+            }
+        }
+        // A directory, then a file in it.
+        let mut requests = Vec::new();
+        for i in 0..200 {
+            let attrs = Attrs::default();
+            requests.push(RequestBody::Mkdir { path: b(format!("d{i}").as_bytes()), attrs });
+            requests.push(create(abs(&root, &format!("d{i}/f"))));
+        }
+        for (i, r) in pipelined(&mut peer, requests).await.iter().enumerate() {
+            match (i % 2, r) {
+                (1, ResponseBody::Handle(_)) => {}
+                (0, r) => is_ok(r),
+                _ => panic!("request {i}: {r:?}"),
+            }
+        }
+        // A write through a handle, then a stat of the path it was opened by.
+        let h = peer.open(b"./d0/../w", open_flags::WRITE | open_flags::CREAT, None).await;
+        let mut requests = Vec::new();
+        for i in 0..200u64 {
+            let data = Bytes::from(vec![b'x'; 1000]);
+            requests.push(RequestBody::Write { handle: h.clone(), offset: i * 1000, data });
+            requests.push(RequestBody::Stat { path: b(b"w") });
+        }
+        for (i, r) in pipelined(&mut peer, requests).await.iter().enumerate() {
+            match r {
+                ResponseBody::Attrs(a) => assert_eq!(a.size, Some((i as u64 / 2 + 1) * 1000), "stat {i}"),
+                r => is_ok(r),
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_blocked_fifo_does_not_hold_up_other_reads_of_it() {
+        let (_t, root) = tree();
+        let fifo = root.join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let mut peer = start(&root).await;
+        let open = |pflags| RequestBody::Open { filename: b(b"fifo"), pflags, attrs: Attrs::default() };
+        // Opening a fifo for reading blocks until a writer comes; a stat of it is a read too.
+        let opening = peer.send(open(open_flags::READ)).await;
+        let stat = peer.send(RequestBody::Stat { path: b(b"fifo") }).await;
+        assert_eq!(peer.recv().await.id, stat);
+        let outside = tokio::task::spawn_blocking(move || std::fs::OpenOptions::new().write(true).open(fifo));
+        let r = peer.recv().await;
+        assert_eq!(r.id, opening);
+        let ResponseBody::Handle(rd) = r.body else { panic!("{r:?}") };
+        let _outside = outside.await.unwrap().unwrap();
+        // A read of the empty fifo blocks; a stat of the fifo still answers, and so does a
+        // write through another handle of this session, which the read is waiting for.
+        let read = peer.send(RequestBody::Read { handle: rd, offset: 0, len: 1 << 20 }).await;
+        let lstat = peer.send(RequestBody::Lstat { path: b(b"fifo") }).await;
+        assert_eq!(peer.recv().await.id, lstat);
+        let wr = peer.handle(open(open_flags::WRITE)).await;
+        let write = peer.send(RequestBody::Write { handle: wr, offset: 0, data: b(b"late") }).await;
+        let mut replies = HashMap::new();
+        for _ in 0..2 {
+            let r = peer.recv().await;
+            replies.insert(r.id, r.body);
+        }
+        is_ok(&replies[&write]);
+        assert_eq!(replies[&read], ResponseBody::Data(b(b"late")));
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn requests_on_one_handle_keep_their_order() {
         let (_t, root) = tree();
         let mut peer = start(&root).await;
-        let h = peer
-            .open(
-                b"f",
-                open_flags::READ | open_flags::WRITE | open_flags::CREAT,
-                None,
-            )
-            .await;
+        let h = peer.open(b"f", open_flags::READ | open_flags::WRITE | open_flags::CREAT, None).await;
         let mut ids = Vec::new();
         for i in 0..64u8 {
             let data = Bytes::from(vec![i; 64 * 1024]);
-            ids.push(
-                peer.send(RequestBody::Write {
-                    handle: h.clone(),
-                    offset: 0,
-                    data,
-                })
-                .await,
-            );
+            ids.push(peer.send(RequestBody::Write { handle: h.clone(), offset: 0, data }).await);
         }
-        let read = peer
-            .send(RequestBody::Read {
-                handle: h.clone(),
-                offset: 0,
-                len: 64 * 1024,
-            })
-            .await;
+        let read = peer.send(RequestBody::Read { handle: h.clone(), offset: 0, len: 64 * 1024 }).await;
         let close = peer.send(RequestBody::Close { handle: h.clone() }).await;
-        let after = peer
-            .send(RequestBody::Read {
-                handle: h,
-                offset: 0,
-                len: 1,
-            })
-            .await;
+        let after = peer.send(RequestBody::Read { handle: h, offset: 0, len: 1 }).await;
         let mut replies = HashMap::new();
         for _ in 0..ids.len() + 3 {
             let r = peer.recv().await;
@@ -933,15 +894,9 @@ mod tests {
         for id in ids {
             is_ok(&replies[&id]);
         }
-        assert_eq!(
-            replies[&read],
-            ResponseBody::Data(Bytes::from(vec![63u8; 64 * 1024]))
-        );
+        assert_eq!(replies[&read], ResponseBody::Data(Bytes::from(vec![63u8; 64 * 1024])));
         is_ok(&replies[&close]);
-        let bad = (
-            StatusCode::FAILURE,
-            nix::errno::Errno::EBADF.desc().to_owned(),
-        );
+        let bad = (StatusCode::FAILURE, nix::errno::Errno::EBADF.desc().to_owned());
         assert_eq!(code(&replies[&after]), bad);
     }
 
@@ -953,46 +908,26 @@ mod tests {
         for i in 0..1000 {
             let filename = b(format!("f{i}").as_bytes());
             let pflags = open_flags::WRITE | open_flags::CREAT;
-            ids.push(
-                peer.send(RequestBody::Open {
-                    filename,
-                    pflags,
-                    attrs: Attrs::default(),
-                })
-                .await,
-            );
+            ids.push(peer.send(RequestBody::Open { filename, pflags, attrs: Attrs::default() }).await);
         }
         let mut handles = HashMap::new();
         for _ in 0..ids.len() {
             let r = peer.recv().await;
-            let ResponseBody::Handle(h) = r.body else {
-                panic!("{r:?}")
-            };
+            let ResponseBody::Handle(h) = r.body else { panic!("{r:?}") };
             handles.insert(r.id, h);
         }
         let distinct: std::collections::HashSet<_> = handles.values().collect();
         assert_eq!(distinct.len(), 1000);
         for (i, id) in ids.iter().enumerate() {
             let data = b(format!("{i}").as_bytes());
-            is_ok(
-                &peer
-                    .call(RequestBody::Write {
-                        handle: handles[id].clone(),
-                        offset: 0,
-                        data,
-                    })
-                    .await,
-            );
+            is_ok(&peer.call(RequestBody::Write { handle: handles[id].clone(), offset: 0, data }).await);
         }
         for h in handles.values() {
             is_ok(&peer.call(RequestBody::Close { handle: h.clone() }).await);
         }
         assert_eq!(std::fs::read(root.join("f999")).unwrap(), b"999");
 
-        let limits = Limits {
-            max_handles: 2,
-            max_in_flight: 4,
-        };
+        let limits = Limits { max_handles: 2, max_in_flight: 4 };
         let mut small = start_with(context(&root, limits, Arc::new(()))).await;
         let a = small.open(b"f1", open_flags::READ, None).await;
         small.handle(RequestBody::Opendir { path: b(b".") }).await;
@@ -1001,10 +936,7 @@ mod tests {
             pflags: open_flags::READ,
             attrs: Attrs::default(),
         });
-        assert_eq!(
-            code(&third.await),
-            (StatusCode::FAILURE, "too many open handles".to_owned())
-        );
+        assert_eq!(code(&third.await), (StatusCode::FAILURE, "too many open handles".to_owned()));
         is_ok(&small.call(RequestBody::Close { handle: a }).await);
         small.open(b"f2", open_flags::READ, None).await;
     }
@@ -1014,36 +946,14 @@ mod tests {
         let (_t, root) = tree();
         let mut peer = start(&root).await;
         let name = b"caf\xe9-\xff";
-        let h = peer
-            .open(name, open_flags::WRITE | open_flags::CREAT, Some(0o644))
-            .await;
-        is_ok(
-            &peer
-                .call(RequestBody::Write {
-                    handle: h.clone(),
-                    offset: 0,
-                    data: b(b"bytes"),
-                })
-                .await,
-        );
+        let h = peer.open(name, open_flags::WRITE | open_flags::CREAT, Some(0o644)).await;
+        is_ok(&peer.call(RequestBody::Write { handle: h.clone(), offset: 0, data: b(b"bytes") }).await);
         is_ok(&peer.call(RequestBody::Close { handle: h }).await);
-        assert_eq!(
-            std::fs::read(root.join(std::ffi::OsStr::from_bytes(name))).unwrap(),
-            b"bytes"
-        );
-        let dir = peer
-            .handle(RequestBody::Opendir {
-                path: abs(&root, ""),
-            })
-            .await;
+        assert_eq!(std::fs::read(root.join(std::ffi::OsStr::from_bytes(name))).unwrap(), b"bytes");
+        let dir = peer.handle(RequestBody::Opendir { path: abs(&root, "") }).await;
         let mut listed = Vec::new();
         loop {
-            match peer
-                .call(RequestBody::Readdir {
-                    handle: dir.clone(),
-                })
-                .await
-            {
+            match peer.call(RequestBody::Readdir { handle: dir.clone() }).await {
                 ResponseBody::Name(entries) => listed.extend(entries),
                 end => {
                     assert_eq!(code(&end).0, StatusCode::EOF);
@@ -1051,15 +961,8 @@ mod tests {
                 }
             }
         }
-        let entry = listed
-            .iter()
-            .find(|e| e.filename.as_ref() == name)
-            .expect("listed with its bytes");
-        assert!(
-            entry.longname.starts_with(b"-rw-r--r--"),
-            "{:?}",
-            entry.longname
-        );
+        let entry = listed.iter().find(|e| e.filename.as_ref() == name).expect("listed with its bytes");
+        assert!(entry.longname.starts_with(b"-rw-r--r--"), "{:?}", entry.longname);
         assert!(entry.longname.ends_with(name));
         let mut names: Vec<_> = listed.iter().map(|e| e.filename.clone()).collect();
         names.sort();
@@ -1078,59 +981,30 @@ mod tests {
         unsafe { libc::umask(0o022) };
         let recorder = Arc::new(Recorder::default());
         let mut peer = start_with(context(&root, Limits::default(), recorder.clone())).await;
-        let h = peer
-            .open(
-                b"f",
-                open_flags::WRITE | open_flags::CREAT | open_flags::EXCL,
-                Some(0o666),
-            )
-            .await;
+        let h = peer.open(b"f", open_flags::WRITE | open_flags::CREAT | open_flags::EXCL, Some(0o666)).await;
         is_ok(&peer.call(RequestBody::Close { handle: h }).await);
-        assert_eq!(
-            std::fs::metadata(root.join("f")).unwrap().mode() & 0o7777,
-            0o666
-        );
+        assert_eq!(std::fs::metadata(root.join("f")).unwrap().mode() & 0o7777, 0o666);
         let mkdir = |p: &[u8], perm| RequestBody::Mkdir {
             path: b(p),
-            attrs: Attrs {
-                permissions: Some(perm),
-                ..Attrs::default()
-            },
+            attrs: Attrs { permissions: Some(perm), ..Attrs::default() },
         };
         is_ok(&peer.call(mkdir(b"d", 0o777)).await);
-        assert_eq!(
-            std::fs::metadata(root.join("d")).unwrap().mode() & 0o7777,
-            0o777
-        );
+        assert_eq!(std::fs::metadata(root.join("d")).unwrap().mode() & 0o7777, 0o777);
         assert_eq!(
             code(&peer.call(mkdir(b"d", 0o777)).await),
             (StatusCode::FAILURE, "File exists".to_owned())
         );
         std::fs::write(root.join("d/x"), b"").unwrap();
         let rmdir = peer.call(RequestBody::Rmdir { path: b(b"d") }).await;
+        assert_eq!(code(&rmdir), (StatusCode::FAILURE, "Directory not empty".to_owned()));
         assert_eq!(
-            code(&rmdir),
-            (StatusCode::FAILURE, "Directory not empty".to_owned())
-        );
-        assert_eq!(
-            code(
-                &peer
-                    .call(RequestBody::Remove {
-                        filename: b(b"nope")
-                    })
-                    .await
-            )
-            .0,
+            code(&peer.call(RequestBody::Remove { filename: b(b"nope") }).await).0,
             StatusCode::NO_SUCH_FILE
         );
 
         let setstat = RequestBody::Setstat {
             path: b(b"f"),
-            attrs: Attrs {
-                permissions: Some(0o600),
-                atime_mtime: Some((1, 2)),
-                ..Attrs::default()
-            },
+            attrs: Attrs { permissions: Some(0o600), atime_mtime: Some((1, 2)), ..Attrs::default() },
         };
         is_ok(&peer.call(setstat).await);
         let meta = std::fs::metadata(root.join("f")).unwrap();
@@ -1138,35 +1012,17 @@ mod tests {
 
         std::fs::write(root.join("a"), b"a").unwrap();
         std::fs::write(root.join("b"), b"b").unwrap();
-        let rename = peer
-            .call(RequestBody::Rename {
-                oldpath: b(b"a"),
-                newpath: b(b"b"),
-            })
-            .await;
-        assert_eq!(
-            code(&rename),
-            (StatusCode::FAILURE, "File exists".to_owned())
-        );
+        let rename = peer.call(RequestBody::Rename { oldpath: b(b"a"), newpath: b(b"b") }).await;
+        assert_eq!(code(&rename), (StatusCode::FAILURE, "File exists".to_owned()));
         let noreplace = RequestBody::DevRename {
             oldpath: b(b"a"),
             newpath: b(b"b"),
             flags: rename_flags::NOREPLACE,
             condition: None,
         };
-        assert_eq!(
-            code(&peer.call(noreplace).await),
-            (StatusCode::FAILURE, "File exists".to_owned())
-        );
+        assert_eq!(code(&peer.call(noreplace).await), (StatusCode::FAILURE, "File exists".to_owned()));
         recorder.own.lock().unwrap().clear();
-        is_ok(
-            &peer
-                .call(RequestBody::PosixRename {
-                    oldpath: b(b"a"),
-                    newpath: abs(&root, "b"),
-                })
-                .await,
-        );
+        is_ok(&peer.call(RequestBody::PosixRename { oldpath: b(b"a"), newpath: abs(&root, "b") }).await);
         assert_eq!(std::fs::read(root.join("b")).unwrap(), b"a");
         let own = recorder.own.lock().unwrap().clone();
         assert_eq!(own, [(7, root.join("a")), (7, root.join("b"))]);
@@ -1179,10 +1035,7 @@ mod tests {
         recorder.seq.store(41, Ordering::SeqCst);
         let mut peer = start_with(context(&root, Limits::default(), recorder.clone())).await;
 
-        let mtime = Timespec {
-            sec: 4_000_000_000,
-            nsec: 7,
-        };
+        let mtime = Timespec { sec: 4_000_000_000, nsec: 7 };
         let put = Put {
             path: b(b"p"),
             excl: false,
@@ -1193,53 +1046,23 @@ mod tests {
             condition: None,
             data: b(b"small file"),
         };
-        let ResponseBody::SeqStat(put_st) = peer.call(RequestBody::DevPut(put.clone())).await
+        let ResponseBody::SeqStat(put_st) = peer.call(RequestBody::DevPut(put.clone())).await else {
+            panic!()
+        };
+        assert_eq!((put_st.seq, put_st.stat.mode & 0o7777, put_st.stat.mtime), (41, 0o640, mtime));
+        let ResponseBody::Get(got) =
+            peer.call(RequestBody::DevGet { path: b(b"p"), max_size: 1 << 20 }).await
         else {
             panic!()
         };
-        assert_eq!(
-            (put_st.seq, put_st.stat.mode & 0o7777, put_st.stat.mtime),
-            (41, 0o640, mtime)
-        );
-        let ResponseBody::Get(got) = peer
-            .call(RequestBody::DevGet {
-                path: b(b"p"),
-                max_size: 1 << 20,
-            })
-            .await
-        else {
-            panic!()
-        };
-        assert_eq!(
-            (got.data.as_ref(), got.stat),
-            (&b"small file"[..], put_st.stat)
-        );
-        let too_large = peer
-            .call(RequestBody::DevGet {
-                path: b(b"p"),
-                max_size: 3,
-            })
-            .await;
+        assert_eq!((got.data.as_ref(), got.stat), (&b"small file"[..], put_st.stat));
+        let too_large = peer.call(RequestBody::DevGet { path: b(b"p"), max_size: 3 }).await;
         assert_eq!(code(&too_large).0, StatusCode::TOO_LARGE);
-        let stale = Put {
-            condition: Some(Condition {
-                size: 0,
-                mtime,
-                ino: put_st.stat.ino,
-            }),
-            ..put.clone()
-        };
-        assert_eq!(
-            code(&peer.call(RequestBody::DevPut(stale)).await).0,
-            StatusCode::CHANGED
-        );
+        let stale =
+            Put { condition: Some(Condition { size: 0, mtime, ino: put_st.stat.ino }), ..put.clone() };
+        assert_eq!(code(&peer.call(RequestBody::DevPut(stale)).await).0, StatusCode::CHANGED);
 
-        let ResponseBody::SeqStat(st) = peer
-            .call(RequestBody::DevStat {
-                path: b(b"p"),
-                follow: true,
-            })
-            .await
+        let ResponseBody::SeqStat(st) = peer.call(RequestBody::DevStat { path: b(b"p"), follow: true }).await
         else {
             panic!()
         };
@@ -1252,35 +1075,17 @@ mod tests {
             data: b(data),
         };
         is_ok(&peer.call(write(b"SMALL FILE + more")).await);
-        assert_eq!(
-            code(&peer.call(write(b"again")).await).0,
-            StatusCode::CHANGED
-        );
+        assert_eq!(code(&peer.call(write(b"again")).await).0, StatusCode::CHANGED);
         assert_eq!(std::fs::read(root.join("p")).unwrap(), b"SMALL FILE + more");
 
-        let set = SetAttrs {
-            mtime: TimeSet::At(Timespec { sec: -1, nsec: 5 }),
-            ..SetAttrs::default()
-        };
-        is_ok(
-            &peer
-                .call(RequestBody::DevSetstat {
-                    path: b(b"p"),
-                    follow: false,
-                    attrs: set,
-                })
-                .await,
-        );
+        let set = SetAttrs { mtime: TimeSet::At(Timespec { sec: -1, nsec: 5 }), ..SetAttrs::default() };
+        is_ok(&peer.call(RequestBody::DevSetstat { path: b(b"p"), follow: false, attrs: set }).await);
         let ResponseBody::SeqStat(st) = peer.call(RequestBody::DevFstat { handle: h }).await else {
             panic!()
         };
         assert_eq!(st.stat.mtime, Timespec { sec: -1, nsec: 5 });
 
-        let mknod = RequestBody::DevMknod {
-            path: b(b"fifo"),
-            mode: libc::S_IFIFO | 0o606,
-            rdev: 0,
-        };
+        let mknod = RequestBody::DevMknod { path: b(b"fifo"), mode: libc::S_IFIFO | 0o606, rdev: 0 };
         is_ok(&peer.call(mknod).await);
         let fifo_mode = std::fs::symlink_metadata(root.join("fifo")).unwrap().mode();
         assert_eq!(fifo_mode, libc::S_IFIFO | 0o606);
@@ -1290,20 +1095,10 @@ mod tests {
             std::fs::write(root.join(format!("t/u/v/{i}")), b"").unwrap();
         }
         symlink("u", root.join("t/link")).unwrap();
-        let walk = peer
-            .handle(RequestBody::DevWalk {
-                path: b(b"t"),
-                max_entries: 100,
-            })
-            .await;
+        let walk = peer.handle(RequestBody::DevWalk { path: b(b"t"), max_entries: 100 }).await;
         let mut paths = Vec::new();
         loop {
-            match peer
-                .call(RequestBody::DevWalkRead {
-                    handle: walk.clone(),
-                })
-                .await
-            {
+            match peer.call(RequestBody::DevWalkRead { handle: walk.clone() }).await {
                 ResponseBody::Walk(batch) => {
                     assert!(batch.entries.len() <= 100);
                     paths.extend(batch.entries.into_iter().map(|e| e.path));
@@ -1316,11 +1111,7 @@ mod tests {
         }
         // t itself, u, u/v, the files, link.
         assert_eq!(paths.len(), 3 + 300 + 1);
-        assert!(
-            paths.contains(&b(b"u/v/299"))
-                && paths.contains(&b(b"link"))
-                && paths.contains(&b(b""))
-        );
+        assert!(paths.contains(&b(b"u/v/299")) && paths.contains(&b(b"link")) && paths.contains(&b(b"")));
         is_ok(&peer.call(RequestBody::Close { handle: walk }).await);
     }
 
@@ -1345,17 +1136,10 @@ mod tests {
             assert!(peer.frame().await.is_none(), "the session ends");
             let ended = timeout(DEADLINE, &mut peer.session).await.unwrap().unwrap();
             assert!(ended.is_err());
-            assert!(matches!(
-                good.call(RequestBody::Stat { path: b(b"f") }).await,
-                ResponseBody::Attrs(_)
-            ));
+            assert!(matches!(good.call(RequestBody::Stat { path: b(b"f") }).await, ResponseBody::Attrs(_)));
         }
         good.wr.shutdown().await.unwrap();
         assert!(good.frame().await.is_none());
-        assert!(timeout(DEADLINE, good.session)
-            .await
-            .unwrap()
-            .unwrap()
-            .is_ok());
+        assert!(timeout(DEADLINE, good.session).await.unwrap().unwrap().is_ok());
     }
 }
