@@ -312,45 +312,33 @@ impl Proc {
 
     /// Waits until stdout satisfies `ready`. Fails at the deadline, or as soon as stdout closes
     /// without satisfying it, with all output seen so far.
-    pub fn wait_stdout(
-        &self,
-        what: &str,
-        timeout: Duration,
-        mut ready: impl FnMut(&[u8]) -> bool,
-    ) -> Result<()> {
-        let mut ok = false;
-        let finished = self.stdout.wait_until(Instant::now() + timeout, |bytes, closed| {
-            ok = ready(bytes);
-            ok || closed
-        });
-        ensure!(
-            ok,
-            "waiting for {what} from `{}`: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.command,
-            if finished { "stdout closed first" } else { "deadline passed" },
-            tail(&self.stdout()),
-            tail(&self.stderr())
-        );
-        Ok(())
+    pub fn wait_stdout(&self, what: &str, timeout: Duration, ready: impl FnMut(&[u8]) -> bool) -> Result<()> {
+        self.wait_capture(&self.stdout, "stdout", what, timeout, ready)
     }
 
     /// Waits until stderr satisfies `ready`, as [`Proc::wait_stdout`] does for stdout.
-    pub fn wait_stderr(
+    pub fn wait_stderr(&self, what: &str, timeout: Duration, ready: impl FnMut(&[u8]) -> bool) -> Result<()> {
+        self.wait_capture(&self.stderr, "stderr", what, timeout, ready)
+    }
+
+    fn wait_capture(
         &self,
+        capture: &Capture,
+        stream: &str,
         what: &str,
         timeout: Duration,
         mut ready: impl FnMut(&[u8]) -> bool,
     ) -> Result<()> {
         let mut ok = false;
-        let finished = self.stderr.wait_until(Instant::now() + timeout, |bytes, closed| {
+        let finished = capture.wait_until(Instant::now() + timeout, |bytes, closed| {
             ok = ready(bytes);
             ok || closed
         });
         ensure!(
             ok,
-            "waiting for {what} on the stderr of `{}`: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            "waiting for {what} on the {stream} of `{}`: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
             self.command,
-            if finished { "stderr closed first" } else { "deadline passed" },
+            if finished { format!("{stream} closed first") } else { "deadline passed".to_owned() },
             tail(&self.stdout()),
             tail(&self.stderr())
         );
