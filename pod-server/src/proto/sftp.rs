@@ -421,10 +421,12 @@ pub enum RequestBody {
         mode: u32,
         rdev: u64,
     },
-    /// `walk@devmount`, answered with HANDLE.
+    /// `walk@devmount`, answered with HANDLE. `max_depth` 0 walks the whole subtree; n lists
+    /// entries up to n levels below `path` (1: `path` and its children).
     DevWalk {
         path: Bytes,
         max_entries: u32,
+        max_depth: u32,
     },
     /// `walk-read@devmount`, answered with [`ResponseBody::Walk`] or EOF.
     DevWalkRead {
@@ -1231,10 +1233,11 @@ impl RequestBody {
                 buf.put_u32(*mode);
                 buf.put_u64(*rdev);
             }
-            DevWalk { path, max_entries } => {
+            DevWalk { path, max_entries, max_depth } => {
                 ext_head(buf, id, ext::WALK);
                 buf.put_string(path);
                 buf.put_u32(*max_entries);
+                buf.put_u32(*max_depth);
             }
             DevGet { path, max_size } => {
                 ext_head(buf, id, ext::GET);
@@ -1288,7 +1291,7 @@ impl RequestBody {
                 DevRename { oldpath, newpath, flags, condition: get_opt(r, Condition::decode)? }
             }
             ext::MKNOD => DevMknod { path: r.string()?, mode: r.u32()?, rdev: r.u64()? },
-            ext::WALK => DevWalk { path: r.string()?, max_entries: r.u32()? },
+            ext::WALK => DevWalk { path: r.string()?, max_entries: r.u32()?, max_depth: r.u32()? },
             ext::WALK_READ => DevWalkRead { handle: r.string()? },
             ext::GET => DevGet { path: r.string()?, max_size: r.u64()? },
             ext::PUT => DevPut(Put::decode(r)?),

@@ -525,10 +525,11 @@ impl SftpClient {
         self.status(RequestBody::DevMknod { path: b(path), mode, rdev }).await
     }
 
-    /// `walk@devmount`: starts a walk of the subtree at `path`; read it with
+    /// `walk@devmount`: starts a walk of the subtree at `path`, at most `max_depth` levels
+    /// deep (0: no limit; 1: `path` and its children); read it with
     /// [`SftpClient::dev_walk_read`] and release it with [`SftpClient::close`].
-    pub async fn dev_walk(&self, path: &[u8], max_entries: u32) -> Result<Bytes> {
-        self.handle(RequestBody::DevWalk { path: b(path), max_entries }).await
+    pub async fn dev_walk(&self, path: &[u8], max_entries: u32, max_depth: u32) -> Result<Bytes> {
+        self.handle(RequestBody::DevWalk { path: b(path), max_entries, max_depth }).await
     }
 
     /// `walk-read@devmount`: the next batch, or `None` when the walk is complete.

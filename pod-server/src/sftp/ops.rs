@@ -378,8 +378,10 @@ impl Fs {
     }
 
     /// `walk@devmount`: starts a depth-first walk of the subtree at `path` (not following a
-    /// final symlink: a symlink is walked as a single entry).
-    pub fn walk(&self, path: &[u8]) -> io::Result<Walk> {
+    /// final symlink: a symlink is walked as a single entry). `max_depth` 0 walks the whole
+    /// subtree; n lists entries up to n levels below `path` (1: `path` and its children), and
+    /// directories at level n are listed but not read.
+    pub fn walk(&self, path: &[u8], max_depth: u32) -> io::Result<Walk> {
         self.root.at(path, |at| {
             let st = sys::lstat(at.dir, at.name)?;
             let target = if is_symlink(&st) { sys::readlinkat(at.dir, at.name)? } else { Vec::new() };
@@ -390,10 +392,10 @@ impl Fs {
                     at.name,
                     libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
                 )?;
-                stack.push(WalkDir { reader: DirReader::new(fd, false), prefix: Vec::new() });
+                stack.push(WalkDir { reader: DirReader::new(fd, false), prefix: Vec::new(), depth: 0 });
             }
             let first = WalkEntry { path: Bytes::new(), stat: FullStat::from(&st), target: target.into() };
-            Ok(Walk { first: Some(first), stack })
+            Ok(Walk { first: Some(first), stack, max_depth })
         })
     }
 
@@ -969,12 +971,16 @@ struct WalkDir {
     reader: DirReader,
     /// The directory's path relative to the walked one; empty for the walked one.
     prefix: Vec<u8>,
+    /// Levels below the walked directory: 0 for the walked one.
+    depth: u32,
 }
 
 /// A depth-first walk in progress: each directory's entries come right after it.
 pub struct Walk {
     first: Option<WalkEntry>,
     stack: Vec<WalkDir>,
+    /// The deepest level listed; 0: no limit.
+    max_depth: u32,
 }
 
 impl Walk {
@@ -1020,7 +1026,9 @@ impl Walk {
                 path.push(b'/');
             }
             path.extend_from_slice(name.as_bytes());
-            let sub = if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            let depth = top.depth.saturating_add(1);
+            let descend = self.max_depth == 0 || depth < self.max_depth;
+            let sub = if descend && st.st_mode & libc::S_IFMT == libc::S_IFDIR {
                 let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW;
                 sys::openat(dir.as_raw_fd(), &name, flags).ok()
             } else {
@@ -1030,7 +1038,7 @@ impl Walk {
                 WalkEntry { path: Bytes::from(path), stat: FullStat::from(&st), target: target.into() };
             if let Some(fd) = sub {
                 let prefix = entry.path.to_vec();
-                self.stack.push(WalkDir { reader: DirReader::new(fd, false), prefix });
+                self.stack.push(WalkDir { reader: DirReader::new(fd, false), prefix, depth });
             }
             if used + entry.encoded_len() > budget && !out.is_empty() {
                 // Does not fit: it opens the next batch, followed by its contents.
@@ -1167,6 +1175,26 @@ mod tests {
         assert!(matches!(fs.write_if(&file, 0, &cond, b"Y"), Err(OpError::Changed)));
     }
 
+    /// Every entry of a walk of `path`, read in batches of at most two.
+    fn walk_all(fs: &Fs, path: &[u8], max_depth: u32) -> Vec<WalkEntry> {
+        let mut walk = fs.walk(path, max_depth).unwrap();
+        let mut all = Vec::new();
+        loop {
+            let batch = walk.next_batch(2).unwrap();
+            if batch.is_empty() {
+                return all;
+            }
+            assert!(batch.len() <= 2);
+            all.extend(batch);
+        }
+    }
+
+    fn sorted_paths(entries: &[WalkEntry]) -> Vec<&[u8]> {
+        let mut paths: Vec<&[u8]> = entries.iter().map(|e| e.path.as_ref()).collect();
+        paths.sort();
+        paths
+    }
+
     #[test]
     fn walk_lists_the_subtree_depth_first() {
         let (_t, fs) = setup();
@@ -1175,24 +1203,42 @@ mod tests {
         std::fs::write(r.join("w/a/b/f"), b"").unwrap();
         std::fs::write(r.join("w/g"), b"").unwrap();
         symlink("/etc", r.join("w/l")).unwrap();
-        let mut walk = fs.walk(b"w").unwrap();
-        let mut all = Vec::new();
-        loop {
-            let batch = walk.next_batch(2).unwrap();
-            if batch.is_empty() {
-                break;
-            }
-            assert!(batch.len() <= 2);
-            all.extend(batch);
-        }
+        let all = walk_all(&fs, b"w", 0);
         let paths: Vec<&[u8]> = all.iter().map(|e| e.path.as_ref()).collect();
-        let mut sorted = paths.clone();
-        sorted.sort();
-        assert_eq!(sorted, [&b""[..], b"a", b"a/b", b"a/b/f", b"g", b"l"]);
+        assert_eq!(sorted_paths(&all), [&b""[..], b"a", b"a/b", b"a/b/f", b"g", b"l"]);
         let pos = |p: &[u8]| paths.iter().position(|x| *x == p).unwrap();
         assert!(pos(b"a") < pos(b"a/b") && pos(b"a/b") < pos(b"a/b/f"));
         assert_eq!(pos(b"a/b") + 1, pos(b"a/b/f"), "a directory's entries follow it");
         assert_eq!(all[pos(b"l")].target.as_ref(), b"/etc");
+    }
+
+    #[test]
+    fn walk_stops_at_max_depth() {
+        let (_t, fs) = setup();
+        let r = fs.root().path().to_path_buf();
+        std::fs::create_dir_all(r.join("w/a/b/c")).unwrap();
+        std::fs::write(r.join("w/a/b/f"), b"").unwrap();
+        std::fs::write(r.join("w/a/g"), b"").unwrap();
+        std::fs::write(r.join("w/h"), b"").unwrap();
+        std::fs::create_dir(r.join("w/e")).unwrap();
+
+        let one = walk_all(&fs, b"w", 1);
+        assert_eq!(sorted_paths(&one), [&b""[..], b"a", b"e", b"h"]);
+        let a = one.iter().find(|e| e.path.as_ref() == b"a").unwrap();
+        assert!(a.stat.is_dir(), "a directory at the limit is listed");
+        assert_eq!(a.stat.ino, std::fs::metadata(r.join("w/a")).unwrap().ino());
+
+        let two = walk_all(&fs, b"w", 2);
+        assert_eq!(sorted_paths(&two), [&b""[..], b"a", b"a/b", b"a/g", b"e", b"h"]);
+
+        let deep = walk_all(&fs, b"w", 3);
+        assert_eq!(sorted_paths(&deep), sorted_paths(&walk_all(&fs, b"w", 0)));
+        assert_eq!(sorted_paths(&deep).len(), 8);
+
+        // A limit below the walked directory counts from it, not from the root.
+        assert_eq!(sorted_paths(&walk_all(&fs, b"w/a", 1)), [&b""[..], b"b", b"g"]);
+        // A file walks as one entry whatever the limit.
+        assert_eq!(sorted_paths(&walk_all(&fs, b"w/h", 1)), [&b""[..]]);
     }
 
     #[test]

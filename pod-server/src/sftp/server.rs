@@ -366,7 +366,7 @@ fn path_op(conn: &Conn, body: RequestBody) -> ResponseBody {
                 new_handle(conn, Object::Dir(Mutex::new(d)), conn.keys.key(&path), false)
             })
         }
-        DevWalk { path, max_entries } => {
+        DevWalk { path, max_entries, max_depth } => {
             if conn.handles.is_full() {
                 return too_many_handles();
             }
@@ -374,7 +374,7 @@ fn path_op(conn: &Conn, body: RequestBody) -> ResponseBody {
                 0 => WALK_BATCH_DEFAULT,
                 n => n.min(WALK_BATCH_MAX),
             };
-            reply(fs.walk(&path), |walk| {
+            reply(fs.walk(&path, max_depth), |walk| {
                 let walk = Object::Walk { walk: Mutex::new(walk), max_entries };
                 new_handle(conn, walk, conn.keys.key(&path), false)
             })
@@ -651,6 +651,26 @@ mod tests {
                 ResponseBody::Handle(h) => h,
                 other => panic!("expected a handle, got {other:?}"),
             }
+        }
+
+        /// The paths of a whole `walk@devmount`, in the order received; closes the handle.
+        async fn walk(&mut self, path: &[u8], max_entries: u32, max_depth: u32) -> Vec<Bytes> {
+            let walk = self.handle(RequestBody::DevWalk { path: b(path), max_entries, max_depth }).await;
+            let mut paths = Vec::new();
+            loop {
+                match self.call(RequestBody::DevWalkRead { handle: walk.clone() }).await {
+                    ResponseBody::Walk(batch) => {
+                        assert!(batch.entries.len() <= max_entries as usize);
+                        paths.extend(batch.entries.into_iter().map(|e| e.path));
+                    }
+                    end => {
+                        assert_eq!(code(&end).0, StatusCode::EOF);
+                        break;
+                    }
+                }
+            }
+            is_ok(&self.call(RequestBody::Close { handle: walk }).await);
+            paths
         }
 
         async fn open(&mut self, path: &[u8], pflags: u32, perm: Option<u32>) -> Bytes {
@@ -1095,24 +1115,17 @@ mod tests {
             std::fs::write(root.join(format!("t/u/v/{i}")), b"").unwrap();
         }
         symlink("u", root.join("t/link")).unwrap();
-        let walk = peer.handle(RequestBody::DevWalk { path: b(b"t"), max_entries: 100 }).await;
-        let mut paths = Vec::new();
-        loop {
-            match peer.call(RequestBody::DevWalkRead { handle: walk.clone() }).await {
-                ResponseBody::Walk(batch) => {
-                    assert!(batch.entries.len() <= 100);
-                    paths.extend(batch.entries.into_iter().map(|e| e.path));
-                }
-                end => {
-                    assert_eq!(code(&end).0, StatusCode::EOF);
-                    break;
-                }
-            }
-        }
+        let paths = peer.walk(b"t", 100, 0).await;
         // t itself, u, u/v, the files, link.
         assert_eq!(paths.len(), 3 + 300 + 1);
         assert!(paths.contains(&b(b"u/v/299")) && paths.contains(&b(b"link")) && paths.contains(&b(b"")));
-        is_ok(&peer.call(RequestBody::Close { handle: walk }).await);
+        // t and its children; u is listed, not descended.
+        let mut one = peer.walk(b"t", 100, 1).await;
+        one.sort();
+        assert_eq!(one, [b(b""), b(b"link"), b(b"u")]);
+        let mut two = peer.walk(b"t", 100, 2).await;
+        two.sort();
+        assert_eq!(two, [b(b""), b(b"link"), b(b"u"), b(b"u/v")]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

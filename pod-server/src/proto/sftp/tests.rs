@@ -149,7 +149,8 @@ fn every_request_round_trips() {
         },
         DevRename { oldpath: p(), newpath: b(b"/b"), flags: rename_flags::EXCHANGE, condition: None },
         DevMknod { path: p(), mode: libc::S_IFIFO | 0o644, rdev: 0 },
-        DevWalk { path: p(), max_entries: 4096 },
+        DevWalk { path: p(), max_entries: 4096, max_depth: 0 },
+        DevWalk { path: p(), max_entries: 0, max_depth: 1 },
         DevWalkRead { handle: h() },
         DevGet { path: p(), max_size: 65536 },
         DevPut(Put {
