@@ -1,0 +1,376 @@
+//! The file system: what each FUSE operation means, over the cache and the remote.
+//!
+//! `fs` knows nothing of the kernel protocol (`fuse.rs` adapts) or of SSH (`remote` hides the
+//! SFTP client): every operation is an async method that takes node ids and names and answers a
+//! plain value or an errno. Errors become errno here and nowhere else.
+//!
+//! Reads go to the cache first and to the server for what it lacks; what the server answers is
+//! stored under the feed's sequence rules, so an answer older than an invalidation already
+//! applied is used once and not kept.
+
+pub mod inode;
+pub mod remote;
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use devmount_server::proto::sftp::StatVfs;
+use devmount_server::proto::stat::FullStat;
+use nix::errno::Errno;
+
+use crate::cache::{Cache, CacheConfig, DataPart, DataVersion, FileKind, Lookup, RelPath};
+use inode::Nodes;
+use remote::{Remote, Result, Stat};
+
+/// Files up to this size are read whole in one request (`get@devmount`) on first read.
+const SMALL_FILE: u64 = 256 << 10;
+
+/// How ownership appears locally (like sshfs's `idmap=user`): files of the server's user
+/// appear as the local user's, so tools that check ownership (git's `safe.directory`, ssh)
+/// accept them, and the local user's files map back when created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdMap {
+    pub remote_uid: u32,
+    pub remote_gid: u32,
+    pub local_uid: u32,
+    pub local_gid: u32,
+}
+
+impl IdMap {
+    fn to_local(&self, mut st: FullStat) -> FullStat {
+        if st.uid == self.remote_uid {
+            st.uid = self.local_uid;
+        }
+        if st.gid == self.remote_gid {
+            st.gid = self.local_gid;
+        }
+        st
+    }
+}
+
+/// A node's attributes as the kernel is told them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attr {
+    pub id: u64,
+    pub stat: FullStat,
+}
+
+/// The answer to a lookup: the node and how long the kernel may keep it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub attr: Attr,
+    pub ttl: Duration,
+}
+
+/// One name of a directory listing, with its attributes when known (readdirplus).
+#[derive(Debug, Clone)]
+pub struct DirItem {
+    pub name: Bytes,
+    pub kind: FileKind,
+    pub entry: Option<Entry>,
+}
+
+struct OpenFile {
+    id: u64,
+    path: RelPath,
+    version: DataVersion,
+    /// The server's handle, opened on the first read the cache cannot answer.
+    remote: tokio::sync::Mutex<Option<Bytes>>,
+}
+
+/// The mounted file system.
+pub struct Fs {
+    remote: Remote,
+    cache: Mutex<Cache>,
+    nodes: Mutex<Nodes>,
+    files: Mutex<slab::Slab<Arc<OpenFile>>>,
+    ids: IdMap,
+}
+
+impl Fs {
+    pub fn new(remote: Remote, cache: &CacheConfig, ids: IdMap) -> Fs {
+        Fs {
+            remote,
+            cache: Mutex::new(Cache::new(cache)),
+            nodes: Mutex::new(Nodes::new()),
+            files: Mutex::new(slab::Slab::new()),
+            ids,
+        }
+    }
+
+    pub fn remote(&self) -> &Remote {
+        &self.remote
+    }
+
+    /// The cache, for the feed to apply events to.
+    pub fn cache(&self) -> MutexGuard<'_, Cache> {
+        lock(&self.cache)
+    }
+
+    /// The inode table, for the feed to map invalidated paths to node ids.
+    pub fn nodes(&self) -> MutexGuard<'_, Nodes> {
+        lock(&self.nodes)
+    }
+
+    fn path_of(&self, id: u64) -> Result<RelPath> {
+        match self.nodes().path(id) {
+            Some(p) => Ok(p),
+            // Known but unnamed (deleted), or never known: both are gone for a path request.
+            None => Err(Errno::ENOENT),
+        }
+    }
+
+    fn child(&self, parent: u64, name: &OsStr) -> Result<RelPath> {
+        let dir = self.path_of(parent)?;
+        dir.join(name.as_bytes()).map_err(|_| Errno::EINVAL)
+    }
+
+    /// The sequence a reply without one is stored under: what the cache had applied before the
+    /// request went out, a lower bound of the server's.
+    fn floor(&self) -> u64 {
+        self.cache().applied_seq()
+    }
+
+    /// Stats `path` on the server and caches the answer.
+    async fn fetch_stat(&self, path: &RelPath) -> Result<(FullStat, Duration)> {
+        let floor = self.floor();
+        let reply = self.remote.stat(path).await;
+        let mut cache = self.cache();
+        match reply {
+            Ok(Stat { stat, seq }) => {
+                let seq = seq.unwrap_or(floor);
+                let _ = cache.insert_attr(path, stat, seq, Instant::now());
+                Ok((stat, cache.ttl(path, seq)))
+            }
+            Err(Errno::ENOENT) => {
+                let _ = cache.insert_missing(path, floor, Instant::now());
+                Err(Errno::ENOENT)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn entry(&self, path: &RelPath, stat: FullStat, ttl: Duration) -> Entry {
+        let id = self.nodes().id_for(path, stat.dev, stat.ino);
+        Entry { attr: Attr { id, stat: self.ids.to_local(stat) }, ttl }
+    }
+
+    /// lookup: the kernel takes a reference to the node it returns.
+    pub async fn lookup(&self, parent: u64, name: &OsStr) -> Result<Entry> {
+        let entry = self.resolve(parent, name).await?;
+        self.nodes().looked_up(entry.attr.id);
+        Ok(entry)
+    }
+
+    /// The entry for `name` in `parent`, without counting a kernel reference.
+    pub async fn resolve(&self, parent: u64, name: &OsStr) -> Result<Entry> {
+        let path = self.child(parent, name)?;
+        let cached = self.cache().lookup(&path, Instant::now());
+        let (stat, ttl) = match cached {
+            Lookup::Found { stat, ttl } => (stat, ttl),
+            Lookup::Missing { .. } => return Err(Errno::ENOENT),
+            Lookup::Unknown => self.fetch_stat(&path).await?,
+        };
+        Ok(self.entry(&path, stat, ttl))
+    }
+
+    pub fn forget(&self, id: u64, n: u64) {
+        self.nodes().forget(id, n);
+    }
+
+    pub async fn getattr(&self, id: u64) -> Result<Entry> {
+        let path = self.path_of(id)?;
+        let cached = self.cache().attr(&path, Instant::now());
+        let (stat, ttl) = match cached {
+            Some(f) => (f.value, f.ttl),
+            None => self.fetch_stat(&path).await?,
+        };
+        Ok(Entry { attr: Attr { id, stat: self.ids.to_local(stat) }, ttl })
+    }
+
+    pub async fn readlink(&self, id: u64) -> Result<Bytes> {
+        let path = self.path_of(id)?;
+        self.remote.readlink(&path).await
+    }
+
+    /// Every name of directory `id` with what is known of it; `plus` asks for attributes
+    /// (readdirplus), which the listing usually carries at no extra cost.
+    pub async fn readdir(&self, id: u64, plus: bool) -> Result<Vec<DirItem>> {
+        let dir = self.path_of(id)?;
+        let now = Instant::now();
+        let cached = self.cache().listing(&dir, now);
+        let listing = match cached {
+            Some(f) => f.value,
+            None => {
+                let floor = self.floor();
+                let (entries, own) = self.remote.list(&dir).await?;
+                let seq = own.as_ref().and_then(|s| s.seq).unwrap_or(floor);
+                let items: Vec<(Bytes, FileKind, Option<FullStat>)> =
+                    entries.iter().map(|e| (e.name.clone(), e.kind, e.meta)).collect();
+                let ttl = {
+                    let mut cache = self.cache();
+                    if let Some(own) = own {
+                        let _ = cache.insert_attr(&dir, own.stat, seq, now);
+                    }
+                    // A refused listing (an event overtook it) still answers this request.
+                    let _ = cache.insert_listing(&dir, entries, seq, now);
+                    cache.ttl(&dir, seq)
+                };
+                return Ok(items
+                    .into_iter()
+                    .map(|(name, kind, meta)| {
+                        let entry = match (plus, meta, dir.join(&name)) {
+                            (true, Some(stat), Ok(path)) => Some(self.entry(&path, stat, ttl)),
+                            _ => None,
+                        };
+                        DirItem { name, kind, entry }
+                    })
+                    .collect());
+            }
+        };
+        let mut items = Vec::with_capacity(listing.len());
+        for e in listing.entries() {
+            let entry = if plus {
+                let Ok(path) = dir.join(&e.name) else { continue };
+                let attr = self.cache().attr(&path, now);
+                attr.map(|f| self.entry(&path, f.value, f.ttl))
+            } else {
+                None
+            };
+            items.push(DirItem { name: e.name.clone(), kind: e.kind, entry });
+        }
+        Ok(items)
+    }
+
+    /// Opens `id` for reading; answers the file handle and whether the kernel may keep the
+    /// pages it has (the contents are the ones it cached).
+    pub async fn open(&self, id: u64) -> Result<(u64, bool)> {
+        let path = self.path_of(id)?;
+        // Close-to-open: without a feed the stat is re-validated at every open.
+        let cached = if self.remote.is_devmount() { self.cache().attr(&path, Instant::now()) } else { None };
+        let stat = match cached {
+            Some(f) => f.value,
+            None => self.fetch_stat(&path).await?.0,
+        };
+        if stat.is_dir() {
+            return Err(Errno::EISDIR);
+        }
+        let version = DataVersion::from(&stat);
+        let keep = self.remote.is_devmount();
+        let file = Arc::new(OpenFile { id, path, version, remote: tokio::sync::Mutex::new(None) });
+        let fh = lock(&self.files).insert(file) as u64;
+        Ok((fh, keep))
+    }
+
+    fn file(&self, fh: u64) -> Result<Arc<OpenFile>> {
+        lock(&self.files).get(fh as usize).cloned().ok_or(Errno::EBADF)
+    }
+
+    /// Reads `size` bytes at `offset` of open file `fh`.
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Bytes> {
+        let file = self.file(fh)?;
+        let end = offset.saturating_add(u64::from(size)).min(file.version.size);
+        if offset >= end {
+            return Ok(Bytes::new());
+        }
+        let parts = self.cache().read_data(&file.path, &file.version, offset..end);
+        let mut out = BytesMut::with_capacity((end - offset) as usize);
+        for part in parts {
+            match part {
+                DataPart::Cached { offset: at, data } => {
+                    let skip = offset.saturating_sub(at) as usize;
+                    let take = (end - at.max(offset)).min(data.len().saturating_sub(skip) as u64) as usize;
+                    out.extend_from_slice(&data[skip..skip + take]);
+                }
+                DataPart::Missing(range) => {
+                    let data = self.fetch_range(&file, range.clone()).await?;
+                    let from = offset.max(range.start);
+                    let to = end.min(range.start + data.len() as u64);
+                    if from < to {
+                        out.extend_from_slice(&data[(from - range.start) as usize..(to - range.start) as usize]);
+                    }
+                    if (data.len() as u64) < range.end - range.start {
+                        // The file is shorter than its stat said: it changed; stop here.
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(out.freeze())
+    }
+
+    /// Fetches `range` of the file from the server (whole in one request when small) and
+    /// caches it.
+    async fn fetch_range(&self, file: &OpenFile, range: std::ops::Range<u64>) -> Result<Bytes> {
+        let floor = self.floor();
+        if self.remote.is_devmount() && file.version.size <= SMALL_FILE && range.start == 0 {
+            let (stat, data) = self.remote.get(&file.path, SMALL_FILE).await?;
+            let seq = stat.seq.unwrap_or(floor);
+            let version = DataVersion::from(&stat.stat);
+            let mut cache = self.cache();
+            let _ = cache.insert_attr(&file.path, stat.stat, seq, Instant::now());
+            if version == file.version {
+                let _ = cache.insert_data(&file.path, &version, 0, &data, seq);
+            }
+            let end = (range.end as usize).min(data.len());
+            return Ok(data.slice(0..end));
+        }
+        let handle = {
+            let mut remote = file.remote.lock().await;
+            match &*remote {
+                Some(h) => h.clone(),
+                None => {
+                    let h = self.remote.open_read(&file.path).await?;
+                    *remote = Some(h.clone());
+                    h
+                }
+            }
+        };
+        let chunk = u64::from(self.remote.read_len().max(4096));
+        let reads = (range.start..range.end).step_by(chunk as usize).map(|at| {
+            let len = (range.end - at).min(chunk) as u32;
+            let handle = handle.clone();
+            async move { self.remote.read(&handle, at, len).await }
+        });
+        let results = futures::future::join_all(reads).await;
+        let mut data = BytesMut::with_capacity((range.end - range.start) as usize);
+        for r in results {
+            let piece = r?;
+            let short = piece.len() < chunk as usize;
+            data.extend_from_slice(&piece);
+            if short {
+                break;
+            }
+        }
+        let data = data.freeze();
+        let _ = self.cache().insert_data(&file.path, &file.version, range.start, &data, floor);
+        Ok(data)
+    }
+
+    pub async fn release(&self, fh: u64) {
+        let file = lock(&self.files).try_remove(fh as usize);
+        if let Some(file) = file {
+            let handle = file.remote.lock().await.take();
+            if let Some(h) = handle {
+                let _ = self.remote.close(&h).await;
+            }
+        }
+    }
+
+    pub async fn statfs(&self) -> Result<StatVfs> {
+        self.remote.statvfs(&RelPath::root()).await
+    }
+
+    /// The node id an open file handle belongs to.
+    pub fn file_node(&self, fh: u64) -> Option<u64> {
+        lock(&self.files).get(fh as usize).map(|f| f.id)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // No invariant here survives a panic half-way better than the data itself.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,293 @@
+//! The fuser adapter: decode a kernel request, call [`Fs`], reply.
+//!
+//! Each request that may need the network runs as a task on the tokio runtime and replies from
+//! there (fuser's replies are `Send`), so a FUSE dispatch thread never waits on a round trip:
+//! one slow `stat` in the pod stalls only the process that asked. Nothing here decides
+//! semantics; errno comes from `fs`.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use devmount_server::proto::stat::{FullStat, Timespec};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
+    LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, Request,
+};
+use slab::Slab;
+
+use crate::cache::FileKind;
+use crate::fs::{DirItem, Entry, Fs};
+
+/// The kernel side of one mount.
+pub struct FuseFs {
+    fs: Arc<Fs>,
+    rt: tokio::runtime::Handle,
+    /// Listings snapshotted at opendir, paged through by readdir.
+    dirs: Arc<Mutex<Slab<Arc<Vec<DirItem>>>>>,
+}
+
+impl FuseFs {
+    pub fn new(fs: Arc<Fs>, rt: tokio::runtime::Handle) -> FuseFs {
+        FuseFs { fs, rt, dirs: Arc::new(Mutex::new(Slab::new())) }
+    }
+
+    /// Runs `work` on the runtime with a clone of the file system.
+    fn spawn<F, Fut>(&self, work: F)
+    where
+        F: FnOnce(Arc<Fs>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let fs = self.fs.clone();
+        self.rt.spawn(async move { work(fs).await });
+    }
+}
+
+fn errno(e: nix::errno::Errno) -> Errno {
+    Errno::from_i32(e as i32)
+}
+
+fn time(t: Timespec) -> SystemTime {
+    if t.sec >= 0 {
+        UNIX_EPOCH + Duration::new(t.sec as u64, t.nsec)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.sec.unsigned_abs()) + Duration::from_nanos(u64::from(t.nsec))
+    }
+}
+
+fn file_type(kind: FileKind) -> FileType {
+    match kind {
+        FileKind::Regular => FileType::RegularFile,
+        FileKind::Directory => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+        FileKind::CharDevice => FileType::CharDevice,
+        FileKind::BlockDevice => FileType::BlockDevice,
+    }
+}
+
+fn attr(id: u64, st: &FullStat) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(id),
+        size: st.size,
+        blocks: st.blocks,
+        atime: time(st.atime),
+        mtime: time(st.mtime),
+        ctime: time(st.ctime),
+        crtime: time(st.ctime),
+        kind: file_type(FileKind::from_mode(st.mode).unwrap_or(FileKind::Regular)),
+        perm: (st.mode & 0o7777) as u16,
+        nlink: u32::try_from(st.nlink).unwrap_or(u32::MAX),
+        uid: st.uid,
+        gid: st.gid,
+        rdev: st.rdev as u32,
+        blksize: if st.blksize == 0 { 4096 } else { st.blksize },
+        flags: 0,
+    }
+}
+
+fn reply_entry(reply: ReplyEntry, e: &Entry) {
+    reply.entry(&e.ttl, &attr(e.attr.id, &e.attr.stat), Generation(0));
+}
+
+impl Filesystem for FuseFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // readdirplus: `ls -l` and `find` get attributes with the names, no round trip each.
+        // Parallel dirops: lookups in one directory need not queue behind each other.
+        // No WRITEBACK_CACHE: write-back belongs to the journal, which decides the order.
+        let wanted = InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_ASYNC_READ
+            | InitFlags::FUSE_EXPLICIT_INVAL_DATA
+            | InitFlags::FUSE_CACHE_SYMLINKS;
+        if let Err(missing) = config.add_capabilities(wanted) {
+            tracing::debug!("kernel lacks FUSE capabilities {missing:?}");
+            let _ = config.add_capabilities(wanted & !missing);
+        }
+        let _ = config.set_max_readahead(1 << 20);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let name = name.to_owned();
+        self.spawn(move |fs| async move {
+            match fs.lookup(parent.0, &name).await {
+                Ok(e) => reply_entry(reply, &e),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.spawn(move |fs| async move {
+            match fs.getattr(ino.0).await {
+                Ok(e) => reply.attr(&e.ttl, &attr(e.attr.id, &e.attr.stat)),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.spawn(move |fs| async move {
+            match fs.readlink(ino.0).await {
+                Ok(target) => reply.data(&target),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+            reply.error(Errno::EROFS);
+            return;
+        }
+        self.spawn(move |fs| async move {
+            match fs.open(ino.0).await {
+                Ok((fh, keep)) => {
+                    let flags = if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
+                    reply.opened(FileHandle(fh), flags);
+                }
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.spawn(move |fs| async move {
+            match fs.read(fh.0, offset, size).await {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn(move |fs| async move {
+            fs.release(fh.0).await;
+            reply.ok();
+        });
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let dirs = self.dirs.clone();
+        self.spawn(move |fs| async move {
+            match fs.readdir(ino.0, true).await {
+                Ok(items) => {
+                    let fh = dirs.lock().unwrap_or_else(|e| e.into_inner()).insert(Arc::new(items));
+                    reply.opened(FileHandle(fh as u64), FopenFlags::FOPEN_KEEP_CACHE);
+                }
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let Some(items) = self.listing(fh) else { return reply.error(Errno::EBADF) };
+        // Offsets: 1 and 2 are `.` and `..`, then 3 + index.
+        let dots: [(&[u8], u64); 2] = [(b".", ino.0), (b"..", ino.0)];
+        for (i, (name, id)) in dots.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(*id), i as u64 + 1, FileType::Directory, OsStr::from_bytes(name)) {
+                return reply.ok();
+            }
+        }
+        let start = (offset as usize).saturating_sub(2);
+        for (i, item) in items.iter().enumerate().skip(start) {
+            let id = item.entry.map_or(u64::MAX, |e| e.attr.id);
+            if reply.add(INodeNo(id), i as u64 + 3, file_type(item.kind), OsStr::from_bytes(&item.name)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let Some(items) = self.listing(fh) else { return reply.error(Errno::EBADF) };
+        self.spawn(move |fs| async move {
+            if offset < 2 {
+                if let Ok(dir) = fs.getattr(ino.0).await {
+                    let a = attr(ino.0, &dir.attr.stat);
+                    let dots: [&[u8]; 2] = [b".", b".."];
+                    for (i, name) in dots.iter().enumerate().skip(offset as usize) {
+                        // The kernel takes no reference for `.` and `..`.
+                        if reply.add(INodeNo(ino.0), i as u64 + 1, OsStr::from_bytes(name), &Duration::ZERO, &a, Generation(0)) {
+                            return reply.ok();
+                        }
+                    }
+                }
+            }
+            let start = (offset as usize).saturating_sub(2);
+            for (i, item) in items.iter().enumerate().skip(start) {
+                let entry = match item.entry {
+                    Some(e) => e,
+                    // Attributes aged out of the cache since opendir: ask again.
+                    None => match fs.resolve(ino.0, OsStr::from_bytes(&item.name)).await {
+                        Ok(e) => e,
+                        Err(_) => continue,
+                    },
+                };
+                let a = attr(entry.attr.id, &entry.attr.stat);
+                if reply.add(INodeNo(entry.attr.id), i as u64 + 3, OsStr::from_bytes(&item.name), &entry.ttl, &a, Generation(0)) {
+                    break;
+                }
+                // Each entry given with attributes is a reference the kernel now holds.
+                fs.nodes().looked_up(entry.attr.id);
+            }
+            reply.ok();
+        });
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.dirs.lock().unwrap_or_else(|e| e.into_inner()).try_remove(fh.0 as usize);
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.spawn(move |fs| async move {
+            match fs.statfs().await {
+                Ok(v) => reply.statfs(
+                    v.blocks,
+                    v.bfree,
+                    v.bavail,
+                    v.files,
+                    v.ffree,
+                    v.bsize as u32,
+                    v.namemax as u32,
+                    v.frsize as u32,
+                ),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+}
+
+impl FuseFs {
+    fn listing(&self, fh: FileHandle) -> Option<Arc<Vec<DirItem>>> {
+        self.dirs.lock().unwrap_or_else(|e| e.into_inner()).get(fh.0 as usize).cloned()
+    }
+}

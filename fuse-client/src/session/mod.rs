@@ -1,0 +1,593 @@
+//! One SSH connection to the server: TCP (or any byte stream), the pinned host key, public-key
+//! authentication, keepalives, and the channels the rest of the client rides on: the SFTP
+//! subsystem, the change feed and exec. Knows nothing of files.
+//!
+//! The host key must be listed in the known_hosts file given; there is no way around that.
+//! Every failure is a [`SessionError`] whose message is one line naming the problem and its fix.
+
+mod feed;
+mod known_hosts;
+mod target;
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use devmount_server::proto::feed::SUBSYSTEM as FEED_SUBSYSTEM;
+use devmount_server::sftp::client::{self as sftp, ServerInfo, SftpClient, SftpError};
+use known_hosts::host_pattern;
+use russh::client::{self, AuthResult, ChannelOpenHandle, DisconnectReason, Handle, Msg};
+use russh::keys::{Algorithm, HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
+use russh::{Channel, ChannelMsg, ChannelStream, Disconnect, Preferred};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+pub use feed::{FeedError, FeedStream};
+pub use known_hosts::fingerprint;
+pub use target::{Target, TargetError};
+
+/// Why a connection could not be made or used.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(
+        "cannot reach {address}: {reason}; check that the server is running and the host and port are right"
+    )]
+    Unreachable { address: String, reason: String },
+    #[error(
+        "the host key of {host} is not in {}: the server offers {fingerprint}; add the server's key to that file if it is the one you expect",
+        file.display()
+    )]
+    HostKeyUnknown { host: String, fingerprint: String, file: PathBuf },
+    #[error(
+        "the host key of {host} does not match {} line {line}: the server offers {fingerprint}; someone may be intercepting the connection, or the key changed (then replace that line)",
+        file.display()
+    )]
+    HostKeyMismatch { host: String, fingerprint: String, file: PathBuf, line: usize },
+    #[error("known_hosts file {} {reason}; give the file that lists the server's host key", file.display())]
+    KnownHosts { file: PathBuf, reason: String },
+    #[error(
+        "{user}@{address} refused the key {fingerprint} from {}; add its public key to the server's authorized_keys, or check the user name",
+        identity.display()
+    )]
+    AuthRefused { user: String, address: String, fingerprint: String, identity: PathBuf },
+    #[error("identity file {} {reason}", file.display())]
+    Identity { file: PathBuf, reason: String },
+    #[error("SSH protocol error with {address}: {detail}")]
+    Protocol { address: String, detail: String },
+    #[error("{address} does not offer the SSH subsystem {subsystem:?}")]
+    Unsupported { address: String, subsystem: &'static str },
+    #[error("the SSH connection to {address} is closed: {reason}")]
+    Closed { address: String, reason: String },
+    #[error("the SFTP session with {address} did not start: {source}")]
+    Sftp {
+        address: String,
+        #[source]
+        source: SftpError,
+    },
+}
+
+/// How a connection is made and kept.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectOptions {
+    /// For the TCP connection, the SSH handshake and authentication together.
+    pub connect_timeout: Duration,
+    /// A keepalive goes out after this long without a word from the server...
+    pub keepalive_interval: Duration,
+    /// ...and the connection is given up after this many unanswered in a row.
+    pub keepalive_max: usize,
+    /// For opening a channel or starting a subsystem, and for [`Session::rtt`].
+    pub request_timeout: Duration,
+    /// What the SFTP client keeps in flight.
+    pub sftp: sftp::Config,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            connect_timeout: Duration::from_secs(15),
+            keepalive_interval: Duration::from_secs(15),
+            keepalive_max: 3,
+            request_timeout: Duration::from_secs(30),
+            sftp: sftp::Config { max_in_flight: 128, max_bytes_in_flight: 16 << 20 },
+        }
+    }
+}
+
+/// SSH receive window per channel: a large one keeps bulk reads streaming over a long round
+/// trip (16 MiB per 20 ms is 800 MB/s).
+const WINDOW_SIZE: u32 = 16 << 20;
+/// The largest SSH packet russh accepts for a channel.
+const MAX_PACKET_SIZE: u32 = 65535;
+/// Messages a channel may queue before the connection stops reading from the socket.
+const CHANNEL_BUFFER: usize = 256;
+
+/// An authenticated SSH connection. Share it with `Arc`; every method takes `&self`.
+pub struct Session {
+    handle: Handle<Client>,
+    target: Target,
+    options: ConnectOptions,
+    /// Why the connection ended, once it has; the sender goes away with the connection.
+    closed: watch::Receiver<Option<String>>,
+}
+
+/// Connects over TCP to `target` and authenticates with the private key in `identity`, once
+/// the server's host key is found in `known_hosts`.
+pub async fn connect(
+    target: &Target,
+    identity: &Path,
+    known_hosts: &Path,
+    options: &ConnectOptions,
+) -> Result<Session, SessionError> {
+    let local = LocalSetup::load(target, identity, known_hosts)?;
+    let deadline = tokio::time::Instant::now() + options.connect_timeout;
+    let stream = tcp_connect(target, deadline).await?;
+    tokio::time::timeout_at(deadline, handshake(stream, target, local, options))
+        .await
+        .unwrap_or_else(|_| Err(handshake_timeout(target, options)))
+}
+
+/// Like [`connect`], over a stream that already reaches the server (a Kubernetes port-forward,
+/// an in-memory pipe). The host key is still checked against `known_hosts` under the target's
+/// host and port.
+pub async fn connect_stream<S>(
+    stream: S,
+    target: &Target,
+    identity: &Path,
+    known_hosts: &Path,
+    options: &ConnectOptions,
+) -> Result<Session, SessionError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let local = LocalSetup::load(target, identity, known_hosts)?;
+    tokio::time::timeout(options.connect_timeout, handshake(stream, target, local, options))
+        .await
+        .unwrap_or_else(|_| Err(handshake_timeout(target, options)))
+}
+
+/// What a connection needs from local files, read before any network traffic so that a
+/// mistake in them is reported as such, whatever the network does.
+struct LocalSetup<'a> {
+    key: PrivateKey,
+    identity: &'a Path,
+    known_hosts: &'a Path,
+    /// The types of the host keys known_hosts lists for the target.
+    known: Vec<Algorithm>,
+}
+
+impl<'a> LocalSetup<'a> {
+    fn load(
+        target: &Target,
+        identity: &'a Path,
+        known_hosts: &'a Path,
+    ) -> Result<LocalSetup<'a>, SessionError> {
+        let known = known_hosts::known_algorithms(&target.host, target.port, known_hosts)?;
+        Ok(LocalSetup { key: load_identity(identity)?, identity, known_hosts, known })
+    }
+}
+
+fn handshake_timeout(target: &Target, options: &ConnectOptions) -> SessionError {
+    SessionError::Unreachable {
+        address: target.address(),
+        reason: format!("no SSH handshake within {:?}", options.connect_timeout),
+    }
+}
+
+/// Reads an unencrypted private key (OpenSSH or PEM format).
+fn load_identity(file: &Path) -> Result<PrivateKey, SessionError> {
+    let fail = |reason: String| SessionError::Identity { file: file.to_owned(), reason };
+    let text = std::fs::read(file).map_err(|e| fail(format!("cannot be read: {e}")))?;
+    let text = String::from_utf8(text).map_err(|_| fail("is not a private key file (not text)".into()))?;
+    if text.trim_start().starts_with("ssh-") || text.trim_start().starts_with("ecdsa-") {
+        return Err(fail("holds a public key; give the private key file (without .pub)".into()));
+    }
+    russh::keys::decode_secret_key(&text, None).map_err(|e| match e {
+        russh::keys::Error::KeyIsEncrypted => fail(
+            "is protected by a passphrase; give an unencrypted key (ssh-keygen -p -N '' -f FILE removes the passphrase)"
+                .into(),
+        ),
+        e => fail(format!("is not a usable private key: {e}")),
+    })
+}
+
+/// Resolves the host and tries each address in turn until `deadline`.
+async fn tcp_connect(target: &Target, deadline: tokio::time::Instant) -> Result<TcpStream, SessionError> {
+    let unreachable = |reason: String| SessionError::Unreachable { address: target.address(), reason };
+    let timed_out = || unreachable("timed out".into());
+    let addrs =
+        tokio::time::timeout_at(deadline, tokio::net::lookup_host((target.host.as_str(), target.port)))
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(|e| unreachable(format!("cannot resolve the host name: {e}")))?
+            .collect::<Vec<_>>();
+    let several = addrs.len() > 1;
+    let mut last = None;
+    for addr in addrs {
+        match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+            Err(_) => return Err(timed_out()),
+            Ok(Err(e)) if several => last = Some(format!("{addr}: {e}")),
+            Ok(Err(e)) => last = Some(e.to_string()),
+            Ok(Ok(stream)) => {
+                // Every SFTP request is a small packet waiting for a small reply: Nagle's
+                // algorithm would hold each one back for up to 40 ms.
+                stream.set_nodelay(true).map_err(|e| unreachable(format!("cannot set TCP_NODELAY: {e}")))?;
+                return Ok(stream);
+            }
+        }
+    }
+    Err(unreachable(last.unwrap_or_else(|| "the host name has no address".into())))
+}
+
+async fn handshake<S>(
+    stream: S,
+    target: &Target,
+    local: LocalSetup<'_>,
+    options: &ConnectOptions,
+) -> Result<Session, SessionError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let LocalSetup { key, identity, known_hosts, known } = local;
+    let address = target.address();
+    let config = Arc::new(client::Config {
+        window_size: WINDOW_SIZE,
+        maximum_packet_size: MAX_PACKET_SIZE,
+        channel_buffer_size: CHANNEL_BUFFER,
+        inactivity_timeout: None,
+        keepalive_interval: Some(options.keepalive_interval),
+        keepalive_max: options.keepalive_max,
+        nodelay: true,
+        preferred: preferred_for(&known),
+        ..Default::default()
+    });
+    let (closed_tx, closed) = watch::channel(None);
+    let handler = Client {
+        host: target.host.clone(),
+        port: target.port,
+        known_hosts: known_hosts.to_owned(),
+        closed: closed_tx,
+    };
+    let mut handle = client::connect_stream(config, stream, handler).await.map_err(|e| match e {
+        HandlerError::HostKey(e) => e,
+        HandlerError::Ssh(e) => handshake_error(&address, e),
+    })?;
+
+    let protocol =
+        |e: russh::Error| SessionError::Protocol { address: address.clone(), detail: e.to_string() };
+    // RSA keys sign with the best hash the server announces; a server that announces nothing
+    // predates the announcement but not SHA-2 signatures (OpenSSH 7.2).
+    let hash = if key.algorithm().is_rsa() {
+        handle.best_supported_rsa_hash().await.map_err(protocol)?.unwrap_or(Some(HashAlg::Sha512))
+    } else {
+        None
+    };
+    let fingerprint = fingerprint(key.public_key());
+    let auth = handle
+        .authenticate_publickey(target.user.clone(), PrivateKeyWithHashAlg::new(Arc::new(key), hash))
+        .await
+        .map_err(protocol)?;
+    match auth {
+        AuthResult::Success => {}
+        AuthResult::Failure { .. } => {
+            return Err(SessionError::AuthRefused {
+                user: target.user.clone(),
+                address,
+                fingerprint,
+                identity: identity.to_owned(),
+            })
+        }
+    }
+    tracing::debug!(target = %target, "connected");
+    Ok(Session { handle, target: target.clone(), options: *options, closed })
+}
+
+fn handshake_error(address: &str, e: russh::Error) -> SessionError {
+    let detail = match e {
+        russh::Error::Disconnect | russh::Error::HUP => {
+            "the server closed the connection during the handshake".into()
+        }
+        russh::Error::IO(e) => format!("the connection failed during the handshake: {e}"),
+        e => e.to_string(),
+    };
+    SessionError::Protocol { address: address.to_owned(), detail }
+}
+
+/// russh's algorithm preferences, with the host key types known_hosts lists for this host
+/// first, as OpenSSH orders them: a server with several host keys then shows the one the file
+/// can vouch for.
+fn preferred_for(known: &[Algorithm]) -> Preferred {
+    let default = Preferred::default();
+    let (mut first, rest): (Vec<Algorithm>, Vec<Algorithm>) =
+        default.key.iter().cloned().partition(|a| known.iter().any(|k| known_hosts::same_type(k, a)));
+    first.extend(rest);
+    Preferred { key: Cow::Owned(first), ..default }
+}
+
+impl Session {
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// Starts the `sftp` subsystem and the pipelining client on it, with
+    /// [`ConnectOptions::sftp`] in flight.
+    pub async fn open_sftp(&self) -> Result<(SftpClient, ServerInfo), SessionError> {
+        let (stream, early) = self.subsystem("sftp").await?;
+        if !early.is_empty() {
+            return Err(self.protocol("the server sent SFTP data before the client's INIT"));
+        }
+        SftpClient::connect_with(stream, self.options.sftp)
+            .await
+            .map_err(|source| SessionError::Sftp { address: self.target.address(), source })
+    }
+
+    /// Starts the change feed. A server without one (plain OpenSSH) answers with
+    /// [`SessionError::Unsupported`] at once. Read the feed promptly: while one channel's
+    /// messages wait unread, the connection stops reading the socket for all of them.
+    pub async fn open_feed(&self) -> Result<FeedStream, SessionError> {
+        let (stream, early) = self.subsystem(FEED_SUBSYSTEM).await?;
+        Ok(FeedStream::new(stream, early))
+    }
+
+    /// Opens a session channel and asks it to run `command`. The server's answer to the
+    /// request (`Success` or `Failure`), the output and the exit status arrive on the channel.
+    pub async fn exec(&self, command: &[u8]) -> Result<Channel<Msg>, SessionError> {
+        let channel = self.open_channel().await?;
+        channel.exec(true, command).await.map_err(|e| self.channel_error(e))?;
+        Ok(channel)
+    }
+
+    /// Whether the connection has ended.
+    pub fn is_closed(&self) -> bool {
+        self.handle.is_closed()
+    }
+
+    /// Waits until the connection ends, and says why.
+    pub async fn closed(&self) -> String {
+        let mut closed = self.closed.clone();
+        loop {
+            if let Some(reason) = closed.borrow_and_update().clone() {
+                return reason;
+            }
+            if closed.changed().await.is_err() {
+                return closed.borrow().clone().unwrap_or_else(|| "the connection ended".into());
+            }
+        }
+    }
+
+    /// One round trip to the server: a keepalive request and its answer.
+    pub async fn rtt(&self) -> Result<Duration, SessionError> {
+        let start = Instant::now();
+        tokio::time::timeout(self.options.request_timeout, self.handle.send_ping())
+            .await
+            .map_err(|_| {
+                self.protocol(&format!("no answer to a ping within {:?}", self.options.request_timeout))
+            })?
+            .map_err(|e| self.channel_error(e))?;
+        let elapsed = start.elapsed();
+        // russh also ends the ping when the connection dies before the answer.
+        if self.is_closed() {
+            return Err(self.closed_error());
+        }
+        Ok(elapsed)
+    }
+
+    /// Says goodbye to the server and waits (briefly) for the connection to end.
+    pub async fn disconnect(self) {
+        let _ = self.handle.disconnect(Disconnect::ByApplication, "", "en").await;
+        let _ = tokio::time::timeout(self.options.request_timeout, self.handle).await;
+    }
+
+    async fn open_channel(&self) -> Result<Channel<Msg>, SessionError> {
+        tokio::time::timeout(self.options.request_timeout, self.handle.channel_open_session())
+            .await
+            .map_err(|_| self.protocol("the server did not open a channel in time"))?
+            .map_err(|e| self.channel_error(e))
+    }
+
+    /// Opens a channel running subsystem `name`. Returns the channel as a byte stream (closed
+    /// when dropped) and any data that came with the answer.
+    async fn subsystem(&self, name: &'static str) -> Result<(ChannelStream<Msg>, Bytes), SessionError> {
+        let mut channel = self.open_channel().await?;
+        channel.request_subsystem(true, name).await.map_err(|e| self.channel_error(e))?;
+        let deadline = tokio::time::Instant::now() + self.options.request_timeout;
+        let mut early = BytesMut::new();
+        loop {
+            let msg = tokio::time::timeout_at(deadline, channel.wait()).await.map_err(|_| {
+                self.protocol(&format!("no answer to the request for subsystem {name:?} in time"))
+            })?;
+            match msg {
+                Some(ChannelMsg::Success) => return Ok((channel.into_stream(), early.freeze())),
+                Some(ChannelMsg::Failure) => {
+                    let _ = channel.close().await;
+                    return Err(SessionError::Unsupported {
+                        address: self.target.address(),
+                        subsystem: name,
+                    });
+                }
+                Some(ChannelMsg::Data { data }) => early.extend_from_slice(&data),
+                Some(_) => {}
+                None if self.is_closed() => return Err(self.closed_error()),
+                None => {
+                    return Err(SessionError::Unsupported { address: self.target.address(), subsystem: name })
+                }
+            }
+        }
+    }
+
+    fn protocol(&self, detail: &str) -> SessionError {
+        SessionError::Protocol { address: self.target.address(), detail: detail.to_owned() }
+    }
+
+    fn closed_error(&self) -> SessionError {
+        let reason = self.closed.borrow().clone().unwrap_or_else(|| "the connection ended".into());
+        SessionError::Closed { address: self.target.address(), reason }
+    }
+
+    fn channel_error(&self, e: russh::Error) -> SessionError {
+        if self.is_closed() {
+            self.closed_error()
+        } else {
+            self.protocol(&e.to_string())
+        }
+    }
+}
+
+/// The russh callbacks: the host-key check, and noting why the connection ended.
+struct Client {
+    host: String,
+    port: u16,
+    known_hosts: PathBuf,
+    closed: watch::Sender<Option<String>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum HandlerError {
+    #[error(transparent)]
+    Ssh(#[from] russh::Error),
+    #[error(transparent)]
+    HostKey(SessionError),
+}
+
+impl client::Handler for Client {
+    type Error = HandlerError;
+
+    async fn check_server_key(&mut self, key: &PublicKeyOrCertificate) -> Result<bool, HandlerError> {
+        match key {
+            PublicKeyOrCertificate::PublicKey { key, .. } => {
+                known_hosts::verify(&self.host, self.port, key, &self.known_hosts)
+                    .map_err(HandlerError::HostKey)?;
+                Ok(true)
+            }
+            // Never asked for (no certificate algorithms are offered), so never trusted.
+            PublicKeyOrCertificate::Certificate(_) => Err(HandlerError::HostKey(SessionError::Protocol {
+                address: host_pattern(&self.host, self.port),
+                detail: "the server presented a host certificate, which devmount does not ask for".into(),
+            })),
+        }
+    }
+
+    async fn disconnected(&mut self, reason: DisconnectReason<HandlerError>) -> Result<(), HandlerError> {
+        let (text, result) = match reason {
+            DisconnectReason::ReceivedDisconnect(info) if info.message.is_empty() => {
+                ("the server disconnected".to_owned(), Ok(()))
+            }
+            DisconnectReason::ReceivedDisconnect(info) => {
+                (format!("the server disconnected: {}", info.message), Ok(()))
+            }
+            DisconnectReason::Error(HandlerError::Ssh(russh::Error::KeepaliveTimeout)) => (
+                "the server did not answer keepalives".to_owned(),
+                Err(HandlerError::Ssh(russh::Error::KeepaliveTimeout)),
+            ),
+            DisconnectReason::Error(HandlerError::Ssh(russh::Error::IO(e)))
+                if e.kind() == std::io::ErrorKind::UnexpectedEof =>
+            {
+                (
+                    "the server or the network closed the connection".to_owned(),
+                    Err(russh::Error::IO(e).into()),
+                )
+            }
+            DisconnectReason::Error(e) => (e.to_string(), Err(e)),
+        };
+        tracing::debug!("SSH connection ended: {text}");
+        self.closed.send_replace(Some(text));
+        result
+    }
+
+    // russh accepts channels the server opens unless told otherwise. The client asks for
+    // none, and an accepted channel nobody reads would stall the connection once its queue
+    // fills, so each is refused (dropping the reply refuses it).
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        _channel: Channel<Msg>,
+        _connected_address: &str,
+        _connected_port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        _reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), HandlerError> {
+        Ok(())
+    }
+
+    async fn server_channel_open_forwarded_streamlocal(
+        &mut self,
+        _channel: Channel<Msg>,
+        _socket_path: &str,
+        _reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), HandlerError> {
+        Ok(())
+    }
+
+    async fn server_channel_open_agent_forward(
+        &mut self,
+        _channel: Channel<Msg>,
+        _reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), HandlerError> {
+        Ok(())
+    }
+
+    async fn server_channel_open_session(
+        &mut self,
+        _channel: Channel<Msg>,
+        _reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), HandlerError> {
+        Ok(())
+    }
+
+    async fn server_channel_open_direct_tcpip(
+        &mut self,
+        _channel: Channel<Msg>,
+        _host_to_connect: &str,
+        _port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        _reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), HandlerError> {
+        Ok(())
+    }
+
+    async fn server_channel_open_direct_streamlocal(
+        &mut self,
+        _channel: Channel<Msg>,
+        _socket_path: &str,
+        _reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), HandlerError> {
+        Ok(())
+    }
+
+    async fn server_channel_open_x11(
+        &mut self,
+        _channel: Channel<Msg>,
+        _originator_address: &str,
+        _originator_port: u32,
+        _reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), HandlerError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_host_key_types_are_asked_for_first() {
+        let default = Preferred::default().key.into_owned();
+        assert_eq!(preferred_for(&[]).key.into_owned(), default);
+        let rsa = preferred_for(&[Algorithm::Rsa { hash: None }]).key.into_owned();
+        let firsts: Vec<_> = rsa.iter().take_while(|a| matches!(a, Algorithm::Rsa { .. })).collect();
+        assert!(!firsts.is_empty(), "{rsa:?}");
+        assert_eq!(rsa.len(), default.len());
+        assert!(rsa.iter().skip(firsts.len()).all(|a| !matches!(a, Algorithm::Rsa { .. })), "{rsa:?}");
+    }
+}
