@@ -78,6 +78,11 @@ pub async fn run(fs: Arc<Fs>, mut feed: FeedStream, notices: mpsc::Sender<Notice
 }
 
 fn notices_for(fs: &Fs, inval: &Invalidation) -> Vec<Notice> {
+    if inval.own && inval.kind != InvalKind::Everything {
+        // Our own change, made through this mount: the kernel saw it happen, and the inode
+        // table already follows it (the event may even arrive after the name was reused here).
+        return Vec::new();
+    }
     let mut nodes = fs.nodes();
     let id = nodes.id_of(&inval.path);
     let parent_and_name = || -> Option<(u64, Vec<u8>)> {

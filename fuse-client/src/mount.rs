@@ -16,10 +16,31 @@ use anyhow::{anyhow, bail, Context, Result};
 use fuser::{Config, MountOption, SessionACL};
 
 use crate::cache::CacheConfig;
+use crate::fs::apply::Applier;
 use crate::fs::remote::Remote;
+use crate::journal::{Config as JournalConfig, Journal, Resolution, Sender, SenderConfig};
 use crate::fs::{Fs, IdMap};
 use crate::fuse::FuseFs;
 use crate::session::{self, ConnectOptions, Target};
+
+/// How long an unmount waits for the journal to reach the server before leaving the rest
+/// for the next mount.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Where devmount keeps its journals: `$XDG_STATE_HOME/devmount`, else
+/// `~/.local/state/devmount`.
+pub fn state_dir() -> Result<PathBuf> {
+    let base = match std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let home = std::env::var_os("HOME").ok_or_else(|| anyhow!("neither XDG_STATE_HOME nor HOME is set"))?;
+            PathBuf::from(home).join(".local/state")
+        }
+    };
+    let dir = base.join("devmount");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create the state directory {}", dir.display()))?;
+    Ok(dir)
+}
 
 /// What `devmount mount` was asked to do.
 #[derive(Debug, Clone)]
@@ -166,7 +187,19 @@ fn serve(args: MountArgs, ready: Option<OwnedFd>) -> Result<()> {
     });
     // Returns once the kernel has detached the mount (umount, fusermount3 -u, or a signal).
     let joined = session.join();
-    runtime.block_on(ssh.disconnect());
+    runtime.block_on(async {
+        // Everything saved goes to the server before the daemon leaves; what cannot (the
+        // connection is gone) stays in the journal for the next mount of this target.
+        match tokio::time::timeout(DRAIN_TIMEOUT, fs.sync()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("{e}"),
+            Err(_) => tracing::warn!(
+                "{} change(s) could not reach the server; they are kept and replayed at the next mount",
+                fs.journal().stats().pending_ops
+            ),
+        }
+        ssh.disconnect().await;
+    });
     match joined {
         Ok(()) => Ok(()),
         // The mount was already taken away from under the session.
@@ -192,8 +225,31 @@ async fn setup(args: &MountArgs) -> Result<(Arc<Fs>, Option<session::FeedStream>
     if root.permissions.is_some_and(|m| m & libc::S_IFMT != libc::S_IFDIR) {
         bail!("remote path {} is not a directory", String::from_utf8_lossy(&base));
     }
-    let remote = Remote::new(sftp, info, &base);
+    let remote = Arc::new(Remote::new(sftp, info, &base));
     let feed = if remote.is_devmount() { Some(session.open_feed().await?) } else { None };
+    let key = String::from_utf8_lossy(&args.target.key()).into_owned();
+    let (journal, recovered) = Journal::open(&state_dir()?, &key, JournalConfig::default())
+        .map_err(|e| anyhow!("{e}; is another devmount mounting {key}?"))?;
+    if !recovered.ops.is_empty() {
+        eprintln!(
+            "devmount: replaying {} change(s) ({} bytes) left pending by an earlier mount of {key}",
+            recovered.ops.len(),
+            recovered.data_bytes
+        );
+    }
+    let applier = Arc::new(Applier::new(remote.clone()));
+    let config = SenderConfig {
+        put_max: if remote.is_devmount() { SenderConfig::default().put_max } else { 0 },
+        ..SenderConfig::default()
+    };
+    let (sender, mut conflicts) = Sender::start(journal.clone(), Some(applier), config);
+    tokio::spawn(async move {
+        // No op carries a condition yet, so none can conflict; refuse any that would, keeping
+        // its data in the rejected folder.
+        while let Some(c) = conflicts.recv().await {
+            c.resolve(Resolution::Reject { errno: libc::EBUSY, message: "the file changed in the pod".into() });
+        }
+    });
     let (remote_uid, remote_gid) = root.uid_gid.unwrap_or((0, 0));
     let ids = IdMap {
         remote_uid,
@@ -201,7 +257,13 @@ async fn setup(args: &MountArgs) -> Result<(Arc<Fs>, Option<session::FeedStream>
         local_uid: nix::unistd::getuid().as_raw(),
         local_gid: nix::unistd::getgid().as_raw(),
     };
-    let fs = Arc::new(Fs::new(remote, &args.cache, ids));
+    let fs = Arc::new(Fs::new(remote, &args.cache, ids, journal, sender));
+    tokio::spawn(fs.clone().retire_local());
+    if !recovered.ops.is_empty() {
+        // The local state knows nothing of the replayed changes: let the server have them
+        // before anyone looks.
+        fs.sync().await.map_err(|e| anyhow!("replaying the pending changes: {e}"))?;
+    }
     Ok((fs, feed, session))
 }
 

@@ -1,6 +1,7 @@
 //! File contents in aligned blocks, per path and version, bounded by bytes.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::num::NonZeroUsize;
 use std::ops::{Bound, Range};
 
 use bytes::Bytes;
@@ -58,11 +59,11 @@ pub(super) struct DataCache {
 }
 
 impl DataCache {
-    pub(super) fn new(max_bytes: usize, block_size: usize) -> Self {
+    pub(super) fn new(max_bytes: usize, block_size: NonZeroUsize) -> Self {
         DataCache {
             blocks: LruCache::unbounded(),
             files: BTreeMap::new(),
-            block_size: block_size.max(1) as u64,
+            block_size: block_size.get() as u64,
             weight: 0,
             max_weight: max_bytes,
             hits: 0,
@@ -201,6 +202,10 @@ mod tests {
 
     const B: usize = 4;
 
+    fn cache(max_bytes: usize) -> DataCache {
+        DataCache::new(max_bytes, NonZeroUsize::new(B).unwrap())
+    }
+
     fn p(s: &str) -> RelPath {
         RelPath::new(s.as_bytes()).unwrap()
     }
@@ -215,7 +220,7 @@ mod tests {
 
     #[test]
     fn range_lookup_names_the_missing_blocks() {
-        let mut c = DataCache::new(1 << 20, B);
+        let mut c = cache(1 << 20);
         let ver = v(10);
         let f = p("f");
         assert_eq!(c.read(&f, &ver, 0..100), vec![DataPart::Missing(0..10)]);
@@ -234,7 +239,7 @@ mod tests {
 
     #[test]
     fn partial_blocks_are_not_kept_unless_they_end_the_file() {
-        let mut c = DataCache::new(1 << 20, B);
+        let mut c = cache(1 << 20);
         let ver = v(10);
         let f = p("f");
         c.insert(&f, &ver, 2, b"234567");
@@ -249,7 +254,7 @@ mod tests {
 
     #[test]
     fn a_new_version_drops_the_old_blocks() {
-        let mut c = DataCache::new(1 << 20, B);
+        let mut c = cache(1 << 20);
         let f = p("f");
         c.insert(&f, &v(4), 0, b"abcd");
         let newer = DataVersion { mtime: Timespec { sec: 1, nsec: 1 }, ..v(4) };
@@ -263,7 +268,7 @@ mod tests {
 
     #[test]
     fn bounded_by_bytes_least_recently_used_block_first() {
-        let mut c = DataCache::new(3 * (B + BLOCK_OVERHEAD), B);
+        let mut c = cache(3 * (B + BLOCK_OVERHEAD));
         let ver = v(16);
         c.insert(&p("a"), &ver, 0, b"aaaabbbb");
         c.insert(&p("b"), &ver, 0, b"cccc");
@@ -277,7 +282,7 @@ mod tests {
 
     #[test]
     fn removes_files_and_subtrees() {
-        let mut c = DataCache::new(1 << 20, B);
+        let mut c = cache(1 << 20);
         let ver = v(4);
         for s in ["d/x", "d/y/z", "d-e", "f"] {
             c.insert(&p(s), &ver, 0, b"1234");

@@ -19,8 +19,11 @@
 //! Every entry records when it was stored and the sequence number of the reply it came from.
 //! Its TTL is decided when it is read, so it follows the feed's state:
 //! - **long** ([`CacheConfig::long_ttl`], a safety net; correctness comes from the feed) when the
-//!   feed is ready, the entry's sequence is at least the one `ready` carried (so the stat was
-//!   taken with every watch in place), and no `unwatched` mark covers the path;
+//!   feed is ready, the entry's sequence is at least the one `ready` carried, and no `unwatched`
+//!   mark covers the path. (A stat taken in the instant before the server's first walk ended,
+//!   with nothing published since, carries `ready`'s number too: a change racing it in a
+//!   directory not yet watched is the one case the sequence cannot tell apart. It only exists
+//!   while a freshly started server walks its tree.)
 //! - **short** ([`CacheConfig::short_ttl`], 1 s) otherwise: no feed (a plain OpenSSH server), a
 //!   feed that is down or not ready yet, or an unwatched subtree.
 //!
@@ -38,7 +41,8 @@
 //! - the newest event that changed the name of the path or of any ancestor (created, deleted,
 //!   renamed: everything below the name changed meaning),
 //! - the newest `resync` or `hello` (the floor under everything),
-//! - or the entry already stored for the path (nothing is replaced by an older answer).
+//! - or the entry already stored for the path (nothing is replaced by an older answer; file
+//!   data skips this one, since its [`DataVersion`] already ties it to one stat).
 //!
 //! Those marks live in a bounded table; the oldest mark forgotten raises the floor to its
 //! sequence, so forgetting refuses more replies, never fewer (only replies that were in flight
@@ -246,6 +250,7 @@ pub struct Counters {
     pub size: u64,
 }
 
+/// Counters of every cache, from [`Cache::stats`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CacheStats {
     pub attr: Counters,
@@ -372,7 +377,7 @@ impl Cache {
             attrs: PathLru::new(config.attr_entries),
             missing: PathLru::new(config.negative_entries),
             dirs: PathLru::new(config.dir_names),
-            data: DataCache::new(config.data_bytes, config.block_size.get()),
+            data: DataCache::new(config.data_bytes, config.block_size),
             marks: Marks::new(config.marks),
             applied: 0,
             attr_tally: Tally::default(),

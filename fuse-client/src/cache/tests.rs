@@ -81,6 +81,13 @@ fn kinds(inv: &[Invalidation]) -> Vec<(InvalKind, &[u8])> {
 }
 
 #[test]
+fn a_cache_can_be_shared_between_threads_behind_a_lock() {
+    fn send<T: Send + 'static>() {}
+    send::<Cache>();
+    send::<Fresh<std::sync::Arc<Listing>>>();
+}
+
+#[test]
 fn a_reply_older_than_an_applied_invalidation_is_refused() {
     let t = Instant::now();
     let mut c = live(&CacheConfig::default(), 1, t);
@@ -561,6 +568,8 @@ impl Node {
 
 type Tree = BTreeMap<Vec<u8>, Node>;
 
+const NAMES: [&[u8]; 3] = [b"a", b"b", b"c"];
+
 fn parent_of(path: &[u8]) -> Vec<u8> {
     path[..path.iter().rposition(|&c| c == b'/').unwrap_or(0)].to_vec()
 }
@@ -593,13 +602,13 @@ impl Sim {
     fn new(seed: u64) -> Sim {
         let root = Node { dir: true, ino: 1, size: 0, mtime: 0, ctime: 0, perm: 0o755, content: 0 };
         let tree: Tree = [(Vec::new(), root)].into_iter().collect();
-        // Every path of up to three components named a or b: few enough to collide often.
+        // Every path of up to three components from NAMES: few enough to collide often.
         let mut candidates = vec![Vec::new()];
         let mut level = vec![Vec::new()];
         for _ in 0..3 {
             let mut next = Vec::new();
             for base in &level {
-                for name in [&b"a"[..], b"b"] {
+                for name in NAMES {
                     let mut c: Vec<u8> = base.clone();
                     if !c.is_empty() {
                         c.push(b'/');
@@ -648,14 +657,22 @@ impl Sim {
     fn change(&mut self) -> bool {
         let next = (self.seq + 1) as i64;
         let mut events = Vec::new();
-        match self.rng.below(7) {
-            0 | 1 => {
-                let path = self.rng.pick(&self.candidates).clone();
-                let parent = parent_of(&path);
-                if path.is_empty()
-                    || self.tree.contains_key(&path)
-                    || !self.tree.get(&parent).is_some_and(|n| n.dir)
-                {
+        match self.rng.below(9) {
+            0..=2 => {
+                let dirs: Vec<Vec<u8>> = self
+                    .tree
+                    .iter()
+                    .filter(|(k, n)| n.dir && (k.is_empty() || k.split(|&c| c == b'/').count() < 3))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                let parent = self.rng.pick(&dirs).clone();
+                let mut path = parent.clone();
+                if !path.is_empty() {
+                    path.push(b'/');
+                }
+                let name = *self.rng.pick(&NAMES[..]);
+                path.extend_from_slice(name);
+                if self.tree.contains_key(&path) {
                     return false;
                 }
                 let dir = self.rng.chance(3);
@@ -668,7 +685,7 @@ impl Sim {
                 let stat = self.maybe_stat(&path);
                 events.push(Change::Created { path: path.into(), stat });
             }
-            2 => {
+            3..=4 => {
                 let files: Vec<Vec<u8>> =
                     self.tree.iter().filter(|(_, n)| !n.dir).map(|(k, _)| k.clone()).collect();
                 if files.is_empty() {
@@ -682,7 +699,7 @@ impl Sim {
                 let stat = self.maybe_stat(&path);
                 events.push(Change::Modified { path: path.into(), stat });
             }
-            3 => {
+            5 => {
                 let all = self.existing();
                 if all.is_empty() {
                     return false;
@@ -693,7 +710,7 @@ impl Sim {
                 let stat = self.maybe_stat(&path);
                 events.push(Change::Attrib { path: path.into(), stat });
             }
-            4 => {
+            6 => {
                 let all = self.existing();
                 if all.is_empty() {
                     return false;
@@ -713,7 +730,7 @@ impl Sim {
                     events.push(Change::Deleted { path: top.into() });
                 }
             }
-            5 => {
+            7 => {
                 let all = self.existing();
                 if all.is_empty() {
                     return false;
@@ -888,10 +905,6 @@ fn run_model(config: &CacheConfig, seeds: std::ops::Range<u64>, steps: usize) ->
                 0 => drop(sim.change()),
                 1..=2 => drop(sim.deliver(&mut cache, now)),
                 _ => sim.reply(&mut cache, now),
-            }
-            if step == steps - 1 {
-                let st = cache.stats();
-                eprintln!("seed {seed}: refused attr {} neg {} dir {} data {}; data hits {} size {}", st.attr.refused, st.negative.refused, st.dir.refused, st.data.refused, st.data.hits, st.data.size);
             }
             if step % 25 == 24 {
                 known += sim.check(&mut cache, now);

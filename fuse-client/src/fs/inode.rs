@@ -78,6 +78,14 @@ impl Nodes {
             if ino == 0 || (node.ino == ino && node.dev == dev) {
                 return id;
             }
+            if node.ino == 0 {
+                // Made here; the server has it now and tells its inode number. The kernel
+                // keeps the id it was given.
+                let node = self.by_id.get_mut(&id).expect("present");
+                node.ino = ino;
+                node.dev = dev;
+                return id;
+            }
             // The name now holds another file (replaced in the pod): the old node keeps
             // serving open handles by id but loses the name.
             self.by_path.remove(path);

@@ -8,8 +8,13 @@
 //! stored under the feed's sequence rules, so an answer older than an invalidation already
 //! applied is used once and not kept.
 
+pub mod apply;
 pub mod inode;
+pub mod local;
 pub mod remote;
+mod write;
+
+pub use write::{SetAttr, SetTime};
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -21,8 +26,11 @@ use devmount_server::proto::sftp::StatVfs;
 use devmount_server::proto::stat::FullStat;
 use nix::errno::Errno;
 
-use crate::cache::{Cache, CacheConfig, DataPart, DataVersion, FileKind, Lookup, RelPath};
+use crate::cache::{Cache, CacheConfig, DataPart, DataVersion, FileKind, LocalChange, Lookup, RelPath};
+use crate::journal::{Journal, Sender};
+use apply::Applier;
 use inode::Nodes;
+use local::Local;
 use remote::{Remote, Result, Stat};
 
 /// Files up to this size are read whole in one request (`get@devmount`) on first read.
@@ -75,29 +83,65 @@ pub struct DirItem {
 
 struct OpenFile {
     id: u64,
+    /// The path at open; reads and writes use the node's current path.
     path: RelPath,
     version: DataVersion,
+    writable: bool,
     /// The server's handle, opened on the first read the cache cannot answer.
     remote: tokio::sync::Mutex<Option<Bytes>>,
 }
 
 /// The mounted file system.
 pub struct Fs {
-    remote: Remote,
+    remote: Arc<Remote>,
     cache: Mutex<Cache>,
     nodes: Mutex<Nodes>,
     files: Mutex<slab::Slab<Arc<OpenFile>>>,
     ids: IdMap,
+    journal: Journal,
+    sender: Sender<Applier>,
+    local: Mutex<Local>,
+    /// Wakes the task that drops local entries once their ops are resolved.
+    local_added: tokio::sync::Notify,
 }
 
 impl Fs {
-    pub fn new(remote: Remote, cache: &CacheConfig, ids: IdMap) -> Fs {
+    pub fn new(remote: Arc<Remote>, cache: &CacheConfig, ids: IdMap, journal: Journal, sender: Sender<Applier>) -> Fs {
         Fs {
             remote,
             cache: Mutex::new(Cache::new(cache)),
             nodes: Mutex::new(Nodes::new()),
             files: Mutex::new(slab::Slab::new()),
             ids,
+            journal,
+            sender,
+            local: Mutex::new(Local::default()),
+            local_added: tokio::sync::Notify::new(),
+        }
+    }
+
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    /// Drops local entries as the server acknowledges their ops, for as long as `fs` lives;
+    /// run it once per mount. What the server now has is fetched again (the cache entries the
+    /// local change made stale were dropped when it was made, but a reply may have refilled
+    /// them meanwhile).
+    pub async fn retire_local(self: Arc<Self>) {
+        loop {
+            let oldest = { lock(&self.local).oldest() };
+            let Some(seq) = oldest else {
+                self.local_added.notified().await;
+                continue;
+            };
+            self.journal.wait_resolved(seq).await;
+            let paths = lock(&self.local).resolved(seq);
+            let mut cache = self.cache();
+            for p in &paths {
+                cache.local_change(LocalChange::Modified(p));
+                cache.local_change(LocalChange::Created(p));
+            }
         }
     }
 
@@ -168,6 +212,10 @@ impl Fs {
     /// The entry for `name` in `parent`, without counting a kernel reference.
     pub async fn resolve(&self, parent: u64, name: &OsStr) -> Result<Entry> {
         let path = self.child(parent, name)?;
+        if let Some(e) = lock(&self.local).get(&path) {
+            let stat = e.stat.ok_or(Errno::ENOENT)?;
+            return Ok(self.entry(&path, stat, Duration::ZERO));
+        }
         let cached = self.cache().lookup(&path, Instant::now());
         let (stat, ttl) = match cached {
             Lookup::Found { stat, ttl } => (stat, ttl),
@@ -183,6 +231,11 @@ impl Fs {
 
     pub async fn getattr(&self, id: u64) -> Result<Entry> {
         let path = self.path_of(id)?;
+        if let Some(e) = lock(&self.local).get(&path) {
+            let stat = e.stat.ok_or(Errno::ENOENT)?;
+            // Answered here at no cost, and changing with every write: not kept by the kernel.
+            return Ok(Entry { attr: Attr { id, stat: self.ids.to_local(stat) }, ttl: Duration::ZERO });
+        }
         let cached = self.cache().attr(&path, Instant::now());
         let (stat, ttl) = match cached {
             Some(f) => (f.value, f.ttl),
@@ -193,13 +246,56 @@ impl Fs {
 
     pub async fn readlink(&self, id: u64) -> Result<Bytes> {
         let path = self.path_of(id)?;
+        self.settle(&path).await;
         self.remote.readlink(&path).await
     }
 
+    /// Waits until the server has every op that touched `path`, for the few requests the
+    /// local state cannot answer (a new symlink's target, the server's bytes of a renamed
+    /// file).
+    async fn settle(&self, path: &RelPath) {
+        let seq = lock(&self.local).get(path).map(|e| e.seq);
+        if let Some(seq) = seq {
+            self.sender.wait(seq).await;
+        }
+    }
+
     /// Every name of directory `id` with what is known of it; `plus` asks for attributes
-    /// (readdirplus), which the listing usually carries at no extra cost.
+    /// (readdirplus), which the listing usually carries at no extra cost. Names changed here
+    /// and not yet on the server are merged in.
     pub async fn readdir(&self, id: u64, plus: bool) -> Result<Vec<DirItem>> {
         let dir = self.path_of(id)?;
+        let (changed, own) = {
+            let local = lock(&self.local);
+            (local.children(&dir), local.get(&dir))
+        };
+        let mut items = match own {
+            Some(e) if e.stat.is_none() => return Err(Errno::ENOENT),
+            // Made here: the server may not have it yet, and has nothing in it.
+            Some(_) if self.journal.is_dirty(dir.as_bytes()) => Vec::new(),
+            _ => self.server_listing(&dir, plus).await?,
+        };
+        if changed.is_empty() {
+            return Ok(items);
+        }
+        items.retain(|item| !changed.iter().any(|(name, _)| *name == item.name));
+        for (name, kind) in changed {
+            let Some(kind) = kind else { continue };
+            let entry = match (plus, dir.join(&name)) {
+                (true, Ok(path)) => {
+                    let stat = lock(&self.local).get(&path).and_then(|e| e.stat);
+                    stat.map(|st| self.entry(&path, st, Duration::ZERO))
+                }
+                _ => None,
+            };
+            items.push(DirItem { name, kind, entry });
+        }
+        Ok(items)
+    }
+
+    /// The server's names of `dir` (through the cache).
+    async fn server_listing(&self, dir: &RelPath, plus: bool) -> Result<Vec<DirItem>> {
+        let dir = dir.clone();
         let now = Instant::now();
         let cached = self.cache().listing(&dir, now);
         let listing = match cached {
@@ -245,26 +341,6 @@ impl Fs {
         Ok(items)
     }
 
-    /// Opens `id` for reading; answers the file handle and whether the kernel may keep the
-    /// pages it has (the contents are the ones it cached).
-    pub async fn open(&self, id: u64) -> Result<(u64, bool)> {
-        let path = self.path_of(id)?;
-        // Close-to-open: without a feed the stat is re-validated at every open.
-        let cached = if self.remote.is_devmount() { self.cache().attr(&path, Instant::now()) } else { None };
-        let stat = match cached {
-            Some(f) => f.value,
-            None => self.fetch_stat(&path).await?.0,
-        };
-        if stat.is_dir() {
-            return Err(Errno::EISDIR);
-        }
-        let version = DataVersion::from(&stat);
-        let keep = self.remote.is_devmount();
-        let file = Arc::new(OpenFile { id, path, version, remote: tokio::sync::Mutex::new(None) });
-        let fh = lock(&self.files).insert(file) as u64;
-        Ok((fh, keep))
-    }
-
     fn file(&self, fh: u64) -> Result<Arc<OpenFile>> {
         lock(&self.files).get(fh as usize).cloned().ok_or(Errno::EBADF)
     }
@@ -272,6 +348,11 @@ impl Fs {
     /// Reads `size` bytes at `offset` of open file `fh`.
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Bytes> {
         let file = self.file(fh)?;
+        let path = self.nodes().path(file.id).unwrap_or_else(|| file.path.clone());
+        let local = lock(&self.local).get(&path);
+        if let Some(entry) = local {
+            return self.read_dirty(&file, &path, entry, offset, size).await;
+        }
         let end = offset.saturating_add(u64::from(size)).min(file.version.size);
         if offset >= end {
             return Ok(Bytes::new());
@@ -302,6 +383,73 @@ impl Fs {
         Ok(out.freeze())
     }
 
+    /// A read of a file with changes the server does not have yet: the journal's bytes over
+    /// the server's.
+    async fn read_dirty(
+        &self,
+        file: &OpenFile,
+        path: &RelPath,
+        entry: local::LocalEntry,
+        offset: u64,
+        size: u32,
+    ) -> Result<Bytes> {
+        let stat = entry.stat.ok_or(Errno::ENOENT)?;
+        let end = offset.saturating_add(u64::from(size)).min(stat.size);
+        if offset >= end {
+            return Ok(Bytes::new());
+        }
+        let overlay = self.journal.overlay(path.as_bytes(), offset, end - offset).map_err(|e| {
+            tracing::error!("journal: {e}");
+            Errno::EIO
+        })?;
+        let mut out = BytesMut::with_capacity((end - offset) as usize);
+        let mut at = offset;
+        for (range, data) in overlay.pieces.iter().map(|(r, d)| (r.clone(), d)).chain(std::iter::once((end..end, &Bytes::new()))) {
+            if at < range.start {
+                // The server's bytes: wait until it has them under this name.
+                if let Some(seq) = entry.renamed {
+                    self.sender.wait(seq).await;
+                }
+                let gap = self.read_server(file, path, at, range.start).await?;
+                out.extend_from_slice(&gap);
+                // Past the server's end of file (a pending extension): zeros.
+                out.resize((range.start - offset) as usize, 0);
+            }
+            out.extend_from_slice(data);
+            at = range.end.max(at);
+        }
+        Ok(out.freeze())
+    }
+
+    /// Bytes `[from, to)` of `path` as the server has them, without caching (the file is
+    /// changing).
+    async fn read_server(&self, file: &OpenFile, path: &RelPath, from: u64, to: u64) -> Result<Bytes> {
+        let handle = self.read_handle(file, path).await?;
+        let mut out = BytesMut::with_capacity((to - from) as usize);
+        let chunk = u64::from(self.remote.read_len().max(4096));
+        let mut at = from;
+        while at < to {
+            let piece = self.remote.read(&handle, at, (to - at).min(chunk) as u32).await?;
+            if piece.is_empty() {
+                break;
+            }
+            at += piece.len() as u64;
+            out.extend_from_slice(&piece);
+        }
+        Ok(out.freeze())
+    }
+
+    /// The server handle a file reads through, opened on first use.
+    async fn read_handle(&self, file: &OpenFile, path: &RelPath) -> Result<Bytes> {
+        let mut remote = file.remote.lock().await;
+        if let Some(h) = &*remote {
+            return Ok(h.clone());
+        }
+        let h = self.remote.open_read(path).await?;
+        *remote = Some(h.clone());
+        Ok(h)
+    }
+
     /// Fetches `range` of the file from the server (whole in one request when small) and
     /// caches it.
     async fn fetch_range(&self, file: &OpenFile, range: std::ops::Range<u64>) -> Result<Bytes> {
@@ -318,17 +466,7 @@ impl Fs {
             let end = (range.end as usize).min(data.len());
             return Ok(data.slice(0..end));
         }
-        let handle = {
-            let mut remote = file.remote.lock().await;
-            match &*remote {
-                Some(h) => h.clone(),
-                None => {
-                    let h = self.remote.open_read(&file.path).await?;
-                    *remote = Some(h.clone());
-                    h
-                }
-            }
-        };
+        let handle = self.read_handle(file, &file.path).await?;
         let chunk = u64::from(self.remote.read_len().max(4096));
         let reads = (range.start..range.end).step_by(chunk as usize).map(|at| {
             let len = (range.end - at).min(chunk) as u32;

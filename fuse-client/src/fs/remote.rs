@@ -47,6 +47,10 @@ impl Remote {
         self.devmount
     }
 
+    pub fn sftp(&self) -> &SftpClient {
+        &self.sftp
+    }
+
     pub fn info(&self) -> &ServerInfo {
         &self.info
     }

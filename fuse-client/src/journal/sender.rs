@@ -241,6 +241,13 @@ impl<R: Remote> Sender<R> {
         self.journal.take_error(path).map_or(Ok(()), Err)
     }
 
+    /// Stops sending and waits until the sending task is gone (its journal handle with it).
+    /// Whatever was not acknowledged stays in the journal.
+    pub async fn stop(mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+    }
+
     /// The whole mount's barrier (`devmount sync`, exec): waits for every op appended before
     /// the call, and reports whether any op failed since the previous one.
     pub async fn barrier(&self) -> Result<(), BarrierError> {
@@ -832,5 +839,746 @@ impl Blocks {
     /// Whether extending a plain write on `path` by `range` would overlap an op in the way.
     fn write_overlaps(&self, path: &Bytes, range: Range<u64>) -> bool {
         self.exact.get(path).is_some_and(|v| v.iter().any(|b| b.as_ref().is_none_or(|b| overlaps(b, &range))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    use devmount_server::proto::stat::Timespec;
+    use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+    use tokio::time::timeout;
+
+    use super::*;
+    use crate::journal::Config;
+
+    fn b(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    fn write(path: &str, offset: u64, data: &str) -> Op {
+        Op::Write { path: b(path), offset, data: b(data), cond: None }
+    }
+
+    fn create(path: &str) -> Op {
+        Op::Create { path: b(path), mode: 0o100644, exclusive: true }
+    }
+
+    /// No coalescing delay, so each test decides what travels together.
+    fn config() -> SenderConfig {
+        SenderConfig { coalesce_delay: Duration::ZERO, ..SenderConfig::default() }
+    }
+
+    fn journal(state: &Path) -> Journal {
+        let config = Config { commit_interval: Duration::from_secs(3600), ..Config::default() };
+        Journal::open(state, "test@host:22/root", config).unwrap().0
+    }
+
+    /// A call the test completes by hand.
+    struct Call {
+        op: Op,
+        reply: oneshot::Sender<Result<(), RemoteError>>,
+    }
+
+    impl Call {
+        fn ok(self) {
+            let _ = self.reply.send(Ok(()));
+        }
+
+        fn fail(self, e: RemoteError) {
+            let _ = self.reply.send(Err(e));
+        }
+    }
+
+    /// A remote whose calls wait for the test; a call whose `Call` is dropped is a lost
+    /// connection.
+    struct Manual(UnboundedSender<Call>);
+
+    impl Remote for Manual {
+        fn apply(&self, op: &Op) -> impl Future<Output = Result<(), RemoteError>> + Send {
+            let (reply, answer) = oneshot::channel();
+            let _ = self.0.send(Call { op: op.clone(), reply });
+            async move { answer.await.unwrap_or(Err(RemoteError::Disconnected)) }
+        }
+    }
+
+    fn manual() -> (Arc<Manual>, UnboundedReceiver<Call>) {
+        let (tx, rx) = unbounded_channel();
+        (Arc::new(Manual(tx)), rx)
+    }
+
+    // The clock is paused in these tests, so a timeout fires only when every task is idle:
+    // `nothing_more` proves the sender has nothing to start, without sleeping and hoping.
+
+    async fn next(calls: &mut UnboundedReceiver<Call>) -> Call {
+        timeout(Duration::from_secs(10), calls.recv())
+            .await
+            .expect("timed out waiting for a call")
+            .expect("remote alive")
+    }
+
+    async fn next_ops(calls: &mut UnboundedReceiver<Call>, n: usize) -> Vec<Call> {
+        let mut v = Vec::new();
+        for _ in 0..n {
+            v.push(next(calls).await);
+        }
+        v
+    }
+
+    async fn nothing_more(calls: &mut UnboundedReceiver<Call>) {
+        if let Ok(Some(call)) = timeout(Duration::from_secs(1), calls.recv()).await {
+            panic!("unexpected call: {:?}", call.op);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn disjoint_ops_overlap_and_same_path_ops_keep_their_order() {
+        let state = tempfile::tempdir().unwrap();
+        let j = journal(state.path());
+        let (remote, mut calls) = manual();
+        j.append(write("a", 0, "1")).unwrap();
+        j.append(write("a", 0, "2")).unwrap();
+        j.append(write("b", 0, "3")).unwrap();
+        j.append(Op::Mkdir { path: b("a/sub"), mode: 0o755 }).unwrap();
+        let (sender, _conflicts) = Sender::start(j.clone(), Some(remote), config());
+        let first = next_ops(&mut calls, 2).await;
+        assert_eq!(
+            first.iter().map(|c| c.op.clone()).collect::<Vec<_>>(),
+            vec![write("a", 0, "1"), write("b", 0, "3")]
+        );
+        nothing_more(&mut calls).await;
+        let mut first = first.into_iter();
+        first.next().unwrap().ok();
+        let second = next(&mut calls).await;
+        assert_eq!(second.op, write("a", 0, "2"));
+        nothing_more(&mut calls).await;
+        second.ok();
+        // Below a path counts as the same path.
+        let third = next(&mut calls).await;
+        assert_eq!(third.op, Op::Mkdir { path: b("a/sub"), mode: 0o755 });
+        third.ok();
+        first.next().unwrap().ok();
+        timeout(Duration::from_secs(10), sender.wait(4)).await.unwrap();
+        assert_eq!(j.stats().pending_ops, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn plain_writes_to_one_file_pipeline_unless_they_overlap() {
+        let state = tempfile::tempdir().unwrap();
+        let j = journal(state.path());
+        let (remote, mut calls) = manual();
+        j.append(write("f", 0, "aaaa")).unwrap();
+        j.append(write("f", 8, "bbbb")).unwrap();
+        j.append(write("f", 2, "cccccccc")).unwrap();
+        let (sender, _conflicts) = Sender::start(j.clone(), Some(remote), config());
+        let both = next_ops(&mut calls, 2).await;
+        assert_eq!(both[1].op, write("f", 8, "bbbb"));
+        nothing_more(&mut calls).await;
+        for c in both {
+            c.ok();
+        }
+        next(&mut calls).await.ok();
+        timeout(Duration::from_secs(10), sender.wait(3)).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn barriers_wait_for_all_earlier_acks_and_hold_back_later_ops() {
+        let state = tempfile::tempdir().unwrap();
+        let j = journal(state.path());
+        let (remote, mut calls) = manual();
+        j.append(write("objects/1", 0, "blob")).unwrap();
+        j.append(Op::Rename { from: b("ref.lock"), to: b("ref"), flags: 0, cond: None }).unwrap();
+        j.append(write("unrelated", 0, "x")).unwrap();
+        let (sender, _conflicts) = Sender::start(j.clone(), Some(remote), config());
+        let obj = next(&mut calls).await;
+        assert_eq!(obj.op, write("objects/1", 0, "blob"));
+        nothing_more(&mut calls).await;
+        obj.ok();
+        let rename = next(&mut calls).await;
+        assert!(matches!(rename.op, Op::Rename { .. }));
+        nothing_more(&mut calls).await;
+        rename.ok();
+        next(&mut calls).await.ok();
+        timeout(Duration::from_secs(10), sender.wait(3)).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn barrier_waits_for_acks_and_reports_failures_per_file_and_per_mount() {
+        let state = tempfile::tempdir().unwrap();
+        let j = journal(state.path());
+        let (remote, mut calls) = manual();
+        let (sender, _conflicts) = Sender::start(j.clone(), Some(remote), config());
+        let sender = Arc::new(sender);
+        j.append(write("a", 0, "data")).unwrap();
+        j.append(write("b", 0, "more")).unwrap();
+        let fsync = j.append(Op::Fsync { path: b("b") }).unwrap();
+        let barrier = tokio::spawn({
+            let sender = sender.clone();
+            async move { sender.barrier().await }
+        });
+        let mut two = next_ops(&mut calls, 2).await.into_iter();
+        two.next().unwrap().ok();
+        let b_write = two.next().unwrap();
+        assert_eq!(b_write.op, write("b", 0, "more"));
+        b_write
+            .fail(RemoteError::Rejected { errno: libc::ENOSPC, message: "No space left on device".into() });
+        let fsync_call = next(&mut calls).await;
+        assert_eq!(fsync_call.op, Op::Fsync { path: b("b") });
+        assert!(!barrier.is_finished());
+        fsync_call.ok();
+        let err = timeout(Duration::from_secs(10), barrier).await.unwrap().unwrap().unwrap_err();
+        assert_eq!(err.failed, 1);
+        assert_eq!(err.first.errno, libc::ENOSPC);
+        assert!(err.first.kept.exists());
+        let per_file = sender.wait_path(fsync, b"b").await.unwrap_err();
+        assert_eq!(per_file, err.first);
+        assert_eq!(sender.wait_path(fsync, b"b").await, Ok(()), "reported once");
+        assert_eq!(sender.barrier().await, Ok(()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_small_file_goes_as_one_put() {
+        let state = tempfile::tempdir().unwrap();
+        let j = journal(state.path());
+        let t = Timespec { sec: 1_600_000_000, nsec: 7 };
+        j.append(create("n")).unwrap();
+        j.append(write("n", 0, "hello ")).unwrap();
+        j.append(write("other", 0, "x")).unwrap();
+        j.append(write("n", 6, "world")).unwrap();
+        let setattr = Op::SetAttr {
+            path: b("n"),
+            mode: Some(0o600),
+            uid: None,
+            gid: None,
+            atime: TimeSet::Omit,
+            mtime: TimeSet::At(t),
+        };
+        j.append(setattr).unwrap();
+        j.append(create("m")).unwrap();
+        j.append(write("m", 0, "mm")).unwrap();
+        j.append(Op::SetAttr {
+            path: b("m"),
+            mode: None,
+            uid: Some(7),
+            gid: None,
+            atime: TimeSet::Omit,
+            mtime: TimeSet::Omit,
+        })
+        .unwrap();
+        // Paused until resumed, so the whole run is in the journal when sending starts.
+        let (remote, mut calls) = manual();
+        let (sender, _conflicts) = Sender::start(j.clone(), None, config());
+        assert!(sender.is_paused());
+        sender.resume(remote);
+        let got: Vec<Op> = next_ops(&mut calls, 3)
+            .await
+            .into_iter()
+            .map(|c| {
+                let op = c.op.clone();
+                c.ok();
+                op
+            })
+            .collect();
+        let put = |path: &str, mode, data: &str, mtime| Op::Put {
+            path: b(path),
+            mode,
+            exclusive: true,
+            data: b(data),
+            atime: None,
+            mtime,
+            cond: None,
+        };
+        assert_eq!(
+            got,
+            vec![
+                put("n", 0o600, "hello world", Some(t)),
+                write("other", 0, "x"),
+                put("m", 0o644, "mm", None)
+            ]
+        );
+        // An ownership change cannot ride in a put: it follows on its own.
+        let chown = next(&mut calls).await;
+        assert!(matches!(chown.op, Op::SetAttr { uid: Some(7), .. }));
+        chown.ok();
+        timeout(Duration::from_secs(10), sender.wait(8)).await.unwrap();
+        assert_eq!(j.stats().pending_ops, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_create_waits_briefly_for_its_data_unless_a_barrier_asks_for_it() {
+        let state = tempfile::tempdir().unwrap();
+        let j = journal(state.path());
+        let (remote, mut calls) = manual();
+        let config = SenderConfig { coalesce_delay: Duration::from_millis(5), ..SenderConfig::default() };
+        let (sender, _conflicts) = Sender::start(j.clone(), Some(remote.clone()), config);
+        j.append(create("f")).unwrap();
+        tokio::task::yield_now().await;
+        j.append(write("f", 0, "data")).unwrap();
+        let start = Instant::now();
+        let put = next(&mut calls).await;
+        assert!(matches!(&put.op, Op::Put { data, .. } if data == "data"), "{:?}", put.op);
+        assert!(start.elapsed() >= Duration::from_millis(4));
+        put.ok();
+        timeout(Duration::from_secs(10), sender.wait(2)).await.unwrap();
+        drop(sender);
+
+        let config = SenderConfig { coalesce_delay: Duration::from_secs(3600), ..SenderConfig::default() };
+        let (sender, _conflicts) = Sender::start(j.clone(), Some(remote), config);
+        let seq = j.append(create("g")).unwrap();
+        nothing_more(&mut calls).await;
+        let sender = Arc::new(sender);
+        let waiter = tokio::spawn({
+            let sender = sender.clone();
+            async move { sender.wait(seq).await }
+        });
+        let put = next(&mut calls).await;
+        assert!(matches!(&put.op, Op::Put { path, .. } if path == "g"));
+        put.ok();
+        timeout(Duration::from_secs(10), waiter).await.unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn adjacent_writes_merge_up_to_the_limit() {
+        let state = tempfile::tempdir().unwrap();
+        let j = journal(state.path());
+        let cond =
+            Some(devmount_server::proto::sftp::Condition { size: 1, mtime: Timespec::default(), ino: 2 });
+        j.append(Op::Write { path: b("a"), offset: 0, data: b("ab"), cond }).unwrap();
+        j.append(write("a", 2, "cd")).unwrap();
+        j.append(write("b", 0, "x")).unwrap();
+        j.append(write("a", 4, "ef")).unwrap();
+        j.append(write("a", 6, "gh")).unwrap();
+        let (remote, mut calls) = manual();
+        let (sender, _conflicts) = Sender::start(j.clone(), None, SenderConfig { max_write: 4, ..config() });
+        sender.resume(remote);
+        let calls_now = next_ops(&mut calls, 2).await;
+        assert_eq!(calls_now[0].op, Op::Write { path: b("a"), offset: 0, data: b("abcd"), cond });
+        assert_eq!(calls_now[1].op, write("b", 0, "x"));
+        nothing_more(&mut calls).await;
+        for c in calls_now {
+            c.ok();
+        }
+        let rest = next(&mut calls).await;
+        assert_eq!(rest.op, write("a", 4, "efgh"));
+        rest.ok();
+        timeout(Duration::from_secs(10), sender.wait(5)).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_conflict_goes_to_the_handler_and_keeps_its_place() {
+        let state = tempfile::tempdir().unwrap();
+        let j = journal(state.path());
+        let cond =
+            Some(devmount_server::proto::sftp::Condition { size: 1, mtime: Timespec::default(), ino: 2 });
+        let conditional = Op::Write { path: b("a"), offset: 0, data: b("mine"), cond };
+        j.append(conditional.clone()).unwrap();
+        j.append(write("a", 100, "later")).unwrap();
+        j.append(write("c", 0, "conflicted")).unwrap();
+        let (remote, mut calls) = manual();
+        let (sender, mut conflicts) = Sender::start(j.clone(), Some(remote), config());
+        let two = next_ops(&mut calls, 2).await;
+        assert_eq!(two[0].op, conditional);
+        let mut two = two.into_iter();
+        two.next().unwrap().fail(RemoteError::Conflict);
+        let c = timeout(Duration::from_secs(10), conflicts.recv()).await.unwrap().unwrap();
+        assert_eq!((c.seqs.clone(), c.op.clone(), c.maybe_applied), (vec![1], conditional, false));
+        nothing_more(&mut calls).await;
+        c.resolve(Resolution::Retry(write("a", 0, "mine")));
+        next(&mut calls).await.ok();
+        next(&mut calls).await.ok();
+        // A conflict nobody resolves is kept in the rejected folder, never dropped.
+        two.next().unwrap().fail(RemoteError::Conflict);
+        drop(timeout(Duration::from_secs(10), conflicts.recv()).await.unwrap().unwrap());
+        let err = timeout(Duration::from_secs(10), sender.barrier()).await.unwrap().unwrap_err();
+        assert_eq!(err.first.errno, libc::ESTALE);
+        assert!(fs_contains(&err.first.kept, "conflicted"));
+    }
+
+    fn fs_contains(note: &Path, what: &str) -> bool {
+        let dir = note.parent().unwrap();
+        std::fs::read_dir(dir).unwrap().any(|e| std::fs::read(e.unwrap().path()).unwrap() == what.as_bytes())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn replays_after_a_lost_connection_tolerate_what_already_happened() {
+        let state = tempfile::tempdir().unwrap();
+        let j = journal(state.path());
+        let (remote, mut calls) = manual();
+        let (sender, mut conflicts) =
+            Sender::start(j.clone(), Some(remote), SenderConfig { put_max: 0, ..config() });
+        j.append(create("x")).unwrap();
+        j.append(Op::Mkdir { path: b("d"), mode: 0o755 }).unwrap();
+        let lost = next_ops(&mut calls, 2).await;
+        drop(lost);
+        timeout(Duration::from_secs(10), async {
+            while !sender.is_paused() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+        let (remote, mut calls) = manual();
+        sender.resume(remote);
+        for c in next_ops(&mut calls, 2).await {
+            c.fail(RemoteError::Rejected { errno: libc::EEXIST, message: "File exists".into() });
+        }
+        assert_eq!(timeout(Duration::from_secs(10), sender.barrier()).await.unwrap(), Ok(()));
+        // A create that never went out and finds the name taken is a real error.
+        j.append(create("y")).unwrap();
+        next(&mut calls)
+            .await
+            .fail(RemoteError::Rejected { errno: libc::EEXIST, message: "File exists".into() });
+        let err = timeout(Duration::from_secs(10), sender.barrier()).await.unwrap().unwrap_err();
+        assert_eq!(err.first.errno, libc::EEXIST);
+        assert!(conflicts.try_recv().is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_maybe_applied_put_or_exchange_is_never_taken_for_granted() {
+        let state = tempfile::tempdir().unwrap();
+        let j = journal(state.path());
+        let (remote, mut calls) = manual();
+        let (sender, mut conflicts) = Sender::start(j.clone(), None, config());
+        j.append(create("p")).unwrap();
+        j.append(write("p", 0, "content")).unwrap();
+        j.append(Op::Rename { from: b("s"), to: b("t"), flags: rename_flags::EXCHANGE, cond: None }).unwrap();
+        sender.resume(remote);
+        drop(next(&mut calls).await);
+        let (remote, mut calls) = manual();
+        sender.resume(remote);
+        next(&mut calls)
+            .await
+            .fail(RemoteError::Rejected { errno: libc::EEXIST, message: "File exists".into() });
+        let c = timeout(Duration::from_secs(10), conflicts.recv()).await.unwrap().unwrap();
+        assert!(c.maybe_applied && matches!(&c.op, Op::Put { data, .. } if data == "content"));
+        c.resolve(Resolution::Done);
+        let exchange = next(&mut calls).await;
+        assert!(matches!(exchange.op, Op::Rename { .. }));
+        drop(exchange);
+        let (remote, mut calls) = manual();
+        sender.resume(remote);
+        let err = timeout(Duration::from_secs(10), sender.barrier()).await.unwrap().unwrap_err();
+        assert!(err.first.message.contains("exchange"), "{}", err.first);
+        nothing_more(&mut calls).await;
+    }
+
+    /// A file tree that applies ops the way a server would, for end-to-end checks.
+    #[derive(Debug, Clone, Default, PartialEq, Eq)]
+    struct Tree(BTreeMap<Bytes, Node>);
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Node {
+        Dir,
+        File(Vec<u8>, u32),
+        Symlink(Bytes),
+    }
+
+    impl Tree {
+        fn parent_is_dir(&self, p: &[u8]) -> bool {
+            match p.iter().rposition(|&c| c == b'/') {
+                None => true,
+                Some(i) => matches!(self.0.get(&p[..i]), Some(Node::Dir)),
+            }
+        }
+
+        fn file(&mut self, p: &Bytes) -> Result<&mut Vec<u8>, i32> {
+            match self.0.get_mut(p) {
+                Some(Node::File(data, _)) => Ok(data),
+                _ => Err(libc::ENOENT),
+            }
+        }
+
+        fn new_name(&mut self, p: &Bytes, node: Node) -> Result<(), i32> {
+            if !self.parent_is_dir(p) {
+                return Err(libc::ENOENT);
+            }
+            if self.0.contains_key(p) {
+                return Err(libc::EEXIST);
+            }
+            self.0.insert(p.clone(), node);
+            Ok(())
+        }
+
+        fn apply(&mut self, op: &Op) -> Result<(), i32> {
+            match op {
+                Op::Create { path, mode, exclusive } => {
+                    match self.new_name(path, Node::File(Vec::new(), mode & 0o7777)) {
+                        Err(libc::EEXIST) if !exclusive => Ok(()),
+                        r => r,
+                    }
+                }
+                Op::Write { path, offset, data, .. } => {
+                    let f = self.file(path)?;
+                    let end = *offset as usize + data.len();
+                    if f.len() < end {
+                        f.resize(end, 0);
+                    }
+                    f[*offset as usize..end].copy_from_slice(data);
+                    Ok(())
+                }
+                Op::Truncate { path, size, .. } => {
+                    self.file(path)?.resize(*size as usize, 0);
+                    Ok(())
+                }
+                Op::SetAttr { path, mode, .. } => match (self.0.get_mut(path), mode) {
+                    (Some(Node::File(_, m)), Some(mode)) => {
+                        *m = mode & 0o7777;
+                        Ok(())
+                    }
+                    (Some(_), _) => Ok(()),
+                    (None, _) => Err(libc::ENOENT),
+                },
+                Op::Mkdir { path, .. } => self.new_name(path, Node::Dir),
+                Op::Mknod { path, mode, .. } => self.new_name(path, Node::File(Vec::new(), mode & 0o7777)),
+                Op::Symlink { target, path } => self.new_name(path, Node::Symlink(target.clone())),
+                Op::Link { from, to } => {
+                    let node = self.0.get(from).cloned().ok_or(libc::ENOENT)?;
+                    self.new_name(to, node)
+                }
+                Op::Unlink { path } => match self.0.get(path) {
+                    Some(Node::Dir) => Err(libc::EISDIR),
+                    Some(_) => {
+                        self.0.remove(path);
+                        Ok(())
+                    }
+                    None => Err(libc::ENOENT),
+                },
+                Op::Rmdir { path } => match self.0.get(path) {
+                    Some(Node::Dir) if self.0.keys().any(|k| super::super::op::is_ancestor(path, k)) => {
+                        Err(libc::ENOTEMPTY)
+                    }
+                    Some(Node::Dir) => {
+                        self.0.remove(path);
+                        Ok(())
+                    }
+                    Some(_) => Err(libc::ENOTDIR),
+                    None => Err(libc::ENOENT),
+                },
+                Op::Rename { from, to, flags, .. } => {
+                    if !self.0.contains_key(from) {
+                        return Err(libc::ENOENT);
+                    }
+                    if flags & rename_flags::NOREPLACE != 0 && self.0.contains_key(to) {
+                        return Err(libc::EEXIST);
+                    }
+                    let moved: Vec<(Bytes, Node)> = self
+                        .0
+                        .iter()
+                        .filter(|(k, _)| *k == from || super::super::op::is_ancestor(from, k))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect();
+                    for (k, _) in &moved {
+                        self.0.remove(k);
+                    }
+                    self.0.remove(to);
+                    for (k, v) in moved {
+                        self.0.insert(Bytes::from([&to[..], &k[from.len()..]].concat()), v);
+                    }
+                    Ok(())
+                }
+                Op::Fsync { path } => self.0.get(path).map(|_| ()).ok_or(libc::ENOENT),
+                Op::Put { path, mode, exclusive, data, .. } => {
+                    if *exclusive && self.0.contains_key(path) {
+                        return Err(libc::EEXIST);
+                    }
+                    if !self.parent_is_dir(path) {
+                        return Err(libc::ENOENT);
+                    }
+                    self.0.insert(path.clone(), Node::File(data.to_vec(), mode & 0o7777));
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// What a connection does once its budget of calls is spent.
+    #[derive(Clone, Copy)]
+    enum Death {
+        /// Every later call fails; the first of them was applied, but its reply was lost.
+        Drop,
+        /// Every later call is applied and never answered: the client is killed meanwhile.
+        Hang,
+    }
+
+    /// A connection to a shared model tree that works for `budget` calls, then dies.
+    struct ModelRemote {
+        tree: Arc<Mutex<Tree>>,
+        /// Calls left, and whether the connection has died.
+        budget: Mutex<(usize, bool)>,
+        death: Death,
+    }
+
+    impl ModelRemote {
+        fn new(tree: &Arc<Mutex<Tree>>, budget: usize, death: Death) -> Arc<ModelRemote> {
+            Arc::new(ModelRemote { tree: tree.clone(), budget: Mutex::new((budget, false)), death })
+        }
+    }
+
+    impl Remote for ModelRemote {
+        fn apply(&self, op: &Op) -> impl Future<Output = Result<(), RemoteError>> + Send {
+            let mut budget = self.budget.lock().unwrap();
+            let mut tree = self.tree.lock().unwrap();
+            let (left, dead) = &mut *budget;
+            let outcome = if *left > 0 && !*dead {
+                *left -= 1;
+                Some(
+                    tree.apply(op)
+                        .map_err(|errno| RemoteError::Rejected { errno, message: format!("errno {errno}") }),
+                )
+            } else {
+                let first_dead_call = !*dead;
+                *dead = true;
+                match self.death {
+                    Death::Drop => {
+                        if first_dead_call {
+                            let _ = tree.apply(op);
+                        }
+                        Some(Err(RemoteError::Disconnected))
+                    }
+                    Death::Hang => {
+                        let _ = tree.apply(op);
+                        None
+                    }
+                }
+            };
+            async move {
+                match outcome {
+                    Some(r) => r,
+                    None => std::future::pending().await,
+                }
+            }
+        }
+    }
+
+    /// A mix of what builds and editors do: a directory of new small files, rewrites, a big
+    /// file in many writes, renames over existing files, deletions.
+    fn workload() -> Vec<Op> {
+        let mut ops = vec![Op::Mkdir { path: b("d"), mode: 0o755 }, create("big")];
+        for i in 0..24 {
+            let f = format!("d/f{i}");
+            ops.push(create(&f));
+            ops.push(write(&f, 0, &format!("file {i} ")));
+            ops.push(write(&f, 7 + (i >= 10) as u64, "tail"));
+            if i % 3 == 0 {
+                ops.push(Op::SetAttr {
+                    path: b(&f),
+                    mode: Some(0o600),
+                    uid: None,
+                    gid: None,
+                    atime: TimeSet::Omit,
+                    mtime: TimeSet::Now,
+                });
+            }
+            ops.push(write("big", i * 100, &format!("{i:0>100}")));
+            if i % 5 == 4 {
+                ops.push(Op::Rename { from: b(&f), to: b(&format!("d/f{}", i - 1)), flags: 0, cond: None });
+            }
+            if i % 7 == 6 {
+                ops.push(Op::Unlink { path: b(&f) });
+            }
+        }
+        ops.push(Op::Truncate { path: b("big"), size: 1000, cond: None });
+        ops.push(write("big", 1500, "end"));
+        ops.push(Op::Mkdir { path: b("e"), mode: 0o755 });
+        ops.push(Op::Symlink { target: b("../big"), path: b("e/link") });
+        ops.push(Op::Rename { from: b("d"), to: b("e/d"), flags: 0, cond: None });
+        ops.push(Op::Fsync { path: b("big") });
+        ops
+    }
+
+    fn expected(ops: &[Op]) -> Tree {
+        let mut t = Tree::default();
+        for op in ops {
+            t.apply(op).unwrap_or_else(|e| panic!("workload op {op:?} fails with {e}"));
+        }
+        t
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connection_drops_lose_nothing() {
+        let ops = workload();
+        for budget in [0, 1, 3, 10, 25] {
+            let state = tempfile::tempdir().unwrap();
+            let j = journal(state.path());
+            let tree = Arc::new(Mutex::new(Tree::default()));
+            let (sender, _conflicts) =
+                Sender::start(j.clone(), Some(ModelRemote::new(&tree, budget, Death::Drop)), config());
+            for op in &ops {
+                j.append(op.clone()).unwrap();
+            }
+            let mut reconnects = 0;
+            while j.stats().pending_ops > 0 {
+                if sender.is_paused() {
+                    reconnects += 1;
+                    assert!(reconnects < 500, "no progress");
+                    sender.resume(ModelRemote::new(&tree, budget + reconnects, Death::Drop));
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            assert_eq!(sender.barrier().await, Ok(()), "budget {budget}");
+            assert_eq!(*tree.lock().unwrap(), expected(&ops), "budget {budget}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_killed_client_replays_its_journal_and_loses_nothing() {
+        let ops = workload();
+        for budget in [0, 2, 7, 30] {
+            let state = tempfile::tempdir().unwrap();
+            let tree = Arc::new(Mutex::new(Tree::default()));
+            {
+                let j = journal(state.path());
+                let (sender, _conflicts) =
+                    Sender::start(j.clone(), Some(ModelRemote::new(&tree, budget, Death::Hang)), config());
+                for op in &ops {
+                    j.append(op.clone()).unwrap();
+                }
+                // Let it run until it is stuck on calls that will never be answered.
+                let _ = timeout(Duration::from_secs(1), sender.wait(ops.len() as Seq)).await;
+                assert!(j.stats().pending_ops > 0);
+                sender.stop().await;
+            }
+            let (j, recovered) = Journal::open(
+                state.path(),
+                "test@host:22/root",
+                Config { commit_interval: Duration::from_secs(3600), ..Config::default() },
+            )
+            .unwrap();
+            assert!(!recovered.ops.is_empty());
+            let (sender, _conflicts) =
+                Sender::start(j.clone(), Some(ModelRemote::new(&tree, usize::MAX, Death::Drop)), config());
+            assert_eq!(
+                timeout(Duration::from_secs(10), sender.barrier()).await.unwrap(),
+                Ok(()),
+                "budget {budget}"
+            );
+            assert_eq!(*tree.lock().unwrap(), expected(&ops), "budget {budget}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_window_caps_requests_in_flight() {
+        let state = tempfile::tempdir().unwrap();
+        let j = journal(state.path());
+        for i in 0..10 {
+            j.append(write(&format!("f{i}"), 0, "x")).unwrap();
+        }
+        let (remote, mut calls) = manual();
+        let (sender, _conflicts) =
+            Sender::start(j.clone(), Some(remote), SenderConfig { window: 4, ..config() });
+        let first = next_ops(&mut calls, 4).await;
+        nothing_more(&mut calls).await;
+        for c in first {
+            c.ok();
+        }
+        for c in next_ops(&mut calls, 4).await {
+            c.ok();
+        }
+        for c in next_ops(&mut calls, 2).await {
+            c.ok();
+        }
+        timeout(Duration::from_secs(10), sender.wait(10)).await.unwrap();
     }
 }

@@ -1,0 +1,457 @@
+//! Mutations: each one is journaled and applied to the local state before it returns; the
+//! journal's sender takes it to the server afterwards, in order.
+//!
+//! What must wait for the server: renaming a directory, a hard link and `RENAME_EXCHANGE` are
+//! few and touch names the local state does not track one by one, so they first drain the
+//! journal and then wait for their own op (one round trip after the drain). `fsync` waits for
+//! the file's ops and its own fsync on the server; `flush` (close) reports a queued change the
+//! server refused.
+
+use std::ffi::OsStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use devmount_server::proto::sftp::{rename_flags, TimeSet};
+use devmount_server::proto::stat::{FullStat, Timespec};
+use nix::errno::Errno;
+
+use super::remote::Result;
+use super::{lock, Entry, Fs, OpenFile};
+use crate::cache::{DataVersion, LocalChange, RelPath};
+use crate::journal::{Op, Seq};
+
+/// A time to set, as `setattr` gives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetTime {
+    Now,
+    At(Timespec),
+}
+
+/// What `setattr` changes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+}
+
+fn now() -> Timespec {
+    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+    Timespec { sec: d.as_secs() as i64, nsec: d.subsec_nanos() }
+}
+
+fn journal_errno(e: crate::journal::JournalError) -> Errno {
+    tracing::error!("journal: {e}");
+    Errno::EIO
+}
+
+impl Fs {
+    async fn append(&self, op: Op) -> Result<Seq> {
+        self.journal.append_async(op).await.map_err(journal_errno)
+    }
+
+    /// Records what `path` is after op `seq`: `update` edits the current local stat (or
+    /// `base`, the server's, when there is none yet).
+    fn set_local(&self, path: &RelPath, seq: Seq, base: Option<FullStat>, update: impl FnOnce(&mut FullStat)) -> FullStat {
+        let mut local = lock(&self.local);
+        let mut stat = local.get(path).and_then(|e| e.stat).or(base).unwrap_or_default();
+        update(&mut stat);
+        local.set(path, Some(stat), seq);
+        drop(local);
+        self.local_added.notify_one();
+        stat
+    }
+
+    fn set_removed(&self, path: &RelPath, seq: Seq) {
+        lock(&self.local).set(path, None, seq);
+        self.local_added.notify_one();
+    }
+
+    /// The stat of `path` as the mount shows it: local, cached, or from the server.
+    async fn current(&self, path: &RelPath) -> Result<FullStat> {
+        if let Some(e) = lock(&self.local).get(path) {
+            return e.stat.ok_or(Errno::ENOENT);
+        }
+        let cached = self.cache().attr(path, std::time::Instant::now());
+        match cached {
+            Some(f) => Ok(f.value),
+            None => Ok(self.fetch_stat(path).await?.0),
+        }
+    }
+
+    /// Whether `name` exists in `parent`; its stat if so.
+    async fn existing(&self, path: &RelPath) -> Result<Option<FullStat>> {
+        match self.current(path).await {
+            Ok(st) => Ok(Some(st)),
+            Err(Errno::ENOENT) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn new_stat(&self, mode: u32, size: u64) -> FullStat {
+        let t = now();
+        FullStat {
+            mode,
+            nlink: if mode & libc::S_IFMT == libc::S_IFDIR { 2 } else { 1 },
+            uid: self.ids.remote_uid,
+            gid: self.ids.remote_gid,
+            size,
+            blocks: size.div_ceil(512),
+            blksize: 4096,
+            atime: t,
+            mtime: t,
+            ctime: t,
+            ..FullStat::default()
+        }
+    }
+
+    /// A new name made here, for the kernel: counted as a lookup.
+    fn made(&self, path: &RelPath, stat: FullStat) -> Entry {
+        self.cache().local_change(LocalChange::Created(path));
+        let entry = self.entry(path, stat, Duration::ZERO);
+        self.nodes().looked_up(entry.attr.id);
+        entry
+    }
+
+    fn open_file(&self, id: u64, path: RelPath, stat: &FullStat, writable: bool) -> u64 {
+        let file = OpenFile {
+            id,
+            path,
+            version: DataVersion::from(stat),
+            writable,
+            remote: tokio::sync::Mutex::new(None),
+        };
+        lock(&self.files).insert(std::sync::Arc::new(file)) as u64
+    }
+
+    /// create: a new regular file (or, without `O_EXCL`, an existing one opened).
+    pub async fn create(&self, parent: u64, name: &OsStr, mode: u32, umask: u32, flags: i32) -> Result<(Entry, u64)> {
+        let path = self.child(parent, name)?;
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        if let Some(stat) = self.existing(&path).await? {
+            if flags & libc::O_EXCL != 0 {
+                return Err(Errno::EEXIST);
+            }
+            let entry = self.entry(&path, stat, Duration::ZERO);
+            self.nodes().looked_up(entry.attr.id);
+            let (fh, _) = self.open(entry.attr.id, flags).await?;
+            return Ok((self.getattr(entry.attr.id).await?, fh));
+        }
+        let perm = mode & !umask & 0o7777;
+        let seq = self.append(Op::Create { path: bytes(&path), mode: perm, exclusive: true }).await?;
+        let stat = self.new_stat(libc::S_IFREG | perm, 0);
+        self.set_local(&path, seq, Some(stat), |_| {});
+        let entry = self.made(&path, stat);
+        let fh = self.open_file(entry.attr.id, path, &stat, writable);
+        Ok((entry, fh))
+    }
+
+    pub async fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, umask: u32) -> Result<Entry> {
+        let path = self.child(parent, name)?;
+        if self.existing(&path).await?.is_some() {
+            return Err(Errno::EEXIST);
+        }
+        let perm = mode & !umask & 0o7777;
+        let seq = self.append(Op::Mkdir { path: bytes(&path), mode: perm }).await?;
+        let stat = self.new_stat(libc::S_IFDIR | perm, 4096);
+        self.set_local(&path, seq, Some(stat), |_| {});
+        Ok(self.made(&path, stat))
+    }
+
+    pub async fn mknod(&self, parent: u64, name: &OsStr, mode: u32, umask: u32, rdev: u32) -> Result<Entry> {
+        let path = self.child(parent, name)?;
+        let kind = mode & libc::S_IFMT;
+        let supported = kind == libc::S_IFREG || (kind == libc::S_IFIFO && self.remote.is_devmount());
+        if !supported {
+            return Err(Errno::EPERM);
+        }
+        if self.existing(&path).await?.is_some() {
+            return Err(Errno::EEXIST);
+        }
+        let perm = mode & !umask & 0o7777;
+        let op = if kind == libc::S_IFREG {
+            Op::Create { path: bytes(&path), mode: perm, exclusive: true }
+        } else {
+            Op::Mknod { path: bytes(&path), mode: kind | perm, rdev: u64::from(rdev) }
+        };
+        let seq = self.append(op).await?;
+        let stat = self.new_stat(kind | perm, 0);
+        self.set_local(&path, seq, Some(stat), |_| {});
+        Ok(self.made(&path, stat))
+    }
+
+    pub async fn symlink(&self, parent: u64, name: &OsStr, target: &[u8]) -> Result<Entry> {
+        let path = self.child(parent, name)?;
+        if self.existing(&path).await?.is_some() {
+            return Err(Errno::EEXIST);
+        }
+        let seq = self.append(Op::Symlink { target: Bytes::copy_from_slice(target), path: bytes(&path) }).await?;
+        let stat = self.new_stat(libc::S_IFLNK | 0o777, target.len() as u64);
+        self.set_local(&path, seq, Some(stat), |_| {});
+        Ok(self.made(&path, stat))
+    }
+
+    pub async fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
+        let path = self.child(parent, name)?;
+        let stat = self.current(&path).await?;
+        if stat.is_dir() {
+            return Err(Errno::EISDIR);
+        }
+        let seq = self.append(Op::Unlink { path: bytes(&path) }).await?;
+        self.set_removed(&path, seq);
+        self.cache().local_change(LocalChange::Removed(&path));
+        self.nodes().unlink(&path);
+        Ok(())
+    }
+
+    pub async fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
+        let path = self.child(parent, name)?;
+        let stat = self.current(&path).await?;
+        if !stat.is_dir() {
+            return Err(Errno::ENOTDIR);
+        }
+        let id = self.nodes().id_for(&path, stat.dev, stat.ino);
+        if !self.readdir(id, false).await?.is_empty() {
+            return Err(Errno::ENOTEMPTY);
+        }
+        let seq = self.append(Op::Rmdir { path: bytes(&path) }).await?;
+        self.set_removed(&path, seq);
+        self.cache().local_change(LocalChange::Removed(&path));
+        self.nodes().unlink(&path);
+        Ok(())
+    }
+
+    pub async fn rename(&self, parent: u64, name: &OsStr, new_parent: u64, new_name: &OsStr, flags: u32) -> Result<()> {
+        let from = self.child(parent, name)?;
+        let to = self.child(new_parent, new_name)?;
+        if flags & !(rename_flags::NOREPLACE | rename_flags::EXCHANGE) != 0 {
+            return Err(Errno::EINVAL);
+        }
+        let src = self.current(&from).await?;
+        let dst = self.existing(&to).await?;
+        if from == to {
+            return Ok(());
+        }
+        if to.starts_with(&from) {
+            return Err(Errno::EINVAL);
+        }
+        match (flags, dst) {
+            (f, Some(_)) if f & rename_flags::NOREPLACE != 0 => return Err(Errno::EEXIST),
+            (f, None) if f & rename_flags::EXCHANGE != 0 => return Err(Errno::ENOENT),
+            (f, _) if f & rename_flags::EXCHANGE != 0 && !self.remote.is_devmount() => return Err(Errno::EINVAL),
+            (0, Some(d)) if d.is_dir() && !src.is_dir() => return Err(Errno::EISDIR),
+            (0, Some(d)) if !d.is_dir() && src.is_dir() => return Err(Errno::ENOTDIR),
+            (0, Some(d)) if d.is_dir() => {
+                let id = self.nodes().id_for(&to, d.dev, d.ino);
+                if !self.readdir(id, false).await?.is_empty() {
+                    return Err(Errno::ENOTEMPTY);
+                }
+            }
+            _ => {}
+        }
+        let op = Op::Rename { from: bytes(&from), to: bytes(&to), flags, cond: None };
+        if src.is_dir() || flags & rename_flags::EXCHANGE != 0 {
+            // Everything below `from` moves with it, named or not here: let the server do it
+            // with nothing of ours still queued under either name.
+            self.barrier_errno().await?;
+            let seq = self.append(op).await?;
+            self.sender.wait_path(seq, from.as_bytes()).await.map_err(|e| Errno::from_raw(e.errno))?;
+            self.nodes().rename(&from, &to);
+            let mut cache = self.cache();
+            cache.local_change(LocalChange::Renamed { from: &from, to: &to });
+            cache.local_change(LocalChange::Removed(&from));
+            return Ok(());
+        }
+        let seq = self.append(op).await?;
+        lock(&self.local).rename(&from, &to, src, seq);
+        self.local_added.notify_one();
+        self.nodes().rename(&from, &to);
+        self.cache().local_change(LocalChange::Renamed { from: &from, to: &to });
+        Ok(())
+    }
+
+    pub async fn link(&self, id: u64, new_parent: u64, new_name: &OsStr) -> Result<Entry> {
+        let from = self.path_of(id)?;
+        let to = self.child(new_parent, new_name)?;
+        if self.existing(&to).await?.is_some() {
+            return Err(Errno::EEXIST);
+        }
+        self.barrier_errno().await?;
+        let seq = self.append(Op::Link { from: bytes(&from), to: bytes(&to) }).await?;
+        self.sender.wait_path(seq, to.as_bytes()).await.map_err(|e| Errno::from_raw(e.errno))?;
+        {
+            let mut cache = self.cache();
+            cache.local_change(LocalChange::Created(&to));
+            cache.local_change(LocalChange::Attrib(&from));
+        }
+        let (stat, ttl) = self.fetch_stat(&to).await?;
+        let entry = self.entry(&to, stat, ttl);
+        self.nodes().looked_up(entry.attr.id);
+        Ok(entry)
+    }
+
+    /// Opens `id`: for writing (journaled), or reading.
+    pub async fn open(&self, id: u64, flags: i32) -> Result<(u64, bool)> {
+        let path = self.path_of(id)?;
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let local = lock(&self.local).get(&path);
+        let stat = match local {
+            Some(e) => e.stat.ok_or(Errno::ENOENT)?,
+            // Close-to-open: without a feed the stat is re-validated at every open.
+            None => {
+                let cached =
+                    if self.remote.is_devmount() { self.cache().attr(&path, std::time::Instant::now()) } else { None };
+                match cached {
+                    Some(f) => f.value,
+                    None => self.fetch_stat(&path).await?.0,
+                }
+            }
+        };
+        if stat.is_dir() {
+            return Err(Errno::EISDIR);
+        }
+        let mut stat = stat;
+        if writable && flags & libc::O_TRUNC != 0 && stat.size != 0 {
+            let seq = self.append(Op::Truncate { path: bytes(&path), size: 0, cond: None }).await?;
+            let t = now();
+            stat = self.set_local(&path, seq, Some(stat), |st| {
+                st.size = 0;
+                st.blocks = 0;
+                st.mtime = t;
+                st.ctime = t;
+            });
+            self.cache().local_change(LocalChange::Modified(&path));
+        }
+        let keep = self.remote.is_devmount();
+        Ok((self.open_file(id, path, &stat, writable), keep))
+    }
+
+    /// write: journaled, then answered.
+    pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        let file = self.file(fh)?;
+        if !file.writable {
+            return Err(Errno::EBADF);
+        }
+        let path = self.path_of(file.id)?;
+        let base = self.current(&path).await?;
+        let len = data.len() as u64;
+        let op = Op::Write { path: bytes(&path), offset, data: Bytes::copy_from_slice(data), cond: None };
+        let seq = self.append(op).await?;
+        let t = now();
+        self.set_local(&path, seq, Some(base), |st| {
+            st.size = st.size.max(offset + len);
+            st.blocks = st.size.div_ceil(512);
+            st.mtime = t;
+            st.ctime = t;
+        });
+        self.cache().local_change(LocalChange::Modified(&path));
+        Ok(data.len() as u32)
+    }
+
+    /// setattr: size, mode, owner, times.
+    pub async fn setattr(&self, id: u64, set: SetAttr) -> Result<Entry> {
+        let path = self.path_of(id)?;
+        let base = self.current(&path).await?;
+        let t = now();
+        let mut stat = base;
+        if let Some(size) = set.size {
+            if base.is_dir() {
+                return Err(Errno::EISDIR);
+            }
+            let seq = self.append(Op::Truncate { path: bytes(&path), size, cond: None }).await?;
+            stat = self.set_local(&path, seq, Some(base), |st| {
+                st.size = size;
+                st.blocks = size.div_ceil(512);
+                st.mtime = t;
+                st.ctime = t;
+            });
+            self.cache().local_change(LocalChange::Modified(&path));
+        }
+        let uid = set.uid.map(|u| if u == self.ids.local_uid { self.ids.remote_uid } else { u });
+        let gid = set.gid.map(|g| if g == self.ids.local_gid { self.ids.remote_gid } else { g });
+        if set.mode.is_some() || uid.is_some() || gid.is_some() || set.atime.is_some() || set.mtime.is_some() {
+            let time = |s: Option<SetTime>| match s {
+                None => TimeSet::Omit,
+                Some(SetTime::Now) => TimeSet::Now,
+                Some(SetTime::At(ts)) => TimeSet::At(ts),
+            };
+            let op = Op::SetAttr {
+                path: bytes(&path),
+                mode: set.mode.map(|m| m & 0o7777),
+                uid,
+                gid,
+                atime: time(set.atime),
+                mtime: time(set.mtime),
+            };
+            let seq = self.append(op).await?;
+            let resolve = |s: Option<SetTime>, old: Timespec| match s {
+                None => old,
+                Some(SetTime::Now) => t,
+                Some(SetTime::At(ts)) => ts,
+            };
+            stat = self.set_local(&path, seq, Some(stat), |st| {
+                if let Some(m) = set.mode {
+                    st.mode = (st.mode & libc::S_IFMT) | (m & 0o7777);
+                }
+                if let Some(u) = uid {
+                    st.uid = u;
+                }
+                if let Some(g) = gid {
+                    st.gid = g;
+                }
+                st.atime = resolve(set.atime, st.atime);
+                st.mtime = resolve(set.mtime, st.mtime);
+                st.ctime = t;
+            });
+            self.cache().local_change(LocalChange::Attrib(&path));
+        }
+        Ok(Entry { attr: super::Attr { id, stat: self.ids.to_local(stat) }, ttl: Duration::ZERO })
+    }
+
+    /// flush (each close of a descriptor): a queued change of this file that the server
+    /// refused is reported here.
+    pub fn flush(&self, fh: u64) -> Result<()> {
+        let file = self.file(fh)?;
+        if !file.writable {
+            return Ok(());
+        }
+        let Some(path) = self.nodes().path(file.id) else { return Ok(()) };
+        match self.journal.take_error(path.as_bytes()) {
+            Some(e) => {
+                tracing::warn!("{}: {e}", String::from_utf8_lossy(path.as_bytes()));
+                Err(Errno::from_raw(e.errno))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// fsync: returns once the server has everything of this file, synced to its disk.
+    pub async fn fsync(&self, fh: u64) -> Result<()> {
+        let file = self.file(fh)?;
+        let path = self.path_of(file.id)?;
+        if !file.writable && !self.journal.is_dirty(path.as_bytes()) {
+            return Ok(());
+        }
+        let seq = self.append(Op::Fsync { path: bytes(&path) }).await?;
+        self.journal.sync().map_err(journal_errno)?;
+        self.sender.wait_path(seq, path.as_bytes()).await.map_err(|e| Errno::from_raw(e.errno))
+    }
+
+    /// The whole mount's barrier (`devmount sync`): every change made before it is on the
+    /// server.
+    pub async fn sync(&self) -> std::result::Result<(), crate::journal::BarrierError> {
+        let _ = self.journal.sync();
+        self.sender.barrier().await
+    }
+
+    async fn barrier_errno(&self) -> Result<()> {
+        self.sender.barrier().await.map_err(|e| Errno::from_raw(e.first.errno))
+    }
+}
+
+fn bytes(path: &RelPath) -> Bytes {
+    Bytes::copy_from_slice(path.as_bytes())
+}
