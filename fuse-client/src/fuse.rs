@@ -129,6 +129,8 @@ impl Filesystem for FuseFs {
             let _ = config.add_capabilities(wanted & !missing);
         }
         let _ = config.set_max_readahead(1 << 20);
+        // Large writes: each one is a journal record, so fewer and bigger is cheaper.
+        let _ = config.set_max_write(1 << 20);
         Ok(())
     }
 

@@ -1,6 +1,7 @@
 //! The devmount client as a library: the binary's building blocks, testable on their own.
 
 pub mod cache;
+pub mod control;
 pub mod feed;
 pub mod fs;
 pub mod fuse;

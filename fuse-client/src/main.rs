@@ -41,6 +41,11 @@ enum Command {
         #[arg(long, value_name = "BYTES", default_value_t = 256 << 20)]
         data_cache: usize,
     },
+    /// Wait until every change made to the mount so far is on the server.
+    Sync {
+        /// The mount point.
+        mountpoint: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -77,6 +82,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ..CacheConfig::default()
             };
             mount::run(MountArgs { target, mountpoint, identity, known_hosts, foreground, cache })
+        }
+        Command::Sync { mountpoint } => {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(devmount::control::request(&mountpoint, "sync"))?;
+            Ok(())
         }
     }
 }

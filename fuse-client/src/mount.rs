@@ -171,8 +171,22 @@ fn serve(args: MountArgs, ready: Option<OwnedFd>) -> Result<()> {
             fs.cache().feed_down();
         });
     }
+    let control = match runtime.block_on(async { crate::control::bind(&args.mountpoint) }) {
+        Ok(l) => l,
+        Err(e) => {
+            unmount(&args.mountpoint);
+            if let Some(fd) = ready {
+                let _ = std::fs::File::from(fd).write_all(format!("{e:#}").as_bytes());
+            }
+            return Err(e);
+        }
+    };
+    runtime.spawn(crate::control::serve(control, fs.clone()));
     if let Some(fd) = ready {
         let _ = std::fs::File::from(fd).write_all(b"ok");
+        // From here on the daemon has no terminal to talk to: its log goes to a file, and it
+        // holds no pipe of the caller's open (`devmount mount ... | cat` must end).
+        detach_stdio(&args.mountpoint);
     }
     let mountpoint = args.mountpoint.clone();
     runtime.spawn(async move {
@@ -277,6 +291,25 @@ fn mount_config(args: &MountArgs) -> Config {
     config.acl = SessionACL::Owner;
     config.n_threads = Some(4);
     config
+}
+
+/// Points stdin and stdout at /dev/null and stderr (the log) at
+/// `<state dir>/log/<mount hash>.log`, so a daemon that outlives its terminal keeps its log.
+fn detach_stdio(mountpoint: &Path) {
+    if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+        let _ = nix::unistd::dup2_stdin(&null);
+        let _ = nix::unistd::dup2_stdout(&null);
+    }
+    let Ok(dir) = state_dir().map(|d| d.join("log")) else { return };
+    let Ok(sock) = crate::control::socket_path(mountpoint) else { return };
+    let name = sock.file_stem().map(|s| s.to_os_string()).unwrap_or_default();
+    let path = dir.join(name).with_extension("log");
+    let file = std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::OpenOptions::new().create(true).append(true).open(&path));
+    if let Ok(file) = file {
+        let _ = nix::unistd::dup2_stderr(&file);
+        tracing::info!("serving {} (log: {})", mountpoint.display(), path.display());
+    }
 }
 
 /// Detaches the mount at `path`: as root with umount(2), else through fusermount3.
