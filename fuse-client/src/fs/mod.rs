@@ -353,11 +353,14 @@ impl Fs {
         if let Some(entry) = local {
             return self.read_dirty(&file, &path, entry, offset, size).await;
         }
-        let end = offset.saturating_add(u64::from(size)).min(file.version.size);
+        // The file's version now (the feed may have changed it since open), else the one at
+        // open.
+        let version = self.cache().attr(&path, Instant::now()).map_or(file.version, |f| DataVersion::from(&f.value));
+        let end = offset.saturating_add(u64::from(size)).min(version.size);
         if offset >= end {
             return Ok(Bytes::new());
         }
-        let parts = self.cache().read_data(&file.path, &file.version, offset..end);
+        let parts = self.cache().read_data(&path, &version, offset..end);
         let mut out = BytesMut::with_capacity((end - offset) as usize);
         for part in parts {
             match part {
@@ -367,7 +370,7 @@ impl Fs {
                     out.extend_from_slice(&data[skip..skip + take]);
                 }
                 DataPart::Missing(range) => {
-                    let data = self.fetch_range(&file, range.clone()).await?;
+                    let data = self.fetch_range(&file, &path, &version, range.clone()).await?;
                     let from = offset.max(range.start);
                     let to = end.min(range.start + data.len() as u64);
                     if from < to {
@@ -452,21 +455,25 @@ impl Fs {
 
     /// Fetches `range` of the file from the server (whole in one request when small) and
     /// caches it.
-    async fn fetch_range(&self, file: &OpenFile, range: std::ops::Range<u64>) -> Result<Bytes> {
+    async fn fetch_range(
+        &self,
+        file: &OpenFile,
+        path: &RelPath,
+        version: &DataVersion,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes> {
         let floor = self.floor();
-        if self.remote.is_devmount() && file.version.size <= SMALL_FILE && range.start == 0 {
-            let (stat, data) = self.remote.get(&file.path, SMALL_FILE).await?;
+        if self.remote.is_devmount() && version.size <= SMALL_FILE && range.start == 0 {
+            let (stat, data) = self.remote.get(path, SMALL_FILE).await?;
             let seq = stat.seq.unwrap_or(floor);
-            let version = DataVersion::from(&stat.stat);
+            let got = DataVersion::from(&stat.stat);
             let mut cache = self.cache();
-            let _ = cache.insert_attr(&file.path, stat.stat, seq, Instant::now());
-            if version == file.version {
-                let _ = cache.insert_data(&file.path, &version, 0, &data, seq);
-            }
+            let _ = cache.insert_attr(path, stat.stat, seq, Instant::now());
+            let _ = cache.insert_data(path, &got, 0, &data, seq);
             let end = (range.end as usize).min(data.len());
             return Ok(data.slice(0..end));
         }
-        let handle = self.read_handle(file, &file.path).await?;
+        let handle = self.read_handle(file, path).await?;
         let chunk = u64::from(self.remote.read_len().max(4096));
         let reads = (range.start..range.end).step_by(chunk as usize).map(|at| {
             let len = (range.end - at).min(chunk) as u32;
@@ -484,7 +491,7 @@ impl Fs {
             }
         }
         let data = data.freeze();
-        let _ = self.cache().insert_data(&file.path, &file.version, range.start, &data, floor);
+        let _ = self.cache().insert_data(path, version, range.start, &data, floor);
         Ok(data)
     }
 
