@@ -257,11 +257,11 @@ async fn setup(args: &MountArgs) -> Result<(Arc<Fs>, Option<session::FeedStream>
         ..SenderConfig::default()
     };
     let (sender, mut conflicts) = Sender::start(journal.clone(), Some(applier), config);
+    let checker = remote.clone();
     tokio::spawn(async move {
-        // No op carries a condition yet, so none can conflict; refuse any that would, keeping
-        // its data in the rejected folder.
         while let Some(c) = conflicts.recv().await {
-            c.resolve(Resolution::Reject { errno: libc::EBUSY, message: "the file changed in the pod".into() });
+            let resolution = resolve_conflict(&checker, &c.op, c.maybe_applied).await;
+            c.resolve(resolution);
         }
     });
     let (remote_uid, remote_gid) = root.uid_gid.unwrap_or((0, 0));
@@ -279,6 +279,24 @@ async fn setup(args: &MountArgs) -> Result<(Arc<Fs>, Option<session::FeedStream>
         fs.sync().await.map_err(|e| anyhow!("replaying the pending changes: {e}"))?;
     }
     Ok((fs, feed, session))
+}
+
+/// What to do with an op the server refused because the file was not what the op expected.
+/// A whole-file put whose reply was lost to a dropped connection finds its own file there on
+/// the retry: if the server's file is exactly the put's data, it was ours and is done. Anything
+/// else is kept in the rejected folder (no op carries a content condition yet, so that is a
+/// file created in the pod at the same moment).
+async fn resolve_conflict(remote: &Remote, op: &crate::journal::Op, maybe_applied: bool) -> Resolution {
+    if let (true, crate::journal::Op::Put { path, data, .. }) = (maybe_applied, op) {
+        if let Ok(rel) = crate::cache::RelPath::new(path) {
+            if let Ok((_, server)) = remote.get(&rel, data.len() as u64).await {
+                if server == *data {
+                    return Resolution::Done;
+                }
+            }
+        }
+    }
+    Resolution::Reject { errno: libc::EBUSY, message: "the file changed in the pod".into() }
 }
 
 fn mount_config(args: &MountArgs) -> Config {
