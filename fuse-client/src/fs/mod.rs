@@ -48,7 +48,7 @@ pub struct IdMap {
 }
 
 impl IdMap {
-    fn to_local(&self, mut st: FullStat) -> FullStat {
+    fn to_local(self, mut st: FullStat) -> FullStat {
         if st.uid == self.remote_uid {
             st.uid = self.local_uid;
         }
