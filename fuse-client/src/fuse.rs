@@ -396,7 +396,7 @@ impl Filesystem for FuseFs {
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let dirs = self.dirs.clone();
         self.spawn(move |fs| async move {
-            match fs.readdir(ino.0, true).await {
+            match fs.readdir(ino.0).await {
                 Ok(items) => {
                     let fh = dirs.lock().unwrap_or_else(|e| e.into_inner()).insert(Arc::new(items));
                     reply.opened(FileHandle(fh as u64), FopenFlags::FOPEN_KEEP_CACHE);
@@ -417,8 +417,9 @@ impl Filesystem for FuseFs {
         }
         let start = (offset as usize).saturating_sub(2);
         for (i, item) in items.iter().enumerate().skip(start) {
-            let id = item.entry.map_or(u64::MAX, |e| e.attr.id);
-            if reply.add(INodeNo(id), i as u64 + 3, file_type(item.kind), OsStr::from_bytes(&item.name)) {
+            // Plain readdir only serves kernels without readdirplus; the inode number there
+            // is informational, and looking each one up would cost a round trip per name.
+            if reply.add(INodeNo(u64::MAX), i as u64 + 3, file_type(item.kind), OsStr::from_bytes(&item.name)) {
                 break;
             }
         }
@@ -442,14 +443,8 @@ impl Filesystem for FuseFs {
             }
             let start = (offset as usize).saturating_sub(2);
             for (i, item) in items.iter().enumerate().skip(start) {
-                let entry = match item.entry {
-                    Some(e) => e,
-                    // Attributes aged out of the cache since opendir: ask again.
-                    None => match fs.resolve(ino.0, OsStr::from_bytes(&item.name)).await {
-                        Ok(e) => e,
-                        Err(_) => continue,
-                    },
-                };
+                // Checked again now: the snapshot may be older than a change the feed reported.
+                let Some(entry) = fs.plus_entry(ino.0, &item.name).await else { continue };
                 let a = attr(entry.attr.id, &entry.attr.stat);
                 if reply.add(INodeNo(entry.attr.id), i as u64 + 3, OsStr::from_bytes(&item.name), &entry.ttl, &a, Generation(0)) {
                     break;

@@ -1,5 +1,6 @@
 //! Harness for the end-to-end tests: a real `devmount-server` on loopback, driven by OpenSSH's
-//! own clients (`ssh`, `sftp`, `sshfs`) with keys made by `ssh-keygen`.
+//! own clients (`ssh`, `sftp`, `sshfs`) with keys made by `ssh-keygen`, and `devmount mount`
+//! against it or against OpenSSH's own `sshd` ([`Sshd`]).
 //!
 //! Each test starts its own [`Server`] over a fresh temporary directory, so tests share nothing
 //! and run in parallel. The directory on disk is the oracle: a test acts through SSH and checks
@@ -7,16 +8,17 @@
 //! (`-F /dev/null`, explicit identity and known-hosts files), and host keys are always checked.
 //!
 //! Every wait has a deadline; a process still running at its deadline is killed and the error
-//! carries everything it printed. The server binary is taken from the target directory next to
-//! the test executable (`target/debug`), or from `DEVMOUNT_BIN_DIR`; build it first with
-//! `cargo build --workspace --bins` (scripts/test does).
+//! carries everything it printed. A mount made by a test is always unmounted when its guard
+//! ([`DevMount`], [`Mount`]) drops. The server and client binaries are taken from the target
+//! directory next to the test executable (`target/debug`), or from `DEVMOUNT_BIN_DIR`; build them
+//! first with `cargo build --workspace --bins` (scripts/test does).
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::fs;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -59,7 +61,16 @@ fn bin_dir() -> Result<PathBuf> {
 
 /// The `devmount-server` binary, checked to exist.
 pub fn server_bin() -> Result<PathBuf> {
-    let bin = bin_dir()?.join("devmount-server");
+    workspace_bin("devmount-server")
+}
+
+/// The `devmount` client binary, checked to exist.
+pub fn client_bin() -> Result<PathBuf> {
+    workspace_bin("devmount")
+}
+
+fn workspace_bin(name: &str) -> Result<PathBuf> {
+    let bin = bin_dir()?.join(name);
     ensure!(
         bin.is_file(),
         "{} not found: build it with `cargo build --workspace --bins` (or set DEVMOUNT_BIN_DIR)",
@@ -656,6 +667,23 @@ impl Server {
         Mount::start(cmd, mnt)
     }
 
+    /// What `devmount mount` needs to reach this server's root.
+    pub fn endpoint(&self) -> Endpoint {
+        Endpoint {
+            user: USER.to_owned(),
+            port: self.port,
+            root: self.root.clone(),
+            identity: self.client_key.clone(),
+            known_hosts: self.known_hosts.clone(),
+            scratch: self.keys.clone(),
+        }
+    }
+
+    /// Mounts the root (or what `options` say) with `devmount mount`.
+    pub fn mount(&self, options: MountOptions) -> Result<DevMount> {
+        self.endpoint().mount(options)
+    }
+
     /// Everything the server printed on stderr so far.
     pub fn log(&self) -> String {
         String::from_utf8_lossy(&self.proc.stderr()).into_owned()
@@ -884,4 +912,570 @@ pub fn write_file_mode(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
 pub fn mode_of(path: &Path) -> Result<u32> {
     use std::os::unix::fs::MetadataExt;
     Ok(fs::symlink_metadata(path).with_context(|| format!("stat {}", path.display()))?.mode() & 0o7777)
+}
+
+/// How long `devmount mount` may take to connect and mount, and its daemon to exit once
+/// unmounted, on a loaded machine.
+const MOUNT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What `devmount mount` needs to reach a test server: the SSH user, the port on [`HOST`], the
+/// served directory, a key the server accepts and a known_hosts file pinning its host key.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub user: String,
+    pub port: u16,
+    /// The directory the tests look at directly, canonical.
+    pub root: PathBuf,
+    pub identity: PathBuf,
+    pub known_hosts: PathBuf,
+    /// A directory outside `root` for mount points and the client's state, sockets and logs.
+    pub scratch: PathBuf,
+}
+
+/// What to change in a `devmount mount` command line; the default mounts the endpoint's root
+/// at `scratch/mnt` with the endpoint's key and known_hosts, in the background.
+#[derive(Debug, Clone, Default)]
+pub struct MountOptions {
+    foreground: bool,
+    timeout: Option<f64>,
+    data_cache: Option<u64>,
+    mountpoint: Option<PathBuf>,
+    remote_path: Option<PathBuf>,
+    target: Option<OsString>,
+    port: Option<u16>,
+    identity: Option<PathBuf>,
+    known_hosts: Option<PathBuf>,
+}
+
+impl MountOptions {
+    pub fn new() -> MountOptions {
+        MountOptions::default()
+    }
+
+    /// `--foreground`: the guard holds the serving process itself.
+    pub fn foreground(mut self) -> MountOptions {
+        self.foreground = true;
+        self
+    }
+
+    /// `--timeout SECONDS`.
+    pub fn timeout(mut self, seconds: f64) -> MountOptions {
+        self.timeout = Some(seconds);
+        self
+    }
+
+    /// `--data-cache BYTES`.
+    pub fn data_cache(mut self, bytes: u64) -> MountOptions {
+        self.data_cache = Some(bytes);
+        self
+    }
+
+    /// Mount here instead of `scratch/mnt`; the path is used as given, not created.
+    pub fn mountpoint(mut self, path: impl Into<PathBuf>) -> MountOptions {
+        self.mountpoint = Some(path.into());
+        self
+    }
+
+    /// Mount this absolute path of the server instead of the root.
+    pub fn remote_path(mut self, path: impl Into<PathBuf>) -> MountOptions {
+        self.remote_path = Some(path.into());
+        self
+    }
+
+    /// The whole target argument, as given (e.g. not an ssh:// URL).
+    pub fn target(mut self, target: impl Into<OsString>) -> MountOptions {
+        self.target = Some(target.into());
+        self
+    }
+
+    /// Connect to this port of [`HOST`] instead of the server's.
+    pub fn port(mut self, port: u16) -> MountOptions {
+        self.port = Some(port);
+        self
+    }
+
+    pub fn identity(mut self, path: impl Into<PathBuf>) -> MountOptions {
+        self.identity = Some(path.into());
+        self
+    }
+
+    pub fn known_hosts(mut self, path: impl Into<PathBuf>) -> MountOptions {
+        self.known_hosts = Some(path.into());
+        self
+    }
+}
+
+/// Numbers the log files of the `devmount mount` runs of this test process.
+static MOUNT_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+impl Endpoint {
+    /// `ssh://USER@HOST:PORT/PATH` for the absolute server path `path`, byte for byte.
+    pub fn url(&self, path: &Path) -> OsString {
+        self.url_with_port(self.port, path)
+    }
+
+    fn url_with_port(&self, port: u16, path: &Path) -> OsString {
+        use std::os::unix::ffi::{OsStrExt, OsStringExt};
+        let mut url = format!("ssh://{}@{HOST}:{port}", self.user).into_bytes();
+        url.extend_from_slice(path.as_os_str().as_bytes());
+        OsString::from_vec(url)
+    }
+
+    /// `XDG_STATE_HOME` of the mounts: the client keeps its state in `devmount/` under it.
+    pub fn state_home(&self) -> PathBuf {
+        self.scratch.join("state")
+    }
+
+    /// The default mount point, created if missing (and left alone if it holds a mount, even a
+    /// dead one).
+    pub fn default_mountpoint(&self) -> Result<PathBuf> {
+        let mnt = self.scratch.join("mnt");
+        match fs::create_dir(&mnt) {
+            Err(e) if e.kind() != ErrorKind::AlreadyExists => {
+                Err(e).with_context(|| format!("creating {}", mnt.display()))
+            }
+            _ => Ok(mnt),
+        }
+    }
+
+    /// The `devmount mount` command line for `options`, and its mount point.
+    pub fn mount_command(&self, options: &MountOptions) -> Result<(Command, PathBuf)> {
+        let mountpoint = match &options.mountpoint {
+            Some(path) => path.clone(),
+            None => self.default_mountpoint()?,
+        };
+        let target = match &options.target {
+            Some(target) => target.clone(),
+            None => self.url_with_port(
+                options.port.unwrap_or(self.port),
+                options.remote_path.as_deref().unwrap_or(&self.root),
+            ),
+        };
+        let mut cmd = command(client_bin()?);
+        // The client's state (journal, logs) and control sockets stay in the test's directory.
+        let runtime = self.scratch.join("run");
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&runtime)
+            .with_context(|| format!("creating {}", runtime.display()))?;
+        cmd.env("XDG_STATE_HOME", self.state_home()).env("XDG_RUNTIME_DIR", &runtime);
+        cmd.arg("mount").arg(target).arg(&mountpoint);
+        cmd.arg("--identity").arg(options.identity.as_deref().unwrap_or(&self.identity));
+        cmd.arg("--known-hosts").arg(options.known_hosts.as_deref().unwrap_or(&self.known_hosts));
+        if options.foreground {
+            cmd.arg("--foreground");
+        }
+        if let Some(seconds) = options.timeout {
+            cmd.arg("--timeout").arg(seconds.to_string());
+        }
+        if let Some(bytes) = options.data_cache {
+            cmd.arg("--data-cache").arg(bytes.to_string());
+        }
+        Ok((cmd, mountpoint))
+    }
+
+    /// Runs `devmount mount` and returns once the mount is ready; the guard unmounts on drop.
+    pub fn mount(&self, options: MountOptions) -> Result<DevMount> {
+        let (cmd, mountpoint) = self.mount_command(&options)?;
+        if options.foreground {
+            DevMount::start_foreground(cmd, mountpoint)
+        } else {
+            let (run, log) = self.run_mount(cmd)?;
+            ensure!(run.success(), "{run}");
+            DevMount::adopt_daemon(mountpoint, log).with_context(|| run.to_string())
+        }
+    }
+
+    /// Runs `devmount mount` in the background mode when it is expected to fail, and returns how
+    /// it ended. Should it mount after all, the mount is taken down and that is the error.
+    pub fn mount_fails(&self, options: MountOptions) -> Result<Run> {
+        ensure!(!options.foreground, "mount_fails runs the background mode only");
+        let (cmd, mountpoint) = self.mount_command(&options)?;
+        let (run, log) = self.run_mount(cmd)?;
+        if run.success() {
+            let mount = DevMount::adopt_daemon(mountpoint, log);
+            drop(mount);
+            bail!("devmount mount succeeded where it should have failed\n{run}");
+        }
+        Ok(run)
+    }
+
+    /// Runs the background mode with stdout and stderr in files, not pipes: should the daemon
+    /// keep what it inherited, pipes would stay open as long as the mount. Returns the run and
+    /// the file the daemon logs to if it keeps its inherited stderr.
+    fn run_mount(&self, mut cmd: Command) -> Result<(Run, PathBuf)> {
+        let n = MOUNT_RUNS.fetch_add(1, Ordering::SeqCst);
+        let out_path = self.scratch.join(format!("mount-{n}.out"));
+        let err_path = self.scratch.join(format!("mount-{n}.err"));
+        let out = fs::File::create(&out_path).with_context(|| format!("creating {}", out_path.display()))?;
+        let err = fs::File::create(&err_path).with_context(|| format!("creating {}", err_path.display()))?;
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        let command = describe_command(&cmd);
+        let mut child = cmd.spawn().with_context(|| format!("starting `{command}`"))?;
+        let deadline = Instant::now() + MOUNT_TIMEOUT;
+        let status = loop {
+            if let Some(status) = child.try_wait().with_context(|| format!("waiting for `{command}`"))? {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                // Fails only if it has just exited; the wait collects it either way.
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "`{command}` still running after {MOUNT_TIMEOUT:?}; killed it\n--- stderr ---\n{}",
+                    tail(&fs::read(&err_path).unwrap_or_default())
+                );
+            }
+            thread::sleep(POLL);
+        };
+        let stdout = fs::read(&out_path).with_context(|| format!("reading {}", out_path.display()))?;
+        let stderr = fs::read(&err_path).with_context(|| format!("reading {}", err_path.display()))?;
+        Ok((Run { command, status, stdout, stderr }, err_path))
+    }
+}
+
+/// The process serving a [`DevMount`].
+enum Daemon {
+    /// `--foreground`: our own child.
+    Foreground(Proc),
+    /// The daemon `devmount mount` forked, found by its command line; it is not our child, so
+    /// its end is seen in /proc, and `log` is the file its stderr goes to (the one it inherited,
+    /// or its own log file).
+    Background { pid: i32, log: PathBuf },
+}
+
+/// A `devmount mount` of a test server. Dropping it unmounts (`fusermount3 -u`, lazily if busy)
+/// and waits for the daemon to exit, killing it if it does not.
+pub struct DevMount {
+    path: PathBuf,
+    daemon: Daemon,
+}
+
+impl DevMount {
+    fn start_foreground(mut cmd: Command, mountpoint: PathBuf) -> Result<DevMount> {
+        let proc = Proc::spawn(&mut cmd)?;
+        let path = canonical(&mountpoint)?;
+        let mut mount = DevMount { path, daemon: Daemon::Foreground(proc) };
+        let deadline = Instant::now() + MOUNT_TIMEOUT;
+        loop {
+            if is_mount_point(&mount.path)? {
+                return Ok(mount);
+            }
+            if !mount.is_running()? {
+                bail!("`devmount mount --foreground` exited before mounting\n{}", mount.log());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "`devmount mount --foreground` did not mount within {MOUNT_TIMEOUT:?}\n{}",
+                    mount.log()
+                );
+            }
+            thread::sleep(POLL);
+        }
+    }
+
+    /// Takes charge of the mount a successful background `devmount mount` left at `mountpoint`.
+    fn adopt_daemon(mountpoint: PathBuf, log: PathBuf) -> Result<DevMount> {
+        let path = canonical(&mountpoint)?;
+        let pid = find_daemon(&client_bin()?, mountpoint.as_os_str());
+        // Even without its daemon, a mount must not outlive the test.
+        let mounted = is_mount_point(&path)?;
+        let pid = match pid {
+            Ok(pid) => pid,
+            Err(e) => {
+                if mounted {
+                    force_unmount(&path);
+                }
+                return Err(e);
+            }
+        };
+        // A daemon that detached from the caller's stderr logs to a file of its own.
+        let log = match fs::read_link(format!("/proc/{pid}/fd/2")) {
+            Ok(own) if own.is_absolute() && own.is_file() => own,
+            _ => log,
+        };
+        let mount = DevMount { path, daemon: Daemon::Background { pid, log } };
+        ensure!(
+            mounted,
+            "devmount mount returned, but {} is not a mount point\n{}",
+            mount.path.display(),
+            mount.log()
+        );
+        Ok(mount)
+    }
+
+    /// The mount point, canonical.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The serving process.
+    pub fn pid(&self) -> i32 {
+        match &self.daemon {
+            Daemon::Foreground(proc) => proc.child.id() as i32,
+            Daemon::Background { pid, .. } => *pid,
+        }
+    }
+
+    /// Whether the serving process is still running.
+    pub fn is_running(&mut self) -> Result<bool> {
+        match &mut self.daemon {
+            Daemon::Foreground(proc) => Ok(proc.try_wait()?.is_none()),
+            Daemon::Background { pid, .. } => Ok(process_alive(*pid)),
+        }
+    }
+
+    /// Sends `signal` to the serving process, if it is still running.
+    pub fn signal(&mut self, signal: Signal) -> Result<()> {
+        if !self.is_running()? {
+            return Ok(());
+        }
+        kill(Pid::from_raw(self.pid()), signal)
+            .with_context(|| format!("sending {signal} to pid {}", self.pid()))
+    }
+
+    /// Waits for the serving process to exit and returns how long that took.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<Duration> {
+        let start = Instant::now();
+        while self.is_running()? {
+            if start.elapsed() >= timeout {
+                bail!(
+                    "the devmount daemon (pid {}) still runs after {timeout:?}\n{}",
+                    self.pid(),
+                    self.log()
+                );
+            }
+            thread::sleep(POLL);
+        }
+        Ok(start.elapsed())
+    }
+
+    /// What the serving process printed on stderr so far.
+    pub fn log(&self) -> String {
+        match &self.daemon {
+            Daemon::Foreground(proc) => proc.outputs(),
+            Daemon::Background { log, .. } => {
+                format!("--- devmount stderr ---\n{}", tail(&fs::read(log).unwrap_or_default()))
+            }
+        }
+    }
+
+    /// `fusermount3 -u`, then waits for the daemon to exit; returns the time from the start of
+    /// the unmount to the daemon's exit.
+    pub fn unmount(self) -> Result<Duration> {
+        let mut cmd = command("fusermount3");
+        cmd.arg("-u").arg(&self.path);
+        self.unmount_with(&mut cmd)
+    }
+
+    /// Unmounts with `cmd` (which must succeed and detach the mount), then waits for the daemon
+    /// to exit; returns the time from the start of `cmd` to the daemon's exit.
+    pub fn unmount_with(mut self, cmd: &mut Command) -> Result<Duration> {
+        let start = Instant::now();
+        // Any process that walks into the mount at that moment (GNU df stats every mount point
+        // to find its argument's) makes it busy for as long as the daemon takes to answer.
+        let out = retry("unmounting", MOUNT_TIMEOUT, || {
+            let out = run(cmd)?;
+            ensure!(out.success() || !out.stderr_text().contains("busy"), "{out}");
+            Ok(out)
+        })?;
+        ensure!(out.success(), "{out}\n{}", self.log());
+        ensure!(
+            !is_mount_point(&self.path)?,
+            "{} is still mounted after `{}`",
+            self.path.display(),
+            out.command
+        );
+        self.wait_exit(MOUNT_TIMEOUT)?;
+        Ok(start.elapsed())
+    }
+}
+
+impl Drop for DevMount {
+    fn drop(&mut self) {
+        if is_mount_point(&self.path).unwrap_or(true) {
+            force_unmount(&self.path);
+        }
+        if self.wait_exit(MOUNT_TIMEOUT).is_err() {
+            // It is ours: started by this test for this mount.
+            let _ = self.signal(Signal::SIGKILL);
+            let _ = self.wait_exit(Duration::from_secs(5));
+        }
+    }
+}
+
+fn canonical(path: &Path) -> Result<PathBuf> {
+    fs::canonicalize(path).with_context(|| format!("resolving {}", path.display()))
+}
+
+/// `fusermount3 -u`, and `-u -z` if that fails (busy after a failed test, or a dead daemon).
+fn force_unmount(path: &Path) {
+    let ok = run(command("fusermount3").arg("-u").arg(path)).is_ok_and(|out| out.success());
+    if !ok {
+        // Nothing more to do if this fails too: the error would hide the test's own.
+        let _ = run(command("fusermount3").arg("-u").arg("-z").arg(path));
+    }
+}
+
+/// Whether `pid` runs (a zombie has ended: nobody may reap a daemon whose parent exited).
+fn process_alive(pid: i32) -> bool {
+    let Ok(stat) = fs::read(format!("/proc/{pid}/stat")) else { return false };
+    // The state follows the command name, which is in parentheses and may contain anything.
+    let Some(close) = stat.iter().rposition(|&b| b == b')') else { return false };
+    !matches!(stat.get(close + 2), Some(b'Z' | b'X') | None)
+}
+
+/// The pid of the running `BIN mount ... MOUNTPOINT ...` process: the daemon a background
+/// `devmount mount` forked, which keeps its command line.
+fn find_daemon(bin: &Path, mountpoint: &OsStr) -> Result<i32> {
+    let bin = bin.as_os_str().as_encoded_bytes();
+    let mountpoint = mountpoint.as_encoded_bytes();
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").context("listing /proc")? {
+        let entry = entry.context("listing /proc")?;
+        let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<i32>().ok()) else {
+            continue;
+        };
+        // Processes come and go while we look.
+        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else { continue };
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        if args.first() == Some(&bin)
+            && args.get(1) == Some(&&b"mount"[..])
+            && args.contains(&mountpoint)
+            && process_alive(pid)
+        {
+            found.push(pid);
+        }
+    }
+    match found[..] {
+        [pid] => Ok(pid),
+        [] => bail!("no devmount daemon for {} is running", String::from_utf8_lossy(mountpoint)),
+        _ => bail!("several devmount daemons for {}: {found:?}", String::from_utf8_lossy(mountpoint)),
+    }
+}
+
+/// The local user's name: the user OpenSSH's sshd must log in as.
+fn local_user_name() -> Result<String> {
+    let uid = nix::unistd::getuid();
+    let user = nix::unistd::User::from_uid(uid).context("looking up the local user")?;
+    Ok(user.ok_or_else(|| anyhow!("uid {uid} has no user name"))?.name)
+}
+
+/// OpenSSH's `sshd` on a free port of loopback with its own configuration and host key,
+/// accepting one generated client key for the local user, with `internal-sftp`. Its temporary
+/// directory is laid out as [`Server`]'s: `root/` (served, by path), `keys/`.
+pub struct Sshd {
+    proc: Proc,
+    endpoint: Endpoint,
+    // Dropped last: the process is stopped before its directory goes.
+    _dir: TempDir,
+}
+
+const SSHD: &str = "/usr/sbin/sshd";
+
+impl Sshd {
+    pub fn start() -> Result<Sshd> {
+        ensure!(Path::new(SSHD).is_file(), "{SSHD} not found: install openssh-server (scripts/setup does)");
+        let dir = tempfile::Builder::new()
+            .prefix("devmount-sshd-")
+            .tempdir()
+            .context("creating the test directory")?;
+        let base = dir.path().canonicalize().context("resolving the test directory")?;
+        let (root, keys) = (base.join("root"), base.join("keys"));
+        for d in [&root, &keys] {
+            fs::create_dir(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        let client_key = keys.join("client");
+        keygen(&client_key)?;
+        let authorized = keys.join("authorized_keys");
+        fs::copy(client_key.with_extension("pub"), &authorized).context("writing authorized_keys")?;
+        let host_key = keys.join("host_key");
+        keygen(&host_key)?;
+        if nix::unistd::geteuid().is_root() {
+            // sshd refuses to start without its privilege separation directory.
+            fs::create_dir_all("/run/sshd").context("creating /run/sshd")?;
+        }
+
+        // The port is free when probed but may be taken before sshd binds it: try again then.
+        let mut attempt = 0;
+        let (proc, port) = loop {
+            attempt += 1;
+            let port = free_port()?;
+            let config = keys.join("sshd_config");
+            let text = format!(
+                "ListenAddress {HOST}:{port}\n\
+                 HostKey {}\n\
+                 AuthorizedKeysFile {}\n\
+                 PubkeyAuthentication yes\n\
+                 PasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\n\
+                 PermitRootLogin prohibit-password\n\
+                 UsePAM no\n\
+                 StrictModes no\n\
+                 PidFile {}\n\
+                 Subsystem sftp internal-sftp\n",
+                host_key.display(),
+                authorized.display(),
+                keys.join("sshd.pid").display()
+            );
+            fs::write(&config, text).context("writing sshd_config")?;
+            let mut proc = Proc::spawn(command(SSHD).arg("-D").arg("-e").arg("-f").arg(&config))?;
+            proc.close_stdin();
+            let listening = format!("Server listening on {HOST} port {port}");
+            match proc.wait_stderr(&listening, START_TIMEOUT, |err| {
+                String::from_utf8_lossy(err).contains(&listening)
+            }) {
+                Ok(()) => break (proc, port),
+                Err(e) => {
+                    let run = proc.kill();
+                    if attempt < 3 && run.stderr_text().contains("Address already in use") {
+                        continue;
+                    }
+                    return Err(e.context("sshd did not start"));
+                }
+            }
+        };
+
+        let known_hosts = keys.join("known_hosts");
+        let host_pub = public_key_of(&host_key)?;
+        fs::write(&known_hosts, format!("[{HOST}]:{port} {host_pub}\n")).context("writing known_hosts")?;
+        let endpoint = Endpoint {
+            user: local_user_name()?,
+            port,
+            root,
+            identity: client_key,
+            known_hosts,
+            scratch: keys,
+        };
+        Ok(Sshd { proc, endpoint, _dir: dir })
+    }
+
+    /// The directory the tests mount, canonical.
+    pub fn root(&self) -> &Path {
+        &self.endpoint.root
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Mounts the root (or what `options` say) with `devmount mount`.
+    pub fn mount(&self, options: MountOptions) -> Result<DevMount> {
+        self.endpoint.mount(options)
+    }
+
+    /// Everything sshd printed so far.
+    pub fn log(&self) -> String {
+        String::from_utf8_lossy(&self.proc.stderr()).into_owned()
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        if self.proc.signal(Signal::SIGTERM).is_ok() && self.proc.wait(Duration::from_secs(5)).is_ok() {
+            return;
+        }
+        self.proc.kill();
+    }
 }

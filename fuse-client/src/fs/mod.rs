@@ -73,12 +73,11 @@ pub struct Entry {
     pub ttl: Duration,
 }
 
-/// One name of a directory listing, with its attributes when known (readdirplus).
+/// One name of a directory listing.
 #[derive(Debug, Clone)]
 pub struct DirItem {
     pub name: Bytes,
     pub kind: FileKind,
-    pub entry: Option<Entry>,
 }
 
 struct OpenFile {
@@ -260,10 +259,10 @@ impl Fs {
         }
     }
 
-    /// Every name of directory `id` with what is known of it; `plus` asks for attributes
-    /// (readdirplus), which the listing usually carries at no extra cost. Names changed here
-    /// and not yet on the server are merged in.
-    pub async fn readdir(&self, id: u64, plus: bool) -> Result<Vec<DirItem>> {
+    /// Every name of directory `id`, with the names changed here and not yet on the server
+    /// merged in. The attributes of the names are cached on the way (a listing carries them),
+    /// for [`Fs::plus_entry`].
+    pub async fn readdir(&self, id: u64) -> Result<Vec<DirItem>> {
         let dir = self.path_of(id)?;
         let (changed, own) = {
             let local = lock(&self.local);
@@ -273,72 +272,50 @@ impl Fs {
             Some(e) if e.stat.is_none() => return Err(Errno::ENOENT),
             // Made here: the server may not have it yet, and has nothing in it.
             Some(_) if self.journal.is_dirty(dir.as_bytes()) => Vec::new(),
-            _ => self.server_listing(&dir, plus).await?,
+            _ => self.server_listing(&dir).await?,
         };
         if changed.is_empty() {
             return Ok(items);
         }
         items.retain(|item| !changed.iter().any(|(name, _)| *name == item.name));
-        for (name, kind) in changed {
-            let Some(kind) = kind else { continue };
-            let entry = match (plus, dir.join(&name)) {
-                (true, Ok(path)) => {
-                    let stat = lock(&self.local).get(&path).and_then(|e| e.stat);
-                    stat.map(|st| self.entry(&path, st, Duration::ZERO))
-                }
-                _ => None,
-            };
-            items.push(DirItem { name, kind, entry });
-        }
+        items.extend(changed.into_iter().filter_map(|(name, kind)| Some(DirItem { name, kind: kind? })));
         Ok(items)
     }
 
     /// The server's names of `dir` (through the cache).
-    async fn server_listing(&self, dir: &RelPath, plus: bool) -> Result<Vec<DirItem>> {
-        let dir = dir.clone();
+    async fn server_listing(&self, dir: &RelPath) -> Result<Vec<DirItem>> {
         let now = Instant::now();
-        let cached = self.cache().listing(&dir, now);
-        let listing = match cached {
-            Some(f) => f.value,
-            None => {
-                let floor = self.floor();
-                let (entries, own) = self.remote.list(&dir).await?;
-                let seq = own.as_ref().and_then(|s| s.seq).unwrap_or(floor);
-                let items: Vec<(Bytes, FileKind, Option<FullStat>)> =
-                    entries.iter().map(|e| (e.name.clone(), e.kind, e.meta)).collect();
-                let ttl = {
-                    let mut cache = self.cache();
-                    if let Some(own) = own {
-                        let _ = cache.insert_attr(&dir, own.stat, seq, now);
-                    }
-                    // A refused listing (an event overtook it) still answers this request.
-                    let _ = cache.insert_listing(&dir, entries, seq, now);
-                    cache.ttl(&dir, seq)
-                };
-                return Ok(items
-                    .into_iter()
-                    .map(|(name, kind, meta)| {
-                        let entry = match (plus, meta, dir.join(&name)) {
-                            (true, Some(stat), Ok(path)) => Some(self.entry(&path, stat, ttl)),
-                            _ => None,
-                        };
-                        DirItem { name, kind, entry }
-                    })
-                    .collect());
-            }
-        };
-        let mut items = Vec::with_capacity(listing.len());
-        for e in listing.entries() {
-            let entry = if plus {
-                let Ok(path) = dir.join(&e.name) else { continue };
-                let attr = self.cache().attr(&path, now);
-                attr.map(|f| self.entry(&path, f.value, f.ttl))
-            } else {
-                None
-            };
-            items.push(DirItem { name: e.name.clone(), kind: e.kind, entry });
+        let cached = self.cache().listing(dir, now);
+        if let Some(f) = cached {
+            return Ok(f.value.entries().iter().map(|e| DirItem { name: e.name.clone(), kind: e.kind }).collect());
         }
+        let floor = self.floor();
+        let (entries, own) = self.remote.list(dir).await?;
+        let seq = own.as_ref().and_then(|s| s.seq).unwrap_or(floor);
+        let items = entries.iter().map(|e| DirItem { name: e.name.clone(), kind: e.kind }).collect();
+        let mut cache = self.cache();
+        if let Some(own) = own {
+            let _ = cache.insert_attr(dir, own.stat, seq, now);
+        }
+        // A refused listing (an event overtook it) still answers this request.
+        let _ = cache.insert_listing(dir, entries, seq, now);
         Ok(items)
+    }
+
+    /// The entry to give the kernel for `name` of a listing snapshot, as of now: a name deleted
+    /// since the snapshot is left out (`None`), so a directory handle opened before a change
+    /// never brings back what the feed already removed.
+    pub async fn plus_entry(&self, dir: u64, name: &[u8]) -> Option<Entry> {
+        let path = self.path_of(dir).ok()?.join(name).ok()?;
+        if let Some(e) = lock(&self.local).get(&path) {
+            return e.stat.map(|st| self.entry(&path, st, Duration::ZERO));
+        }
+        let cached = self.cache().lookup(&path, Instant::now());
+        match cached {
+            Lookup::Found { stat, ttl } => Some(self.entry(&path, stat, ttl)),
+            Lookup::Missing { .. } => None,
+            Lookup::Unknown => self.resolve(dir, OsStr::from_bytes(name)).await.ok(),
+        }
     }
 
     fn file(&self, fh: u64) -> Result<Arc<OpenFile>> {
@@ -359,6 +336,9 @@ impl Fs {
         let end = offset.saturating_add(u64::from(size)).min(version.size);
         if offset >= end {
             return Ok(Bytes::new());
+        }
+        if !self.trusts_cached_data(&version) {
+            return self.read_server(&file, &path, offset, end).await;
         }
         let parts = self.cache().read_data(&path, &version, offset..end);
         let mut out = BytesMut::with_capacity((end - offset) as usize);
@@ -384,6 +364,19 @@ impl Fs {
             }
         }
         Ok(out.freeze())
+    }
+
+    /// Whether cached contents of a file at `version` can be trusted. With whole-second
+    /// times (plain SFTP v3) a file rewritten with the same size in the second it was read
+    /// looks unchanged, so such a file is read from the server until its mtime is at least
+    /// two seconds old (git's "racy clean" rule). devmount-server's nanosecond times and feed
+    /// need no such care.
+    fn trusts_cached_data(&self, version: &DataVersion) -> bool {
+        if self.remote.is_devmount() {
+            return true;
+        }
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        version.mtime.sec + 1 < now
     }
 
     /// A read of a file with changes the server does not have yet: the journal's bytes over

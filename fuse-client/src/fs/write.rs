@@ -214,7 +214,7 @@ impl Fs {
             return Err(Errno::ENOTDIR);
         }
         let id = self.nodes().id_for(&path, stat.dev, stat.ino);
-        if !self.readdir(id, false).await?.is_empty() {
+        if !self.readdir(id).await?.is_empty() {
             return Err(Errno::ENOTEMPTY);
         }
         let seq = self.append(Op::Rmdir { path: bytes(&path) }).await?;
@@ -246,7 +246,7 @@ impl Fs {
             (0, Some(d)) if !d.is_dir() && src.is_dir() => return Err(Errno::ENOTDIR),
             (0, Some(d)) if d.is_dir() => {
                 let id = self.nodes().id_for(&to, d.dev, d.ino);
-                if !self.readdir(id, false).await?.is_empty() {
+                if !self.readdir(id).await?.is_empty() {
                     return Err(Errno::ENOTEMPTY);
                 }
             }
