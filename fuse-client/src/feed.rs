@@ -2,58 +2,27 @@
 //! and in the kernel.
 //!
 //! `feed` only invalidates; it never writes files and never fetches. Kernel notifications go
-//! out from one thread of their own, never from a FUSE request handler: the kernel may hold a
-//! directory lock while it waits on a request, and a notification about that directory sent
-//! from the thread that must answer the request would wait forever.
+//! out from the echo thread (see [`crate::echo`]), never from a FUSE request handler: the kernel
+//! may hold a directory lock while it waits on a request, and a notification about that
+//! directory sent from the thread that must answer the request would wait forever.
 
-use std::ffi::OsStr;
-use std::os::unix::ffi::OsStrExt;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Instant;
 
-use devmount_server::proto::feed::FeedMessage;
-use fuser::{INodeNo, Notifier};
+use bytes::Bytes;
+use devmount_server::proto::feed::{Change, FeedMessage};
+use devmount_server::proto::stat::FullStat;
 
-use crate::cache::{InvalKind, Invalidation};
+use crate::cache::{InvalKind, Invalidation, RelPath};
+use crate::echo::{Replay, Work};
 use crate::fs::Fs;
 use crate::session::FeedStream;
 
-/// One kernel notification.
-pub enum Notice {
-    /// `inval_entry(parent, name)`.
-    Entry { parent: u64, name: Vec<u8> },
-    /// `delete(parent, child, name)`: the name is gone and the child with it.
-    Delete { parent: u64, child: u64, name: Vec<u8> },
-    /// `inval_inode(id, off, len)`: off -1 drops attributes only, (0, 0) the page cache too.
-    Inode { id: u64, off: i64, len: i64 },
-}
-
-/// Starts the thread that sends kernel notifications; it ends when every sender is dropped.
-pub fn notifier_thread(notifier: Notifier) -> std::io::Result<mpsc::Sender<Notice>> {
-    let (tx, rx) = mpsc::channel::<Notice>();
-    std::thread::Builder::new().name("devmount-notify".into()).spawn(move || {
-        for notice in rx {
-            let result = match &notice {
-                Notice::Entry { parent, name } => notifier.inval_entry(INodeNo(*parent), OsStr::from_bytes(name)),
-                Notice::Delete { parent, child, name } => {
-                    notifier.delete(INodeNo(*parent), INodeNo(*child), OsStr::from_bytes(name))
-                }
-                Notice::Inode { id, off, len } => notifier.inval_inode(INodeNo(*id), *off, *len),
-            };
-            // ENOENT: the kernel had nothing cached for it, which is fine.
-            if let Err(e) = result {
-                if e.raw_os_error() != Some(libc::ENOENT) {
-                    tracing::debug!("kernel notification failed: {e}");
-                }
-            }
-        }
-    })?;
-    Ok(tx)
-}
-
-/// Applies the feed to `fs` until it ends; returns why it ended.
-pub async fn run(fs: Arc<Fs>, mut feed: FeedStream, notices: mpsc::Sender<Notice>) -> String {
+/// Applies the feed to `fs` until it ends; returns why it ended. Kernel notifications and the
+/// replays for local watchers go to the echo thread, in an order that keeps the kernel right:
+/// removals are replayed before the kernel is told, creations after.
+pub async fn run(fs: Arc<Fs>, mut feed: FeedStream, work: mpsc::Sender<Work>) -> String {
     loop {
         let msg = match feed.next().await {
             Ok(Some(msg)) => msg,
@@ -66,10 +35,20 @@ pub async fn run(fs: Arc<Fs>, mut feed: FeedStream, notices: mpsc::Sender<Notice
                 String::from_utf8_lossy(path)
             );
         }
-        let invalidations = fs.cache().apply(&msg, Instant::now());
-        for inval in invalidations {
-            for notice in notices_for(&fs, &inval) {
-                if notices.send(notice).is_err() {
+        // Event by event, so a replay sees the names as that event left them: a removal is
+        // replayed before the kernel is told, an addition after.
+        let parts = match msg {
+            FeedMessage::Batch { seq, events } => {
+                events.into_iter().map(|e| FeedMessage::Batch { seq, events: vec![e] }).collect()
+            }
+            other => vec![other],
+        };
+        for part in parts {
+            let (before, after) = replays(&fs, &part);
+            let invalidations = fs.cache().apply(&part, Instant::now());
+            let notices = invalidations.iter().flat_map(|inval| notices_for(&fs, inval));
+            for item in before.into_iter().map(Work::Replay).chain(notices).chain(after.into_iter().map(Work::Replay)) {
+                if work.send(item).is_err() {
                     return "the mount is gone".to_owned();
                 }
             }
@@ -77,7 +56,33 @@ pub async fn run(fs: Arc<Fs>, mut feed: FeedStream, notices: mpsc::Sender<Notice
     }
 }
 
-fn notices_for(fs: &Fs, inval: &Invalidation) -> Vec<Notice> {
+/// The replays of a message's changes made in the pod: (removals, additions). Own changes came
+/// through the mount and were seen by the watchers already.
+fn replays(fs: &Fs, msg: &FeedMessage) -> (Vec<Replay>, Vec<Replay>) {
+    let FeedMessage::Batch { events, .. } = msg else { return (Vec::new(), Vec::new()) };
+    let (mut before, mut after) = (Vec::new(), Vec::new());
+    let known = |path: &Bytes| -> FullStat {
+        let cached = RelPath::new(path).ok().and_then(|p| fs.cache().attr(&p, Instant::now()));
+        cached.map_or(FullStat { mode: libc::S_IFREG | 0o644, ..FullStat::default() }, |f| f.value)
+    };
+    for e in events.iter().filter(|e| !e.own) {
+        match &e.change {
+            Change::Created { path, stat: Some(stat) } => after.push(Replay::Created { path: path.clone(), stat: *stat }),
+            Change::Modified { path, stat: Some(stat) } => {
+                after.push(Replay::Modified { path: path.clone(), stat: *stat })
+            }
+            Change::Attrib { path, stat: Some(stat) } => after.push(Replay::Attrib { path: path.clone(), stat: *stat }),
+            Change::Deleted { path } => before.push(Replay::Deleted { path: path.clone(), stat: known(path) }),
+            Change::Renamed { from, to, stat: Some(stat) } => {
+                before.push(Replay::Renamed { from: from.clone(), to: to.clone(), stat: *stat })
+            }
+            _ => {}
+        }
+    }
+    (before, after)
+}
+
+fn notices_for(fs: &Fs, inval: &Invalidation) -> Vec<Work> {
     if inval.own && inval.kind != InvalKind::Everything {
         // Our own change, made through this mount: the kernel saw it happen, and the inode
         // table already follows it (the event may even arrive after the name was reused here).
@@ -90,17 +95,17 @@ fn notices_for(fs: &Fs, inval: &Invalidation) -> Vec<Notice> {
         Some((parent, inval.path.file_name()?.to_vec()))
     };
     match inval.kind {
-        InvalKind::Entry => parent_and_name().map(|(parent, name)| Notice::Entry { parent, name }).into_iter().collect(),
+        InvalKind::Entry => parent_and_name().map(|(parent, name)| Work::Entry { parent, name }).into_iter().collect(),
         InvalKind::Gone => {
             let notice = parent_and_name().map(|(parent, name)| match id {
-                Some(child) => Notice::Delete { parent, child, name },
-                None => Notice::Entry { parent, name },
+                Some(child) => Work::Delete { parent, child, name },
+                None => Work::Entry { parent, name },
             });
             nodes.unlink(&inval.path);
             notice.into_iter().collect()
         }
-        InvalKind::Attr => id.map(|id| Notice::Inode { id, off: -1, len: 0 }).into_iter().collect(),
-        InvalKind::Data | InvalKind::Listing => id.map(|id| Notice::Inode { id, off: 0, len: 0 }).into_iter().collect(),
-        InvalKind::Everything => nodes.ids().map(|id| Notice::Inode { id, off: 0, len: 0 }).collect(),
+        InvalKind::Attr => id.map(|id| Work::Inode { id, off: -1, len: 0 }).into_iter().collect(),
+        InvalKind::Data | InvalKind::Listing => id.map(|id| Work::Inode { id, off: 0, len: 0 }).into_iter().collect(),
+        InvalKind::Everything => nodes.ids().map(|id| Work::Inode { id, off: 0, len: 0 }).collect(),
     }
 }

@@ -19,20 +19,45 @@ use fuser::{
 };
 use slab::Slab;
 
-use crate::cache::FileKind;
+use crate::cache::{FileKind, RelPath};
+use crate::echo::{Echo, Intent, ECHO_FH};
 use crate::fs::{DirItem, Entry, Fs, SetAttr, SetTime};
 
 /// The kernel side of one mount.
 pub struct FuseFs {
     fs: Arc<Fs>,
+    /// Requests of the echo thread are answered here, never passed to `fs`.
+    echo: Arc<Echo>,
     rt: tokio::runtime::Handle,
     /// Listings snapshotted at opendir, paged through by readdir.
     dirs: Arc<Mutex<Slab<Arc<Vec<DirItem>>>>>,
 }
 
 impl FuseFs {
-    pub fn new(fs: Arc<Fs>, rt: tokio::runtime::Handle) -> FuseFs {
-        FuseFs { fs, rt, dirs: Arc::new(Mutex::new(Slab::new())) }
+    pub fn new(fs: Arc<Fs>, echo: Arc<Echo>, rt: tokio::runtime::Handle) -> FuseFs {
+        FuseFs { fs, echo, rt, dirs: Arc::new(Mutex::new(Slab::new())) }
+    }
+
+    /// The intent of the echo thread, if `req` is one of its requests.
+    fn echo_intent(&self, req: &Request) -> Option<Option<Intent>> {
+        self.echo.is_echo(req.pid()).then(|| self.echo.intent())
+    }
+
+    /// The entry the echo thread's request about `path` gets, if its intent names it.
+    fn echo_lookup(&self, intent: &Option<Intent>, path: &RelPath) -> Option<Result<Entry, Errno>> {
+        let p = path.as_bytes();
+        match intent {
+            // A rename's target is free as far as the echo is concerned: the server already
+            // holds the moved file there, and a target naming the same inode would make the
+            // kernel skip the rename (and its MOVED events).
+            Some(Intent::Create { path, .. }) | Some(Intent::Rename { to: path, .. }) if path[..] == *p => {
+                Some(Err(Errno::ENOENT))
+            }
+            Some(Intent::Exists { path, stat }) | Some(Intent::Rename { from: path, stat, .. }) if path[..] == *p => {
+                Some(Ok(self.fs.echo_entry(&RelPath::new(path).ok()?, *stat)))
+            }
+            _ => None,
+        }
     }
 
     /// Runs `work` on the runtime with a clone of the file system.
@@ -134,7 +159,15 @@ impl Filesystem for FuseFs {
         Ok(())
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if let Some(intent) = self.echo_intent(req) {
+            let answer = self.fs.child_path(parent.0, name).and_then(|p| self.echo_lookup(&intent, &p));
+            match answer {
+                Some(Ok(e)) => return reply_entry(reply, &e),
+                Some(Err(e)) => return reply.error(e),
+                None => {}
+            }
+        }
         let name = name.to_owned();
         self.spawn(move |fs| async move {
             match fs.lookup(parent.0, &name).await {
@@ -166,7 +199,10 @@ impl Filesystem for FuseFs {
         });
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if self.echo.is_echo(req.pid()) {
+            return reply.opened(FileHandle(ECHO_FH), FopenFlags::FOPEN_KEEP_CACHE);
+        }
         self.spawn(move |fs| async move {
             match fs.open(ino.0, flags.0).await {
                 Ok((fh, keep)) => {
@@ -207,6 +243,9 @@ impl Filesystem for FuseFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        if fh.0 == ECHO_FH {
+            return reply.ok();
+        }
         self.spawn(move |fs| async move {
             fs.release(fh.0).await;
             reply.ok();
@@ -235,6 +274,9 @@ impl Filesystem for FuseFs {
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        if fh.0 == ECHO_FH {
+            return reply.ok();
+        }
         match self.fs.flush(fh.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
@@ -242,6 +284,9 @@ impl Filesystem for FuseFs {
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        if fh.0 == ECHO_FH {
+            return reply.ok();
+        }
         self.spawn(move |fs| async move {
             match fs.fsync(fh.0).await {
                 Ok(()) => reply.ok(),
@@ -252,7 +297,7 @@ impl Filesystem for FuseFs {
 
     fn create(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
@@ -260,6 +305,11 @@ impl Filesystem for FuseFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        if let Some(Some(Intent::Create { path, stat })) = self.echo_intent(req) {
+            let Ok(path) = RelPath::new(&path) else { return reply.error(Errno::EINVAL) };
+            let e = self.fs.echo_entry(&path, stat);
+            return reply.created(&e.ttl, &attr(e.attr.id, &e.attr.stat), Generation(0), FileHandle(ECHO_FH), FopenFlags::FOPEN_KEEP_CACHE);
+        }
         let name = name.to_owned();
         self.spawn(move |fs| async move {
             match fs.create(parent.0, &name, mode, umask, flags).await {
@@ -272,7 +322,11 @@ impl Filesystem for FuseFs {
         });
     }
 
-    fn mkdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        if let Some(Some(Intent::Create { path, stat })) = self.echo_intent(req) {
+            let Ok(path) = RelPath::new(&path) else { return reply.error(Errno::EINVAL) };
+            return reply_entry(reply, &self.fs.echo_entry(&path, stat));
+        }
         let name = name.to_owned();
         self.spawn(move |fs| async move {
             match fs.mkdir(parent.0, &name, mode, umask).await {
@@ -312,7 +366,14 @@ impl Filesystem for FuseFs {
         });
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if self.echo.is_echo(req.pid()) {
+            // Gone on the server already: the kernel only needs to hear it happen.
+            if let Some(path) = self.fs.child_path(parent.0, name) {
+                self.fs.nodes().unlink(&path);
+            }
+            return reply.ok();
+        }
         let name = name.to_owned();
         self.spawn(move |fs| async move {
             match fs.unlink(parent.0, &name).await {
@@ -322,7 +383,13 @@ impl Filesystem for FuseFs {
         });
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if self.echo.is_echo(req.pid()) {
+            if let Some(path) = self.fs.child_path(parent.0, name) {
+                self.fs.nodes().unlink(&path);
+            }
+            return reply.ok();
+        }
         let name = name.to_owned();
         self.spawn(move |fs| async move {
             match fs.rmdir(parent.0, &name).await {
@@ -334,7 +401,7 @@ impl Filesystem for FuseFs {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -342,6 +409,12 @@ impl Filesystem for FuseFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        if self.echo.is_echo(req.pid()) {
+            if let (Some(from), Some(to)) = (self.fs.child_path(parent.0, name), self.fs.child_path(newparent.0, newname)) {
+                self.fs.nodes().rename(&from, &to);
+            }
+            return reply.ok();
+        }
         let (name, newname) = (name.to_owned(), newname.to_owned());
         self.spawn(move |fs| async move {
             match fs.rename(parent.0, &name, newparent.0, &newname, flags.bits()).await {
@@ -363,7 +436,7 @@ impl Filesystem for FuseFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -379,6 +452,10 @@ impl Filesystem for FuseFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        if self.echo.is_echo(req.pid()) {
+            // The echo's utimensat: answer with what the server has, change nothing.
+            return self.getattr(req, ino, None, reply);
+        }
         let set = SetAttr { mode, uid, gid, size, atime: atime.map(set_time), mtime: mtime.map(set_time) };
         self.spawn(move |fs| async move {
             match fs.setattr(ino.0, set).await {

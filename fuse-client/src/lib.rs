@@ -2,6 +2,7 @@
 
 pub mod cache;
 pub mod control;
+pub mod echo;
 pub mod feed;
 pub mod fs;
 pub mod fuse;

@@ -16,6 +16,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use fuser::{Config, MountOption, SessionACL};
 
 use crate::cache::CacheConfig;
+use crate::echo::Echo;
 use crate::fs::apply::Applier;
 use crate::fs::remote::Remote;
 use crate::journal::{Config as JournalConfig, Journal, Resolution, Sender, SenderConfig};
@@ -149,7 +150,8 @@ fn serve(args: MountArgs, ready: Option<OwnedFd>) -> Result<()> {
             return Err(e);
         }
     };
-    let fuse = FuseFs::new(fs.clone(), runtime.handle().clone());
+    let echo = Arc::new(Echo::default());
+    let fuse = FuseFs::new(fs.clone(), echo.clone(), runtime.handle().clone());
     let config = mount_config(&args);
     let session = fuser::Session::new(fuse, &args.mountpoint, &config)
         .with_context(|| format!("cannot mount on {}", args.mountpoint.display()));
@@ -163,7 +165,8 @@ fn serve(args: MountArgs, ready: Option<OwnedFd>) -> Result<()> {
         }
     };
     if let Some(feed) = feed {
-        let notices = crate::feed::notifier_thread(session.notifier()).context("cannot start the notifier")?;
+        let notices =
+            echo.start(args.mountpoint.clone(), session.notifier()).context("cannot start the echo thread")?;
         let fs = fs.clone();
         runtime.spawn(async move {
             let why = crate::feed::run(fs.clone(), feed, notices).await;

@@ -567,3 +567,44 @@ fn unmount_ends_the_daemon() -> Result<()> {
     ensure!(names(&mnt)?.is_empty(), "the mount point is not empty after unmounting");
     Ok(())
 }
+
+/// What `inotifywait -m -r` on the mount reports for changes made in the pod: the echo thread
+/// replays each one through the mount (see fuse-client/src/echo.rs).
+#[test]
+fn local_watchers_see_changes_made_in_the_pod() -> Result<()> {
+    let s = Server::start()?;
+    fs::create_dir(s.root().join("src"))?;
+    fs::write(s.root().join("src/old.txt"), b"old")?;
+    let mount = s.mount(MountOptions::new())?;
+    let mnt = mount.path();
+    names(mnt)?;
+    let watch = devmount_tests::Proc::spawn(command("inotifywait").args(["-m", "-r", "--format", "%e %w%f"]).arg(mnt))?;
+    watch.wait_stderr("watches established", Duration::from_secs(10), |e| {
+        String::from_utf8_lossy(e).contains("Watches established")
+    })?;
+    let root = s.root();
+    let m = mnt.display();
+    // One change at a time, each awaited, as an editor or a build in the pod makes them.
+    let steps: [(&dyn Fn() -> std::io::Result<()>, Vec<String>); 5] = [
+        (&|| fs::write(root.join("src/new.txt"), b"made in the pod"), vec![format!("CREATE {m}/src/new.txt")]),
+        (
+            &|| fs::write(root.join("src/old.txt"), b"changed in the pod"),
+            vec![format!("CLOSE_WRITE,CLOSE {m}/src/old.txt"), format!("ATTRIB {m}/src/old.txt")],
+        ),
+        (&|| fs::create_dir(root.join("src/pkg")), vec![format!("CREATE,ISDIR {m}/src/pkg")]),
+        (
+            &|| fs::rename(root.join("src/new.txt"), root.join("src/renamed.txt")),
+            vec![format!("MOVED_FROM {m}/src/new.txt"), format!("MOVED_TO {m}/src/renamed.txt")],
+        ),
+        (&|| fs::remove_file(root.join("src/old.txt")), vec![format!("DELETE {m}/src/old.txt")]),
+    ];
+    for (change, want) in steps {
+        change()?;
+        watch.wait_stdout(&format!("{want:?}"), Duration::from_secs(5), |out| {
+            let out = String::from_utf8_lossy(out);
+            want.iter().all(|w| out.lines().any(|l| l == w))
+        })?;
+    }
+    mount.unmount()?;
+    Ok(())
+}

@@ -171,6 +171,19 @@ impl Fs {
         dir.join(name.as_bytes()).map_err(|_| Errno::EINVAL)
     }
 
+    /// The path of `name` in directory `parent`, if `parent` has one.
+    pub fn child_path(&self, parent: u64, name: &OsStr) -> Option<RelPath> {
+        self.child(parent, name).ok()
+    }
+
+    /// The entry for `path` with `stat` (remote ids), counted as a kernel reference: for the
+    /// echo thread's requests, answered from what the feed reported.
+    pub fn echo_entry(&self, path: &RelPath, stat: FullStat) -> Entry {
+        let entry = self.entry(path, stat, Duration::ZERO);
+        self.nodes().looked_up(entry.attr.id);
+        entry
+    }
+
     /// The sequence a reply without one is stored under: what the cache had applied before the
     /// request went out, a lower bound of the server's.
     fn floor(&self) -> u64 {
