@@ -84,8 +84,9 @@ fn run(args: Args) -> Result<()> {
         forward: args.allow_forward.iter().copied().collect(),
         reverse: args.allow_reverse.iter().copied().collect(),
     };
-    // Each SFTP connection may keep up to `Limits::max_in_flight` file operations on blocking
-    // threads (a read of a FIFO can block for good); leave room for several connections.
+    // Each SFTP connection runs its quick metadata requests on at most two blocking threads,
+    // and each request that may block for long (a read of a FIFO can block for good) on one of
+    // its own, up to `Limits::max_in_flight` of them; leave room for several connections.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .max_blocking_threads(2048)

@@ -702,6 +702,11 @@ impl Server {
         Ok(())
     }
 
+    /// Sends `signal` to the server (SIGSTOP and SIGCONT freeze and thaw it).
+    pub fn signal(&mut self, signal: Signal) -> Result<()> {
+        self.proc.signal(signal)
+    }
+
     /// Sends `signal` to the server and waits for it to exit.
     pub fn stop(&mut self, signal: Signal, timeout: Duration) -> Result<Run> {
         self.proc.signal(signal)?;
@@ -1038,6 +1043,27 @@ impl Endpoint {
         }
     }
 
+    /// The `devmount` client with this endpoint's environment: its state (journal, logs) and
+    /// control sockets stay in the test's directory, so `devmount sync` finds the mounts made
+    /// with [`Endpoint::mount`].
+    pub fn client(&self) -> Result<Command> {
+        let mut cmd = command(client_bin()?);
+        let runtime = self.scratch.join("run");
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&runtime)
+            .with_context(|| format!("creating {}", runtime.display()))?;
+        cmd.env("XDG_STATE_HOME", self.state_home()).env("XDG_RUNTIME_DIR", &runtime);
+        Ok(cmd)
+    }
+
+    /// `devmount sync MOUNTPOINT`, which must succeed: every change made to the mount before
+    /// the call is on the server when it returns.
+    pub fn sync(&self, mountpoint: &Path) -> Result<Run> {
+        run_ok(self.client()?.arg("sync").arg(mountpoint))
+    }
+
     /// The `devmount mount` command line for `options`, and its mount point.
     pub fn mount_command(&self, options: &MountOptions) -> Result<(Command, PathBuf)> {
         let mountpoint = match &options.mountpoint {
@@ -1051,15 +1077,7 @@ impl Endpoint {
                 options.remote_path.as_deref().unwrap_or(&self.root),
             ),
         };
-        let mut cmd = command(client_bin()?);
-        // The client's state (journal, logs) and control sockets stay in the test's directory.
-        let runtime = self.scratch.join("run");
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&runtime)
-            .with_context(|| format!("creating {}", runtime.display()))?;
-        cmd.env("XDG_STATE_HOME", self.state_home()).env("XDG_RUNTIME_DIR", &runtime);
+        let mut cmd = self.client()?;
         cmd.arg("mount").arg(target).arg(&mountpoint);
         cmd.arg("--identity").arg(options.identity.as_deref().unwrap_or(&self.identity));
         cmd.arg("--known-hosts").arg(options.known_hosts.as_deref().unwrap_or(&self.known_hosts));

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use devmount_server::proto::sftp::{ext, open_flags, rename_flags, Attrs, Put, SetAttrs, StatusCode};
+use devmount_server::proto::sftp::{ext, open_flags, rename_flags, Attrs, Put, SetAttrs, StatusCode, TimeSet};
 use devmount_server::sftp::client::{SftpClient, SftpError};
 use tokio::sync::OnceCell;
 
@@ -118,7 +118,14 @@ impl Applier {
                         SetAttrs { mode: *mode, uid: *uid, gid: *gid, size: None, atime: *atime, mtime: *mtime };
                     sftp.dev_setstat(&p, false, &attrs).await.map_err(remote_error)?;
                 } else {
-                    sftp.setstat(&p, &v3_setattr(*mode, *uid, *gid)).await.map_err(remote_error)?;
+                    // SFTP v3 sets owner and group together, and both times together: fill
+                    // in what the op leaves alone from the file as it is.
+                    let partial = uid.is_some() != gid.is_some()
+                        || matches!((atime, mtime), (TimeSet::Omit, t) | (t, TimeSet::Omit) if *t != TimeSet::Omit);
+                    let current =
+                        if partial { Some(sftp.lstat(&p).await.map_err(remote_error)?) } else { None };
+                    let attrs = v3_setattr(*mode, (*uid, *gid), (*atime, *mtime), current.as_ref());
+                    sftp.setstat(&p, &attrs).await.map_err(remote_error)?;
                 }
             }
             Op::Mkdir { path, mode } => {
@@ -184,8 +191,31 @@ impl journal::Remote for Applier {
     }
 }
 
-fn v3_setattr(mode: Option<u32>, uid: Option<u32>, gid: Option<u32>) -> Attrs {
-    Attrs { permissions: mode, uid_gid: uid.zip(gid), ..Attrs::default() }
+/// A v3 SETSTAT for a setattr, with `current` (the file's attributes now) supplying the owner
+/// or group, or the time, that the op leaves unchanged. Times are whole seconds.
+fn v3_setattr(
+    mode: Option<u32>,
+    (uid, gid): (Option<u32>, Option<u32>),
+    (atime, mtime): (TimeSet, TimeSet),
+    current: Option<&Attrs>,
+) -> Attrs {
+    let (cur_uid, cur_gid) = current.and_then(|c| c.uid_gid).unzip();
+    let uid_gid = match (uid.or(cur_uid), gid.or(cur_gid)) {
+        (Some(u), Some(g)) if uid.is_some() || gid.is_some() => Some((u, g)),
+        _ => None,
+    };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let secs = |t: TimeSet, cur: Option<u32>| match t {
+        TimeSet::Omit => cur,
+        TimeSet::Now => Some(now.min(u64::from(u32::MAX)) as u32),
+        TimeSet::At(ts) => Some(ts.sec.clamp(0, i64::from(u32::MAX)) as u32),
+    };
+    let (cur_a, cur_m) = current.and_then(|c| c.atime_mtime).unzip();
+    let atime_mtime = match (atime, mtime) {
+        (TimeSet::Omit, TimeSet::Omit) => None,
+        _ => secs(atime, cur_a).zip(secs(mtime, cur_m)),
+    };
+    Attrs { permissions: mode, uid_gid, atime_mtime, ..Attrs::default() }
 }
 
 fn remote_error(e: SftpError) -> RemoteError {

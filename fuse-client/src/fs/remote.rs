@@ -115,7 +115,7 @@ impl Remote {
             let handle = self.sftp.opendir(&path).await.map_err(errno)?;
             let result = async {
                 while let Some(names) = self.sftp.readdir(&handle).await? {
-                    for n in names {
+                    for n in names.into_iter().filter(|n| n.filename[..] != *b"." && n.filename[..] != *b"..") {
                         let stat = stat_from_attrs(&n.attrs);
                         let Some(kind) = FileKind::from_mode(stat.mode) else { continue };
                         entries.push(ListingEntry { name: n.filename, kind, meta: Some(stat) });

@@ -71,6 +71,9 @@ struct FileState {
     /// Non-overlapping, keyed by start offset.
     extents: BTreeMap<u64, Extent>,
     floor: Option<u64>,
+    /// The newest pending op that set `floor`: once the server has it, the bytes below the
+    /// size come from the server (and from pending writes), no longer from zeros.
+    floor_seq: Option<Seq>,
     size: u64,
     exact: bool,
     /// Unacknowledged content operations on this file.
@@ -89,9 +92,10 @@ impl FileState {
         self.size = self.size.max(end);
     }
 
-    fn truncate(&mut self, size: u64) {
+    fn truncate(&mut self, size: u64, seq: Seq) {
         self.cut(size, u64::MAX);
         self.floor = Some(self.floor.map_or(size, |f| f.min(size)));
+        self.floor_seq = Some(seq);
         self.size = size;
         self.exact = true;
     }
@@ -160,14 +164,14 @@ impl Index {
         match op {
             Op::Create { path, exclusive: true, .. } | Op::Mknod { path, .. } => {
                 let id = self.fresh(path);
-                self.files.get_mut(&id).expect("fresh file").truncate(0);
+                self.files.get_mut(&id).expect("fresh file").truncate(0, seq);
                 r.file = Some(id);
             }
             Op::Create { path, exclusive: false, .. } => r.file = Some(self.file_for(path)),
             Op::Put { path, .. } => {
                 let id = self.fresh(path);
                 let st = self.files.get_mut(&id).expect("fresh file");
-                st.truncate(0);
+                st.truncate(0, seq);
                 if let Some(loc) = data {
                     st.write(0, data_len, seq, loc);
                 }
@@ -185,7 +189,7 @@ impl Index {
             }
             Op::Truncate { path, size, .. } => {
                 let id = self.file_for(path);
-                self.files.get_mut(&id).expect("mapped file").truncate(*size);
+                self.files.get_mut(&id).expect("mapped file").truncate(*size, seq);
                 r.file = Some(id);
             }
             Op::Link { from, to } => {
@@ -226,6 +230,10 @@ impl Index {
         let Some(st) = self.files.get_mut(&id) else { return };
         if let Some(range) = r.write {
             st.forget_write(seq, range);
+        }
+        if st.floor_seq.is_some_and(|f| f <= seq) {
+            st.floor = None;
+            st.floor_seq = None;
         }
         st.pending -= 1;
         if st.pending == 0 {

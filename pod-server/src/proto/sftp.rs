@@ -86,6 +86,7 @@ pub mod ext {
     pub const MKNOD: &str = "mknod@devmount";
     pub const WALK: &str = "walk@devmount";
     pub const WALK_READ: &str = "walk-read@devmount";
+    pub const LIST: &str = "list@devmount";
     pub const GET: &str = "get@devmount";
     pub const PUT: &str = "put@devmount";
     pub const WRITE: &str = "write@devmount";
@@ -103,7 +104,8 @@ pub mod ext {
     ];
 
     /// The devmount request extensions, each advertised with the value "1".
-    pub const DEVMOUNT: &[&str] = &[STAT, FSTAT, SETSTAT, RENAME, MKNOD, WALK, WALK_READ, GET, PUT, WRITE];
+    pub const DEVMOUNT: &[&str] =
+        &[STAT, FSTAT, SETSTAT, RENAME, MKNOD, WALK, WALK_READ, LIST, GET, PUT, WRITE];
 }
 
 /// An SFTP status code. A newtype rather than an enum so that a code this side does not know
@@ -256,6 +258,22 @@ pub struct WalkEntry {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WalkBatch {
     pub seq: u64,
+    /// The walk is exhausted: this is its last batch, and the client can close the handle
+    /// without asking for another.
+    pub eof: bool,
+    pub entries: Vec<WalkEntry>,
+}
+
+/// The reply to `list@devmount`: a directory and its direct children in one reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListReply {
+    pub seq: u64,
+    /// The listed path's own lstat.
+    pub stat: FullStat,
+    /// `entries` holds every child; when false more exist than fitted, and the client lists
+    /// the directory with `walk@devmount` instead.
+    pub complete: bool,
+    /// The direct children; each `path` is the child's name.
     pub entries: Vec<WalkEntry>,
 }
 
@@ -432,6 +450,12 @@ pub enum RequestBody {
     DevWalkRead {
         handle: Bytes,
     },
+    /// `list@devmount`, answered with [`ResponseBody::List`]. `max_entries` 0 lets the
+    /// server choose.
+    DevList {
+        path: Bytes,
+        max_entries: u32,
+    },
     /// `get@devmount`, answered with [`ResponseBody::Get`].
     DevGet {
         path: Bytes,
@@ -495,6 +519,8 @@ pub enum ResponseBody {
     SeqStat(SeqStat),
     /// EXTENDED_REPLY to `walk-read@devmount`.
     Walk(WalkBatch),
+    /// EXTENDED_REPLY to `list@devmount`.
+    List(ListReply),
     /// EXTENDED_REPLY to `get@devmount`.
     Get(GetReply),
 }
@@ -508,6 +534,7 @@ pub enum ReplyKind {
     Limits,
     SeqStat,
     Walk,
+    List,
     Get,
 }
 
@@ -859,25 +886,53 @@ impl WalkEntry {
     }
 }
 
+/// `uint32 count` and the entries, as walk and list replies carry them.
+fn put_entries(buf: &mut BytesMut, entries: &[WalkEntry]) {
+    put_count(buf, entries.len());
+    for e in entries {
+        buf.put_string(&e.path);
+        e.stat.encode(buf);
+        buf.put_string(&e.target);
+    }
+}
+
+fn get_entries(r: &mut Reader) -> Result<Vec<WalkEntry>, DecodeError> {
+    let count = r.u32()? as usize;
+    // The smallest entry is two empty strings and a stat.
+    let mut entries = Vec::with_capacity(count.min(r.remaining() / (8 + FullStat::ENCODED_LEN)));
+    for _ in 0..count {
+        entries.push(WalkEntry { path: r.string()?, stat: FullStat::decode(r)?, target: r.string()? });
+    }
+    Ok(entries)
+}
+
 impl WalkBatch {
     pub fn encode(&self, buf: &mut BytesMut) {
         buf.put_u64(self.seq);
-        put_count(buf, self.entries.len());
-        for e in &self.entries {
-            buf.put_string(&e.path);
-            e.stat.encode(buf);
-            buf.put_string(&e.target);
-        }
+        buf.put_bool(self.eof);
+        put_entries(buf, &self.entries);
     }
 
     pub fn decode(r: &mut Reader) -> Result<WalkBatch, DecodeError> {
-        let seq = r.u64()?;
-        let count = r.u32()? as usize;
-        let mut entries = Vec::with_capacity(count.min(r.remaining() / (8 + FullStat::ENCODED_LEN)));
-        for _ in 0..count {
-            entries.push(WalkEntry { path: r.string()?, stat: FullStat::decode(r)?, target: r.string()? });
-        }
-        Ok(WalkBatch { seq, entries })
+        Ok(WalkBatch { seq: r.u64()?, eof: r.bool()?, entries: get_entries(r)? })
+    }
+}
+
+impl ListReply {
+    pub fn encode(&self, buf: &mut BytesMut) {
+        buf.put_u64(self.seq);
+        self.stat.encode(buf);
+        buf.put_bool(self.complete);
+        put_entries(buf, &self.entries);
+    }
+
+    pub fn decode(r: &mut Reader) -> Result<ListReply, DecodeError> {
+        Ok(ListReply {
+            seq: r.u64()?,
+            stat: FullStat::decode(r)?,
+            complete: r.bool()?,
+            entries: get_entries(r)?,
+        })
     }
 }
 
@@ -1072,6 +1127,7 @@ impl RequestBody {
             DevMknod { .. } => ext::MKNOD,
             DevWalk { .. } => ext::WALK,
             DevWalkRead { .. } => ext::WALK_READ,
+            DevList { .. } => ext::LIST,
             DevGet { .. } => ext::GET,
             DevPut(_) => ext::PUT,
             DevWrite { .. } => ext::WRITE,
@@ -1087,6 +1143,7 @@ impl RequestBody {
             Limits => ReplyKind::Limits,
             DevStat { .. } | DevFstat { .. } | DevPut(_) => ReplyKind::SeqStat,
             DevWalkRead { .. } => ReplyKind::Walk,
+            DevList { .. } => ReplyKind::List,
             DevGet { .. } => ReplyKind::Get,
             _ => ReplyKind::Raw,
         }
@@ -1239,6 +1296,11 @@ impl RequestBody {
                 buf.put_u32(*max_entries);
                 buf.put_u32(*max_depth);
             }
+            DevList { path, max_entries } => {
+                ext_head(buf, id, ext::LIST);
+                buf.put_string(path);
+                buf.put_u32(*max_entries);
+            }
             DevGet { path, max_size } => {
                 ext_head(buf, id, ext::GET);
                 buf.put_string(path);
@@ -1293,6 +1355,7 @@ impl RequestBody {
             ext::MKNOD => DevMknod { path: r.string()?, mode: r.u32()?, rdev: r.u64()? },
             ext::WALK => DevWalk { path: r.string()?, max_entries: r.u32()?, max_depth: r.u32()? },
             ext::WALK_READ => DevWalkRead { handle: r.string()? },
+            ext::LIST => DevList { path: r.string()?, max_entries: r.u32()? },
             ext::GET => DevGet { path: r.string()?, max_size: r.u64()? },
             ext::PUT => DevPut(Put::decode(r)?),
             ext::WRITE => DevWrite {
@@ -1355,6 +1418,28 @@ impl Request {
 }
 
 impl Response {
+    /// The bytes of a DATA reply frame before its payload: length, type, id, payload length.
+    pub const DATA_HEADER_LEN: usize = 4 + 1 + 4 + 4;
+
+    /// Starts a DATA reply to request `id` whose payload the caller appends to `buf` itself,
+    /// so that a READ is served straight into its frame; [`Response::end_data`] finishes it.
+    /// Returns where the frame starts.
+    pub fn begin_data(buf: &mut BytesMut, id: u32) -> usize {
+        let start = begin_frame(buf);
+        head(buf, packet::DATA, id);
+        buf.put_u32(0);
+        start
+    }
+
+    /// Finishes the DATA reply begun at `start`: everything appended since is its payload.
+    pub fn end_data(buf: &mut BytesMut, start: usize) {
+        let len = buf.len() - start - Self::DATA_HEADER_LEN;
+        let len = u32::try_from(len).expect("data longer than 4 GiB");
+        buf[start + Self::DATA_HEADER_LEN - 4..start + Self::DATA_HEADER_LEN]
+            .copy_from_slice(&len.to_be_bytes());
+        end_frame(buf, start);
+    }
+
     pub fn encode(&self, buf: &mut BytesMut) {
         use ResponseBody::*;
         let start = begin_frame(buf);
@@ -1407,6 +1492,10 @@ impl Response {
                 head(buf, packet::EXTENDED_REPLY, id);
                 w.encode(buf);
             }
+            List(l) => {
+                head(buf, packet::EXTENDED_REPLY, id);
+                l.encode(buf);
+            }
             Get(g) => {
                 head(buf, packet::EXTENDED_REPLY, id);
                 g.encode(buf);
@@ -1453,6 +1542,7 @@ impl Response {
                 ReplyKind::Limits => ResponseBody::Limits(Limits::decode(r)?),
                 ReplyKind::SeqStat => ResponseBody::SeqStat(SeqStat::decode(r)?),
                 ReplyKind::Walk => ResponseBody::Walk(WalkBatch::decode(r)?),
+                ReplyKind::List => ResponseBody::List(ListReply::decode(r)?),
                 ReplyKind::Get => ResponseBody::Get(GetReply::decode(r)?),
             },
         };

@@ -10,7 +10,7 @@
 //! When the connection dies every pending and later request fails with
 //! [`SftpError::ConnectionLost`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -20,9 +20,9 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{AbortHandle, JoinSet};
 
 use crate::proto::sftp::{
-    errno_from_status, ext, open_flags, peek_id, Attrs, Condition, GetReply, Init, Limits, NameEntry, Put,
-    Request, RequestBody, Response, ResponseBody, SeqStat, SetAttrs, StatVfs, Status, StatusCode, Version,
-    WalkBatch, MAX_DATA, MAX_PACKET, VERSION,
+    errno_from_status, ext, open_flags, peek_id, Attrs, Condition, GetReply, Init, Limits, ListReply,
+    NameEntry, Put, Request, RequestBody, Response, ResponseBody, SeqStat, SetAttrs, StatVfs, Status,
+    StatusCode, Version, WalkBatch, MAX_DATA, MAX_PACKET, VERSION,
 };
 use crate::proto::wire::{take_frame, DecodeError};
 
@@ -113,20 +113,20 @@ impl ServerInfo {
     /// The READ length this client uses: the server's limit, at most [`MAX_DATA`], so that a
     /// reply always fits the client's own packet cap.
     pub fn read_len(&self) -> u32 {
-        clamp_len(self.limits.max_read_len)
+        clamp_len(self.limits.max_read_len, Limits::DEFAULT.max_read_len)
     }
 
     /// The WRITE length this client uses: the server's limit, at most [`MAX_DATA`].
     pub fn write_len(&self) -> u32 {
-        clamp_len(self.limits.max_write_len)
+        clamp_len(self.limits.max_write_len, Limits::DEFAULT.max_write_len)
     }
 }
 
-fn clamp_len(limit: u64) -> u32 {
-    if limit == 0 {
-        return Limits::DEFAULT.max_read_len as u32;
-    }
-    limit.min(MAX_DATA as u64) as u32
+/// A server's length limit as this client uses it: `default` where the server reports none
+/// (0), and never more than [`MAX_DATA`].
+fn clamp_len(limit: u64, default: u64) -> u32 {
+    let limit = if limit == 0 { default } else { limit };
+    limit.min(u64::from(MAX_DATA)) as u32
 }
 
 /// A handle on one SFTP session. Cheap to clone; all clones share the connection.
@@ -532,11 +532,23 @@ impl SftpClient {
         self.handle(RequestBody::DevWalk { path: b(path), max_entries, max_depth }).await
     }
 
-    /// `walk-read@devmount`: the next batch, or `None` when the walk is complete.
+    /// `walk-read@devmount`: the next batch, or `None` when the walk is complete. A batch
+    /// with `eof` set is the last one: the walk can be closed without asking for more.
     pub async fn dev_walk_read(&self, handle: &Bytes) -> Result<Option<WalkBatch>> {
         match self.call(RequestBody::DevWalkRead { handle: handle.clone() }).await? {
             ResponseBody::Walk(batch) => Ok(Some(batch)),
             ResponseBody::Status(s) if s.code == StatusCode::EOF => Ok(None),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// `list@devmount`: the directory at `path` (a final symlink is not followed) and the full
+    /// stats of up to `max_entries` of its children (0: as many as fit in one reply), in one
+    /// round trip. When the reply is not `complete`, list the directory with
+    /// [`SftpClient::dev_walk`] and a depth of 1 instead.
+    pub async fn dev_list(&self, path: &[u8], max_entries: u32) -> Result<ListReply> {
+        match self.call(RequestBody::DevList { path: b(path), max_entries }).await? {
+            ResponseBody::List(reply) => Ok(reply),
             other => Err(unexpected(other)),
         }
     }
@@ -580,35 +592,50 @@ impl SftpClient {
         Ok(data)
     }
 
+    /// Reads a whole file with READs of the server's max read length, keeping up to
+    /// [`MAX_WINDOW`] of them under way all the time (the semaphores decide how many are
+    /// actually in flight). It reads up to one byte past `size_hint`, so that the EOF that ends
+    /// the file arrives with the data rather than one round trip later, and further only as
+    /// the file turns out longer than that. The last READ asks for no more than that byte, so
+    /// it takes no more of the bytes-in-flight budget than the data it expects.
     async fn read_all(&self, handle: &Bytes, size_hint: u64) -> Result<Bytes> {
-        let chunk = self.info.read_len() as u64;
-        let mut out = BytesMut::new();
-        // The first window covers one byte past the expected size, so that the EOF that ends
-        // the file arrives with the data rather than one round trip later.
-        let mut window = (size_hint / chunk + 1).min(MAX_WINDOW);
+        let chunk = u64::from(self.info.read_len());
+        let mut out = BytesMut::with_capacity(size_hint.min(MAX_WINDOW * chunk) as usize);
+        let mut reads = JoinSet::new();
+        // READs answer in any order; those that came before the ones in front of them wait
+        // here, by offset, to be appended.
+        let mut arrived = BTreeMap::new();
+        let mut next = 0;
+        // The size the file is expected to have; READs go up to one byte past it.
+        let mut expected = size_hint;
+        // Where the file ends: the end of the first short READ.
+        let mut end: Option<u64> = None;
         loop {
-            let offset = out.len() as u64;
-            let mut reads = JoinSet::new();
-            for i in 0..window {
-                let (client, handle) = (self.clone(), handle.clone());
-                reads.spawn(async move {
-                    (i, client.read_chunk(&handle, offset + i * chunk, chunk as u32).await)
-                });
+            while (reads.len() as u64) < MAX_WINDOW && next <= expected && end.is_none_or(|e| next < e) {
+                let len = chunk.min(expected + 1 - next);
+                let (client, handle, offset) = (self.clone(), handle.clone(), next);
+                reads.spawn(
+                    async move { (offset, len, client.read_chunk(&handle, offset, len as u32).await) },
+                );
+                next += len;
             }
-            let mut chunks = vec![Bytes::new(); window as usize];
-            while let Some(joined) = reads.join_next().await {
-                let (i, data) = joined.map_err(join_error)?;
-                chunks[i as usize] = data?;
+            let Some(joined) = reads.join_next().await else {
+                return Ok(out.freeze());
+            };
+            let (offset, len, data) = joined.map_err(join_error)?;
+            let data = data?;
+            if (data.len() as u64) < len {
+                let at = offset + data.len() as u64;
+                end = Some(end.map_or(at, |e| e.min(at)));
+            } else if offset + len == expected + 1 {
+                // The byte past the expected end exists: the file is longer than its size said.
+                expected += GROWTH_WINDOW * chunk;
             }
-            for data in chunks {
-                let short = (data.len() as u64) < chunk;
+            arrived.insert(offset, data);
+            while end.is_none_or(|e| (out.len() as u64) < e) {
+                let Some(data) = arrived.remove(&(out.len() as u64)) else { break };
                 out.extend_from_slice(&data);
-                if short {
-                    return Ok(out.freeze());
-                }
             }
-            let left = size_hint.saturating_sub(out.len() as u64);
-            window = (left / chunk + 1).clamp(GROWTH_WINDOW, MAX_WINDOW);
         }
     }
 
@@ -660,10 +687,11 @@ impl SftpClient {
     }
 }
 
-/// The most READs or WRITEs one `read_file`/`write_file` spawns at once; the semaphores decide
-/// how many of them are actually in flight.
+/// The most READs or WRITEs one `read_file`/`write_file` has under way at once; the semaphores
+/// decide how many of them are actually in flight.
 const MAX_WINDOW: u64 = 256;
-/// The fewest READs per window once a file has turned out longer than its size said.
+/// How many more READs' worth a file that turned out longer than its size said is read ahead
+/// at a time.
 const GROWTH_WINDOW: u64 = 8;
 
 fn b(s: &[u8]) -> Bytes {
@@ -1089,18 +1117,109 @@ mod tests {
             Limits { max_packet_len: 34_000, max_read_len: 1000, max_write_len: 300, max_open_handles: 0 };
         let (client, peer) = pair(Config::default(), LIMITED, Some(limits)).await;
         let content: Vec<u8> = (0..10_500u32).map(|i| (i % 251) as u8).collect();
-        let files = HashMap::from([(b(b"/f"), content.clone()), (b(b"/grown"), content.clone())]);
-        let sizes = HashMap::from([(b(b"/f"), 10_500), (b(b"/grown"), 10), (b(b"/new"), 0)]);
+        // More READs than one window holds, and a size that is a whole number of READs.
+        let big: Vec<u8> = (0..600_500u32).map(|i| (i % 241) as u8).collect();
+        let files = HashMap::from([
+            (b(b"/f"), content.clone()),
+            (b(b"/grown"), content.clone()),
+            (b(b"/big"), big.clone()),
+            (b(b"/exact"), content[..3000].to_vec()),
+            (b(b"/empty"), Vec::new()),
+        ]);
+        let sizes = HashMap::from([
+            (b(b"/f"), 10_500),
+            (b(b"/grown"), 10),
+            (b(b"/big"), big.len() as u64),
+            (b(b"/exact"), 3000),
+            (b(b"/empty"), 0),
+            (b(b"/new"), 0),
+        ]);
         let server = tokio::spawn(serve_files(peer, files, sizes));
 
         assert_eq!(client.read_file(b"/f").await.unwrap(), content);
         assert_eq!(client.read_file(b"/grown").await.unwrap(), content);
+        assert_eq!(client.read_file(b"/big").await.unwrap(), big);
+        assert_eq!(client.read_file(b"/exact").await.unwrap(), content[..3000]);
+        assert!(client.read_file(b"/empty").await.unwrap().is_empty());
         let mut written = BytesMut::new();
         written.put_slice(&content[..2048]);
         client.write_file(b"/new", written.freeze()).await.unwrap();
         drop(client);
         let files = server.await.unwrap();
         assert_eq!(files[&b(b"/new")], &content[..2048]);
+    }
+
+    #[test]
+    fn lengths_follow_each_limit() {
+        let info = |max_read_len, max_write_len| ServerInfo {
+            version: 3,
+            extensions: Vec::new(),
+            server_version: None,
+            limits: Limits { max_read_len, max_write_len, ..Limits::DEVMOUNT },
+        };
+        let both = info(4096, 1000);
+        assert_eq!((both.read_len(), both.write_len()), (4096, 1000));
+        let none = info(0, 0);
+        let default = &Limits::DEFAULT;
+        assert_eq!(none.read_len() as u64, default.max_read_len);
+        assert_eq!(none.write_len() as u64, default.max_write_len);
+        let huge = info(u64::MAX, u64::MAX);
+        assert_eq!((huge.read_len(), huge.write_len()), (MAX_DATA, MAX_DATA));
+        assert_eq!(clamp_len(0, 7), 7, "the default of the limit in question");
+    }
+
+    /// The client against devmount's own server: the `@devmount` listings, and whole files
+    /// read with many READs of one handle at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lists_walks_and_files_against_the_devmount_server() {
+        use crate::sftp::server::{serve, SftpContext};
+
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        std::fs::create_dir_all(root.join("d/sub")).unwrap();
+        for i in 0..5 {
+            std::fs::write(root.join(format!("d/f{i}")), b"").unwrap();
+        }
+        let content: Bytes = (0..3_500_000u32).map(|i| (i % 249) as u8).collect::<Vec<u8>>().into();
+        std::fs::write(root.join("d/big"), &content).unwrap();
+        let ctx = SftpContext {
+            root: root.clone(),
+            conn: 1,
+            changes: Arc::new(()),
+            limits: crate::sftp::server::Limits::default(),
+        };
+        let (near, far) = tokio::io::duplex(4 << 20);
+        let session = tokio::spawn(serve(far, Arc::new(ctx)));
+        let (client, info) = SftpClient::connect(near).await.unwrap();
+        assert!(info.has(ext::LIST) && info.read_len() == MAX_DATA);
+
+        let list = client.dev_list(b"d", 0).await.unwrap();
+        assert!(list.complete && list.stat.is_dir());
+        let mut names: Vec<_> = list.entries.iter().map(|e| e.path.clone()).collect();
+        names.sort();
+        assert_eq!(names, ["big", "f0", "f1", "f2", "f3", "f4", "sub"]);
+        let partial = client.dev_list(b"d", 3).await.unwrap();
+        assert!(!partial.complete && partial.entries.len() == 3);
+        assert!(client.dev_list(b"nope", 0).await.unwrap_err().is_status(StatusCode::NO_SUCH_FILE));
+
+        // Eight entries in batches of three: the third batch says it is the last.
+        let walk = client.dev_walk(b"d", 3, 1).await.unwrap();
+        let mut batches = Vec::new();
+        while let Some(batch) = client.dev_walk_read(&walk).await.unwrap() {
+            let eof = batch.eof;
+            batches.push(batch.entries.len());
+            if eof {
+                break;
+            }
+        }
+        client.close(&walk).await.unwrap();
+        assert_eq!(batches, [3, 3, 2]);
+
+        assert_eq!(client.read_file(b"d/big").await.unwrap(), content);
+        client.write_file(b"d/copy", content.clone()).await.unwrap();
+        assert_eq!(std::fs::read(root.join("d/copy")).unwrap(), content);
+        drop(client);
+        session.await.unwrap().unwrap();
     }
 
     /// The client against OpenSSH's own `sftp-server` on a temporary directory: the codec's

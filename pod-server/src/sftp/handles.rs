@@ -3,7 +3,7 @@
 //! A handle on the wire is 8 bytes: a per-connection counter, so a handle is never reused
 //! and a stale one can never reach a newer file. Each handle carries what the request order
 //! needs to know of it ([`HandleScope`]); [`super::order`] keeps requests on one handle in
-//! the order they arrived.
+//! the order they arrived, except reads of a regular file, which run side by side.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,8 +15,8 @@ use super::ops::{DirReader, File, Walk};
 use super::order::{HandleScope, Key};
 
 /// What a handle stands for. Directory listings and walks carry a cursor; their mutex is
-/// never contended (requests on one handle run one at a time) but gives the blocking thread
-/// `&mut`.
+/// never contended (requests on a directory or walk handle run one at a time) but gives the
+/// blocking thread `&mut`.
 pub enum Object {
     File(File),
     Dir(Mutex<DirReader>),
@@ -44,15 +44,22 @@ impl Handles {
         self.map.lock().expect("handle table poisoned").len() >= self.max
     }
 
-    /// Stores `object`, opened by `path` (for writing if `writes`), and returns its handle;
-    /// `None` when `max` handles are open.
-    pub fn insert(&self, object: Object, path: Option<Key>, writes: bool) -> Option<Bytes> {
+    /// Stores `object`, opened by `path` (for writing if `writes`; a regular file whose reads
+    /// may run side by side if `shared_reads`), and returns its handle; `None` when `max`
+    /// handles are open.
+    pub fn insert(
+        &self,
+        object: Object,
+        path: Option<Key>,
+        writes: bool,
+        shared_reads: bool,
+    ) -> Option<Bytes> {
         let mut map = self.map.lock().expect("handle table poisoned");
         if map.len() >= self.max {
             return None;
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let scope = HandleScope { id, path, writes };
+        let scope = HandleScope { id, path, writes, shared_reads };
         map.insert(id, Arc::new(Handle { object, scope }));
         Some(Bytes::copy_from_slice(&id.to_be_bytes()))
     }

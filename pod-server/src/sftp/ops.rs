@@ -19,13 +19,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use super::paths::{sys, At, Root, Step};
 use crate::feed::ChangeTracker;
 use crate::proto::sftp::{
-    open_flags, rename_flags, Condition, GetReply, Put, SeqStat, SetAttrs, StatVfs, TimeSet, WalkEntry,
-    MAX_DATA, MAX_PACKET,
+    open_flags, rename_flags, Condition, GetReply, ListReply, Put, SeqStat, SetAttrs, StatVfs, TimeSet,
+    WalkBatch, WalkEntry, MAX_DATA, MAX_PACKET,
 };
 use crate::proto::stat::{FullStat, Timespec};
 
@@ -125,7 +125,7 @@ impl Fs {
         let mutates = create || has(open_flags::TRUNC);
         self.root.follow(path, |at| {
             if mutates {
-                self.own(at.abs);
+                self.own(&at.abs());
             }
             let opened = if create {
                 open_or_create(&at, flags, excl, mode)
@@ -138,7 +138,7 @@ impl Fs {
                     if created {
                         fchmod(fd.as_fd(), mode)?;
                     }
-                    Step::Done(File { fd, abs: at.abs.to_path_buf() })
+                    Step::Done(File { fd, abs: at.abs() })
                 }
             })
         })
@@ -149,7 +149,7 @@ impl Fs {
             let flags = libc::O_RDONLY | libc::O_DIRECTORY;
             Ok(match open_nofollow(&at, flags)? {
                 Step::Symlink => Step::Symlink,
-                Step::Done(fd) => Step::Done(DirReader::new(fd, at.abs == self.root.path())),
+                Step::Done(fd) => Step::Done(DirReader::new(fd, at.is_root())),
             })
         })
     }
@@ -175,7 +175,7 @@ impl Fs {
             sys::lstat(at.dir, at.name)?;
             return Ok(());
         }
-        self.own(at.abs);
+        self.own(&at.abs());
         if let Some(size) = attrs.size {
             let fd = sys::openat(
                 at.dir.as_raw_fd(),
@@ -232,14 +232,14 @@ impl Fs {
 
     pub fn remove(&self, path: &[u8]) -> io::Result<()> {
         self.root.at(path, |at| {
-            self.own(at.abs);
+            self.own(&at.abs());
             unlinkat(at.dir, at.name, 0)
         })
     }
 
     pub fn rmdir(&self, path: &[u8]) -> io::Result<()> {
         self.root.at(path, |at| {
-            self.own(at.abs);
+            self.own(&at.abs());
             unlinkat(at.dir, at.name, libc::AT_REMOVEDIR)
         })
     }
@@ -248,7 +248,7 @@ impl Fs {
     pub fn mkdir(&self, path: &[u8], mode: Option<u32>) -> io::Result<()> {
         let mode = mode.unwrap_or(0o777) & 0o7777;
         self.root.at(path, |at| {
-            self.own(at.abs);
+            self.own(&at.abs());
             // SAFETY: plain syscall on a borrowed descriptor and a NUL-terminated name.
             sys::cvt(unsafe { libc::mkdirat(at.dir.as_raw_fd(), at.name.as_ptr(), mode) })?;
             fchmodat_nofollow(at.dir, at.name, mode)
@@ -264,7 +264,7 @@ impl Fs {
         };
         let perm = mode & 0o7777;
         self.root.at(path, |at| {
-            self.own(at.abs);
+            self.own(&at.abs());
             // SAFETY: plain syscall on a borrowed descriptor and a NUL-terminated name.
             sys::cvt(unsafe { libc::mknodat(at.dir.as_raw_fd(), at.name.as_ptr(), kind | perm, rdev) })?;
             Ok(fchmodat_nofollow(at.dir, at.name, perm)?)
@@ -275,13 +275,15 @@ impl Fs {
     pub fn rename_noreplace(&self, old: &[u8], new: &[u8]) -> io::Result<()> {
         self.root.at(old, |a| {
             self.root.at(new, |b| {
-                self.own(a.abs);
-                self.own(b.abs);
-                match renameat2(&a, &b, libc::RENAME_NOREPLACE) {
+                self.own(&a.abs());
+                self.own(&b.abs());
+                match renameat2((a.dir, a.name), (b.dir, b.name), libc::RENAME_NOREPLACE) {
                     // The file system cannot do it atomically: check, then rename.
                     Err(e) if is_errno(&e, libc::EINVAL) => match sys::lstat(b.dir, b.name) {
                         Ok(_) => Err(errno(libc::EEXIST)),
-                        Err(e) if is_errno(&e, libc::ENOENT) => renameat2(&a, &b, 0),
+                        Err(e) if is_errno(&e, libc::ENOENT) => {
+                            renameat2((a.dir, a.name), (b.dir, b.name), 0)
+                        }
                         Err(e) => Err(e),
                     },
                     r => r,
@@ -315,9 +317,9 @@ impl Fs {
                 if let Some(c) = condition {
                     check(c, sys::lstat(b.dir, b.name))?;
                 }
-                self.own(a.abs);
-                self.own(b.abs);
-                Ok(renameat2(&a, &b, sys_flags)?)
+                self.own(&a.abs());
+                self.own(&b.abs());
+                Ok(renameat2((a.dir, a.name), (b.dir, b.name), sys_flags)?)
             })
         })
     }
@@ -331,7 +333,7 @@ impl Fs {
     pub fn symlink(&self, linkpath: &[u8], target: &[u8]) -> io::Result<()> {
         let target = CString::new(target).map_err(|_| errno(libc::EINVAL))?;
         self.root.at(linkpath, |at| {
-            self.own(at.abs);
+            self.own(&at.abs());
             // SAFETY: NUL-terminated strings and a borrowed descriptor.
             sys::cvt(unsafe { libc::symlinkat(target.as_ptr(), at.dir.as_raw_fd(), at.name.as_ptr()) })?;
             Ok(())
@@ -342,7 +344,7 @@ impl Fs {
     pub fn hardlink(&self, old: &[u8], new: &[u8]) -> io::Result<()> {
         self.root.at(old, |a| {
             self.root.at(new, |b| {
-                self.own(b.abs);
+                self.own(&b.abs());
                 // SAFETY: NUL-terminated names and borrowed descriptors.
                 sys::cvt(unsafe {
                     libc::linkat(a.dir.as_raw_fd(), a.name.as_ptr(), b.dir.as_raw_fd(), b.name.as_ptr(), 0)
@@ -382,6 +384,7 @@ impl Fs {
     /// subtree; n lists entries up to n levels below `path` (1: `path` and its children), and
     /// directories at level n are listed but not read.
     pub fn walk(&self, path: &[u8], max_depth: u32) -> io::Result<Walk> {
+        let seq = self.sequence();
         self.root.at(path, |at| {
             let st = sys::lstat(at.dir, at.name)?;
             let target = if is_symlink(&st) { sys::readlinkat(at.dir, at.name)? } else { Vec::new() };
@@ -395,8 +398,19 @@ impl Fs {
                 stack.push(WalkDir { reader: DirReader::new(fd, false), prefix: Vec::new(), depth: 0 });
             }
             let first = WalkEntry { path: Bytes::new(), stat: FullStat::from(&st), target: target.into() };
-            Ok(Walk { first: Some(first), stack, max_depth })
+            Ok(Walk { next: Some((seq, first)), stack, max_depth })
         })
+    }
+
+    /// `list@devmount`: `path` (not followed) and up to `max_entries` of its children, in one
+    /// reply: a walk of depth 1, read in one batch. `complete` is false when more children
+    /// exist than `max_entries` or one packet allows.
+    pub fn list(&self, path: &[u8], max_entries: usize) -> io::Result<ListReply> {
+        let mut walk = self.walk(path, 1)?;
+        let batch = walk.next_batch(max_entries.saturating_add(1), self.sequence())?;
+        let mut entries = batch.entries.into_iter();
+        let own = entries.next().expect("a walk's first batch starts with the walked path");
+        Ok(ListReply { seq: batch.seq, stat: own.stat, complete: batch.eof, entries: entries.collect() })
     }
 
     /// `get@devmount`: a whole regular file of at most `max_size` bytes, with its stat.
@@ -415,19 +429,16 @@ impl Fs {
         if st.size > max_size {
             return Err(OpError::TooLarge { max: max_size });
         }
-        let mut data = Vec::with_capacity(st.size as usize);
-        loop {
-            let want = (max_size + 1).saturating_sub(data.len() as u64).min(1 << 20) as usize;
-            let chunk = read_at(fd.as_fd(), data.len() as u64, want)?;
-            if chunk.is_empty() {
-                break;
-            }
-            data.extend_from_slice(&chunk);
+        // One byte more than allowed tells a file that grew past the limit from one that ends
+        // there.
+        let want = max_size as usize + 1;
+        let mut data = BytesMut::with_capacity((st.size as usize + 1).min(want));
+        while read_into(fd.as_fd(), data.len() as u64, want - data.len(), &mut data)? > 0 {
             if data.len() as u64 > max_size {
                 return Err(OpError::TooLarge { max: max_size });
             }
         }
-        Ok(GetReply { seq, stat: st, data: data.into() })
+        Ok(GetReply { seq, stat: st, data: data.freeze() })
     }
 
     /// `put@devmount`: writes a temporary file next to the target, then renames it over the
@@ -454,7 +465,8 @@ impl Fs {
             }
         }
         let tmp = temp_name(at.name);
-        let tmp_abs = at.abs.with_file_name(OsStr::from_bytes(tmp.to_bytes()));
+        let abs = at.abs();
+        let tmp_abs = abs.with_file_name(OsStr::from_bytes(tmp.to_bytes()));
         self.own(&tmp_abs);
         let fd = sys::openat_mode(
             at.dir.as_raw_fd(),
@@ -474,10 +486,10 @@ impl Fs {
             if put.fsync {
                 fsync(fd.as_fd())?;
             }
-            self.own(at.abs);
-            let target = At { dir: at.dir, name: &tmp, abs: &tmp_abs };
+            self.own(&abs);
+            let (from, to) = ((at.dir, tmp.as_c_str()), (at.dir, at.name));
             if put.excl {
-                match renameat2(&target, at, libc::RENAME_NOREPLACE) {
+                match renameat2(from, to, libc::RENAME_NOREPLACE) {
                     Err(e) if is_errno(&e, libc::EINVAL) => {
                         // SAFETY: NUL-terminated names and borrowed descriptors.
                         sys::cvt(unsafe {
@@ -494,7 +506,7 @@ impl Fs {
                     r => r?,
                 }
             } else {
-                renameat2(&target, at, 0)?;
+                renameat2(from, to, 0)?;
             }
             if put.fsync {
                 let dir = sys::openat(at.dir.as_raw_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY)?;
@@ -633,10 +645,15 @@ fn open_or_create(
     Err(errno(libc::EAGAIN))
 }
 
-fn renameat2(a: &At<'_>, b: &At<'_>, flags: libc::c_uint) -> io::Result<()> {
+/// Renames `from` (a directory and a name in it) to `to`.
+fn renameat2(
+    from: (BorrowedFd<'_>, &CStr),
+    to: (BorrowedFd<'_>, &CStr),
+    flags: libc::c_uint,
+) -> io::Result<()> {
     // SAFETY: NUL-terminated names and borrowed descriptors.
     sys::cvt(unsafe {
-        libc::renameat2(a.dir.as_raw_fd(), a.name.as_ptr(), b.dir.as_raw_fd(), b.name.as_ptr(), flags)
+        libc::renameat2(from.0.as_raw_fd(), from.1.as_ptr(), to.0.as_raw_fd(), to.1.as_ptr(), flags)
     })?;
     Ok(())
 }
@@ -737,45 +754,45 @@ pub fn fstatvfs(fd: BorrowedFd<'_>) -> io::Result<StatVfs> {
     })
 }
 
-/// Up to `len` bytes at `offset`; short only at end of file. Empty means end of file.
-/// Streams without offsets (fifos, character devices) get one plain `read`.
-pub fn read_at(fd: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; len];
+/// Reads up to `len` bytes at `offset` straight into `buf`'s spare capacity (nothing zeroed
+/// first, nothing copied after) and appends them; returns how many. Short only at end of file:
+/// 0 means end of file. Streams without offsets (fifos, character devices) get one plain
+/// `read`.
+pub fn read_into(fd: BorrowedFd<'_>, offset: u64, len: usize, buf: &mut BytesMut) -> io::Result<usize> {
+    buf.reserve(len);
     let mut done = 0;
+    let mut stream = false;
     while done < len {
-        let off = libc::off_t::try_from(offset + done as u64).map_err(|_| errno(libc::EINVAL))?;
-        // SAFETY: the pointer and length stay inside `buf`.
-        let n = unsafe { libc::pread(fd.as_raw_fd(), buf[done..].as_mut_ptr().cast(), len - done, off) };
+        let spare = &mut buf.spare_capacity_mut()[..len - done];
+        let n = if stream {
+            // SAFETY: the kernel writes at most `spare.len()` bytes into `spare`.
+            unsafe { libc::read(fd.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len()) }
+        } else {
+            let off = libc::off_t::try_from(offset + done as u64).map_err(|_| errno(libc::EINVAL))?;
+            // SAFETY: as above.
+            unsafe { libc::pread(fd.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len(), off) }
+        };
         if n < 0 {
             let e = io::Error::last_os_error();
             match e.raw_os_error() {
                 Some(libc::EINTR) => continue,
-                Some(libc::ESPIPE) if done == 0 => return read_stream(fd, buf),
+                Some(libc::ESPIPE) if done == 0 && !stream => {
+                    stream = true;
+                    continue;
+                }
                 _ => return Err(e),
             }
         }
-        if n == 0 {
+        let n = n as usize;
+        // SAFETY: the kernel initialized these `n` bytes, right after the buffer's contents.
+        unsafe { buf.set_len(buf.len() + n) };
+        done += n;
+        // A stream answers what it has; waiting for more could wait for good.
+        if n == 0 || stream {
             break;
         }
-        done += n as usize;
     }
-    buf.truncate(done);
-    Ok(buf)
-}
-
-fn read_stream(fd: BorrowedFd<'_>, mut buf: Vec<u8>) -> io::Result<Vec<u8>> {
-    loop {
-        // SAFETY: the pointer and length are `buf`'s.
-        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n >= 0 {
-            buf.truncate(n as usize);
-            return Ok(buf);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
+    Ok(done)
 }
 
 /// Writes all of `data` at `offset` (at the end for files opened with APPEND, as pwrite(2)
@@ -977,27 +994,54 @@ struct WalkDir {
 
 /// A depth-first walk in progress: each directory's entries come right after it.
 pub struct Walk {
-    first: Option<WalkEntry>,
+    /// The entry read ahead, with the feed sequence read before its stat was taken: the walked
+    /// path itself at first, then the entry that did not fit in the last batch or that showed
+    /// the walk was not over.
+    next: Option<(u64, WalkEntry)>,
     stack: Vec<WalkDir>,
     /// The deepest level listed; 0: no limit.
     max_depth: u32,
 }
 
 impl Walk {
-    /// The next batch: at most `max_entries` entries and what fits in one packet. Empty at
-    /// the end. A directory that cannot be opened (gone, or not readable) is listed without
-    /// its contents.
-    pub fn next_batch(&mut self, max_entries: usize) -> io::Result<Vec<WalkEntry>> {
+    /// The next batch: at least one entry and at most `max_entries`, within one packet; `seq`
+    /// is the feed sequence read just before this call. The batch carries the oldest sequence
+    /// any of its stats was taken under, and `eof` once nothing is left, which it knows by
+    /// reading one entry ahead. After that, batches are empty. A directory that cannot be
+    /// opened (gone, or not readable) is listed without its contents.
+    pub fn next_batch(&mut self, max_entries: usize, seq: u64) -> io::Result<WalkBatch> {
         let budget = MAX_PACKET - 1024;
         let mut used = 0;
-        let mut out = Vec::new();
-        if let Some(first) = self.first.take() {
-            used += first.encoded_len();
-            out.push(first);
-        }
-        while out.len() < max_entries {
-            let Some(top) = self.stack.last_mut() else {
+        let mut batch = WalkBatch { seq, eof: false, entries: Vec::new() };
+        loop {
+            let (entry_seq, entry) = match self.next.take() {
+                Some(next) => next,
+                None => match self.read_entry()? {
+                    Some(entry) => (seq, entry),
+                    None => {
+                        batch.eof = true;
+                        break;
+                    }
+                },
+            };
+            let len = entry.encoded_len();
+            if !batch.entries.is_empty() && (batch.entries.len() >= max_entries || used + len > budget) {
+                // It opens the next batch, followed by its contents.
+                self.next = Some((entry_seq, entry));
                 break;
+            }
+            batch.seq = batch.seq.min(entry_seq);
+            used += len;
+            batch.entries.push(entry);
+        }
+        Ok(batch)
+    }
+
+    /// The next entry in walk order, its directory opened to be read next; `None` at the end.
+    fn read_entry(&mut self) -> io::Result<Option<WalkEntry>> {
+        loop {
+            let Some(top) = self.stack.last_mut() else {
+                return Ok(None);
             };
             let Some(name) = top.reader.next_name()? else {
                 self.stack.pop();
@@ -1040,15 +1084,8 @@ impl Walk {
                 let prefix = entry.path.to_vec();
                 self.stack.push(WalkDir { reader: DirReader::new(fd, false), prefix, depth });
             }
-            if used + entry.encoded_len() > budget && !out.is_empty() {
-                // Does not fit: it opens the next batch, followed by its contents.
-                self.first = Some(entry);
-                break;
-            }
-            used += entry.encoded_len();
-            out.push(entry);
+            return Ok(Some(entry));
         }
-        Ok(out)
     }
 }
 
@@ -1180,12 +1217,13 @@ mod tests {
         let mut walk = fs.walk(path, max_depth).unwrap();
         let mut all = Vec::new();
         loop {
-            let batch = walk.next_batch(2).unwrap();
-            if batch.is_empty() {
+            let batch = walk.next_batch(2, 0).unwrap();
+            assert!(!batch.entries.is_empty() && batch.entries.len() <= 2);
+            all.extend(batch.entries);
+            if batch.eof {
+                assert!(walk.next_batch(2, 0).unwrap().entries.is_empty(), "nothing after the end");
                 return all;
             }
-            assert!(batch.len() <= 2);
-            all.extend(batch);
         }
     }
 
@@ -1210,6 +1248,76 @@ mod tests {
         assert!(pos(b"a") < pos(b"a/b") && pos(b"a/b") < pos(b"a/b/f"));
         assert_eq!(pos(b"a/b") + 1, pos(b"a/b/f"), "a directory's entries follow it");
         assert_eq!(all[pos(b"l")].target.as_ref(), b"/etc");
+    }
+
+    /// A change tracker whose sequence the test sets.
+    #[derive(Default)]
+    struct Seq(AtomicU64);
+
+    impl ChangeTracker for Seq {
+        fn sequence(&self) -> u64 {
+            self.0.load(Ordering::SeqCst)
+        }
+        fn own_change(&self, _conn: u64, _abs_path: &Path) {}
+    }
+
+    #[test]
+    fn walk_batches_know_their_end_and_their_oldest_sequence() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = tmp.path().canonicalize().unwrap();
+        let seq = Arc::new(Seq::default());
+        let fs = Fs::new(Root::open(&r).unwrap(), 1, seq.clone());
+        std::fs::create_dir(r.join("w")).unwrap();
+        for name in ["a", "b", "c"] {
+            std::fs::write(r.join("w").join(name), b"").unwrap();
+        }
+        seq.0.store(5, Ordering::SeqCst);
+        let mut walk = fs.walk(b"w", 0).unwrap();
+        // The walked path was taken under 5; the entry read ahead to fill the batch under 9.
+        let first = walk.next_batch(2, 9).unwrap();
+        assert_eq!((first.seq, first.eof, first.entries.len()), (5, false, 2));
+        let last = walk.next_batch(2, 12).unwrap();
+        assert_eq!((last.seq, last.eof, last.entries.len()), (9, true, 2), "the end is known without a read");
+        let after = walk.next_batch(2, 13).unwrap();
+        assert!(after.eof && after.entries.is_empty());
+        // Exactly as many entries as the batch holds: the end still comes with them.
+        let all = fs.walk(b"w", 0).unwrap().next_batch(4, 0).unwrap();
+        assert_eq!((all.eof, all.entries.len()), (true, 4));
+    }
+
+    #[test]
+    fn list_is_a_directory_and_its_children_in_one_reply() {
+        let (_t, fs) = setup();
+        let r = fs.root().path().to_path_buf();
+        std::fs::create_dir_all(r.join("d/sub")).unwrap();
+        std::fs::write(r.join("d/sub/deep"), b"").unwrap();
+        std::fs::write(r.join("d/f"), b"12345").unwrap();
+        symlink("f", r.join("d/l")).unwrap();
+        let list = fs.list(b"d", 10).unwrap();
+        assert!(list.complete && list.stat.is_dir());
+        assert_eq!(list.stat.ino, std::fs::metadata(r.join("d")).unwrap().ino());
+        let mut names: Vec<_> =
+            list.entries.iter().map(|e| (e.path.as_ref(), e.stat.size, e.target.as_ref())).collect();
+        names.sort();
+        let sub_size = std::fs::symlink_metadata(r.join("d/sub")).unwrap().size();
+        assert_eq!(names, [(&b"f"[..], 5, &b""[..]), (b"l", 1, b"f"), (b"sub", sub_size, b"")]);
+
+        let partial = fs.list(b"d", 2).unwrap();
+        assert!(!partial.complete);
+        assert_eq!(partial.entries.len(), 2);
+        let exact = fs.list(b"d", 3).unwrap();
+        assert!(exact.complete && exact.entries.len() == 3);
+
+        // Not a directory: its own stat and nothing else; a final symlink is not followed.
+        let file = fs.list(b"d/f", 10).unwrap();
+        assert!(file.complete && file.entries.is_empty() && file.stat.size == 5);
+        let link = fs.list(b"d/l", 10).unwrap();
+        assert!(link.complete && link.entries.is_empty() && is_symlink_mode(link.stat.mode));
+        assert_eq!(code(fs.list(b"nope", 10)), libc::ENOENT);
+    }
+
+    fn is_symlink_mode(mode: u32) -> bool {
+        mode & libc::S_IFMT == libc::S_IFLNK
     }
 
     #[test]
@@ -1247,11 +1355,17 @@ mod tests {
         let r = fs.root().path().to_path_buf();
         std::fs::write(r.join("f"), b"0123456789").unwrap();
         let f = fs.open(b"f", open_flags::READ, None).unwrap();
-        assert_eq!(read_at(f.fd.as_fd(), 8, 100).unwrap(), b"89");
-        assert!(read_at(f.fd.as_fd(), 10, 100).unwrap().is_empty());
+        // Appended after what the buffer holds, a frame header in the server.
+        let mut buf = BytesMut::from(&b"head:"[..]);
+        assert_eq!(read_into(f.fd.as_fd(), 8, 100, &mut buf).unwrap(), 2);
+        assert_eq!(read_into(f.fd.as_fd(), 10, 100, &mut buf).unwrap(), 0);
+        assert_eq!(read_into(f.fd.as_fd(), 0, 3, &mut buf).unwrap(), 3);
+        assert_eq!(buf.as_ref(), b"head:89012");
         let (rd, wr) = nix::unistd::pipe().unwrap();
         write_at(wr.as_fd(), 0, b"piped").unwrap();
-        assert_eq!(read_at(rd.as_fd(), 0, 100).unwrap(), b"piped");
+        let mut buf = BytesMut::new();
+        assert_eq!(read_into(rd.as_fd(), 0, 100, &mut buf).unwrap(), 5, "a stream answers what it has");
+        assert_eq!(buf.as_ref(), b"piped");
     }
 
     #[test]

@@ -6,9 +6,11 @@
 //! clients rely on arrival order). The rules:
 //! - Each request is a read or a mutation ([`Kind`]) and names a set of paths ([`Key`]s): the
 //!   client's paths, or the path its handle was opened by.
-//! - Two requests conflict when they work on the same handle, or when at least one of them is
-//!   a mutation and a path of one equals, or is an ancestor or descendant of, a path of the
-//!   other (MKDIR `a` then OPEN `a/b`; RENAME `a` to `c` then STAT `c/x`).
+//! - Two requests conflict when they work on the same handle (unless both only read a regular
+//!   file through it: READs at offsets need no order among themselves, so one big file is read
+//!   on several threads), or when at least one of them is a mutation and a path of one equals,
+//!   or is an ancestor or descendant of, a path of the other (MKDIR `a` then OPEN `a/b`; RENAME
+//!   `a` to `c` then STAT `c/x`).
 //! - A request starts once every earlier conflicting request still in flight has finished.
 //!   Reads of one path, and any requests on unrelated paths, run side by side.
 //!
@@ -114,6 +116,17 @@ pub struct HandleScope {
     pub path: Option<Key>,
     /// Opened for writing: its CLOSE counts as a mutation.
     pub writes: bool,
+    /// A regular file: requests that only read through the handle run side by side. Not for
+    /// a FIFO or device, where every read consumes data, nor for a directory's cursor.
+    pub shared_reads: bool,
+}
+
+/// How a request uses the handle it names.
+#[derive(Debug, Clone, Copy)]
+struct HandleUse {
+    id: u64,
+    /// Runs beside other shared uses of the same handle.
+    shared: bool,
 }
 
 /// What one request works on.
@@ -121,7 +134,7 @@ pub struct HandleScope {
 pub struct Access {
     kind: Kind,
     paths: Vec<Key>,
-    handle: Option<u64>,
+    handle: Option<HandleUse>,
 }
 
 impl Access {
@@ -132,8 +145,13 @@ impl Access {
         use RequestBody::*;
         let one = |p: &[u8]| -> Vec<Key> { keys.key(p).into_iter().collect() };
         let two = |a: &[u8], b: &[u8]| -> Vec<Key> { keys.key(a).into_iter().chain(keys.key(b)).collect() };
-        let on_handle = |kind| match handle {
-            Some(h) => Access { kind, paths: h.path.iter().cloned().collect(), handle: Some(h.id) },
+        // `reads`: the request only reads the file, and may share the handle if the file allows.
+        let on_handle = |kind, reads: bool| match handle {
+            Some(h) => Access {
+                kind,
+                paths: h.path.iter().cloned().collect(),
+                handle: Some(HandleUse { id: h.id, shared: reads && h.shared_reads }),
+            },
             None => Access { kind, paths: Vec::new(), handle: None },
         };
         let (kind, named) = match body {
@@ -149,6 +167,7 @@ impl Access {
             | Statvfs { path }
             | DevStat { path, .. }
             | DevWalk { path, .. }
+            | DevList { path, .. }
             | DevGet { path, .. } => (R, one(path)),
             ExpandPath { path } => (R, keys.expanded(path).into_iter().collect()),
             Limits | Extended { .. } => (R, Vec::new()),
@@ -166,22 +185,25 @@ impl Access {
             | PosixRename { oldpath, newpath }
             | Hardlink { oldpath, newpath }
             | DevRename { oldpath, newpath, .. } => (Mutation, two(oldpath, newpath)),
-            Read { .. }
-            | Fstat { .. }
-            | Readdir { .. }
-            | Fstatvfs { .. }
-            | DevFstat { .. }
-            | DevWalkRead { .. } => return on_handle(R),
-            Write { .. } | Fsetstat { .. } | Fsync { .. } | DevWrite { .. } => return on_handle(Mutation),
-            Close { .. } => return on_handle(if handle.is_some_and(|h| h.writes) { Mutation } else { R }),
+            Read { .. } | Fstat { .. } | Fstatvfs { .. } | DevFstat { .. } => return on_handle(R, true),
+            // They move the handle's cursor.
+            Readdir { .. } | DevWalkRead { .. } => return on_handle(R, false),
+            Write { .. } | Fsetstat { .. } | Fsync { .. } | DevWrite { .. } => {
+                return on_handle(Mutation, false)
+            }
+            Close { .. } => {
+                return on_handle(if handle.is_some_and(|h| h.writes) { Mutation } else { R }, false)
+            }
         };
         Access { kind, paths: named, handle: None }
     }
 
     /// Whether `self` and a later `other` must run in arrival order.
     fn conflicts(&self, other: &Access) -> bool {
-        if self.handle.is_some() && self.handle == other.handle {
-            return true;
+        if let (Some(a), Some(b)) = (self.handle, other.handle) {
+            if a.id == b.id && !(a.shared && b.shared) {
+                return true;
+            }
         }
         (self.kind == Kind::Mutation || other.kind == Kind::Mutation)
             && self.paths.iter().any(|a| other.paths.iter().any(|b| a.related(b)))
@@ -233,6 +255,18 @@ pub struct Done {
 }
 
 impl Turn {
+    /// Starts the request now if every earlier conflicting request has finished; otherwise
+    /// gives the turn back, to be waited for.
+    pub fn try_start(mut self) -> Result<Done, Turn> {
+        // An earlier request has finished when it has dropped its sender.
+        self.after.retain(|earlier| earlier.has_changed().is_ok());
+        if self.after.is_empty() {
+            Ok(Done { _signal: self.done })
+        } else {
+            Err(self)
+        }
+    }
+
     /// Waits until every earlier conflicting request has finished.
     pub async fn wait(self) -> Done {
         for mut earlier in self.after {
@@ -343,16 +377,24 @@ mod tests {
     #[test]
     fn handles_order_by_handle_and_by_path() {
         let k = keys();
-        let file = HandleScope { id: 1, path: key("d/f"), writes: true };
-        let reader = HandleScope { id: 2, path: key("d/f"), writes: false };
-        let fifo = HandleScope { id: 3, path: None, writes: true };
+        let file = HandleScope { id: 1, path: key("d/f"), writes: true, shared_reads: true };
+        let reader = HandleScope { id: 2, path: key("d/f"), writes: false, shared_reads: true };
+        let fifo = HandleScope { id: 3, path: None, writes: true, shared_reads: false };
+        let dir = HandleScope { id: 4, path: key("d"), writes: false, shared_reads: false };
         let on = |body: RequestBody, h: &HandleScope| Access::of(&body, &k, Some(h));
         let read = || RequestBody::Read { handle: b(""), offset: 0, len: 1 };
         let write = RequestBody::Write { handle: b(""), offset: 0, data: b("x") };
         let close = RequestBody::Close { handle: b("") };
         let path = |body: RequestBody| Access::of(&body, &k, None);
-        // Same handle: always in order, reads too.
-        assert!(on(read(), &reader).conflicts(&on(read(), &reader)));
+        // Same handle: reads of a regular file side by side, anything else in order.
+        assert!(!on(read(), &reader).conflicts(&on(read(), &reader)));
+        assert!(!on(read(), &file).conflicts(&on(RequestBody::Fstat { handle: b("") }, &file)));
+        assert!(on(read(), &file).conflicts(&on(write.clone(), &file)));
+        assert!(on(write.clone(), &file).conflicts(&on(read(), &file)));
+        assert!(on(read(), &file).conflicts(&on(close.clone(), &file)));
+        assert!(on(read(), &fifo).conflicts(&on(read(), &fifo)));
+        let readdir = || RequestBody::Readdir { handle: b("") };
+        assert!(on(readdir(), &dir).conflicts(&on(readdir(), &dir)));
         assert!(!on(read(), &reader).conflicts(&on(read(), &file)));
         assert!(on(write.clone(), &file).conflicts(&path(stat("d/f"))));
         assert!(on(write.clone(), &file).conflicts(&path(RequestBody::Opendir { path: b("d") })));
@@ -388,5 +430,19 @@ mod tests {
         drop(running);
         in_flight.admit(Access::of(&RequestBody::Limits, &k, None));
         assert_eq!(in_flight.entries.len(), 0);
+    }
+
+    #[test]
+    fn a_turn_starts_at_once_only_when_nothing_conflicting_runs() {
+        let k = keys();
+        let mut in_flight = InFlight::default();
+        let create = in_flight.admit(Access::of(&open("f", open_flags::CREAT | open_flags::WRITE), &k, None));
+        let create = create.try_start().ok().expect("nothing comes before it");
+        let free = in_flight.admit(Access::of(&stat("g"), &k, None));
+        let _free = free.try_start().ok().expect("conflicts with nothing");
+        let dependent = in_flight.admit(Access::of(&stat("f"), &k, None));
+        let Err(dependent) = dependent.try_start() else { panic!("the create still runs") };
+        drop(create);
+        assert!(dependent.try_start().is_ok(), "the create is done");
     }
 }

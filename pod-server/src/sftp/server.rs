@@ -1,11 +1,22 @@
 //! The SFTP subsystem: one connection's request loop.
 //!
-//! One reader decodes requests in order and hands each to its own task, so requests run
-//! concurrently and answer out of order, as SFTP allows: a slow read does not hold up a stat.
-//! - Requests that depend on each other run in arrival order: requests on one handle, and a
-//!   mutation and any other request on a related path ([`super::order`]). The reader takes each
-//!   request's place in that order before it reads the next.
-//! - File system work runs on tokio's blocking pool ([`ops`]).
+//! One reader decodes requests in order and starts each one, so requests run concurrently and
+//! answer out of order, as SFTP allows: a slow read does not hold up a stat.
+//! - Requests that depend on each other run in arrival order: requests on one handle (reads of
+//!   a regular file excepted), and a mutation and any other request on a related path
+//!   ([`super::order`]). The reader takes each request's place in that order before it reads
+//!   the next.
+//! - File system work runs on blocking threads ([`ops`]), in two ways:
+//!   - Quick requests, which only read metadata and never wait on another party (stats,
+//!     realpath, readlink, statvfs, opening and reading directories; [`is_quick`]), run in
+//!     batches on at most [`QUICK_WORKERS`] threads of the connection. The reader decodes
+//!     every packet it has buffered before it waits for more, and hands the quick requests
+//!     whose turn has come to the workers at once; a worker runs a batch in a row and sends its
+//!     replies together. A thread hand-off for each stat would cost more than the stat.
+//!   - Every other request (OPEN, which waits for the other end of a FIFO; READ and WRITE;
+//!     fsync; mutations; get and put; walks and listings, which may stat thousands of files)
+//!     runs on a blocking thread of its own, so one that blocks for long never holds up a
+//!     quick one, nor another like it. These are bounded by `max_in_flight`.
 //! - One writer task puts the responses on the stream, coalescing small ones.
 //! - At most `max_in_flight` requests run at once: the reader takes a permit before it reads
 //!   the next packet, so a client that keeps sending while the server is busy is held back by
@@ -13,11 +24,13 @@
 //! - A malformed packet (bad or oversized length, truncated body, unknown type) ends this
 //!   connection only; the caller closes its channel.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, IntoRawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::Context;
 use bytes::{Bytes, BytesMut};
@@ -26,13 +39,13 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
 use super::handles::{Handle, Handles, Object};
-use super::ops::{self, Fs, OpError};
-use super::order::{Access, InFlight, Key, Keys};
+use super::ops::{self, File, Fs, OpError};
+use super::order::{Access, Done, InFlight, Key, Keys};
 use super::paths::Root;
 use crate::feed::ChangeTracker;
 use crate::proto::sftp::{
     self, open_flags, Attrs, Init, NameEntry, Request, RequestBody, Response, ResponseBody, SeqStat,
-    SetAttrs, Status, StatusCode, TimeSet, Version, WalkBatch, MAX_DATA, MAX_PACKET,
+    SetAttrs, Status, StatusCode, TimeSet, Version, MAX_DATA, MAX_PACKET,
 };
 use crate::proto::stat::Timespec;
 use crate::proto::wire::{take_frame, DecodeError};
@@ -42,7 +55,8 @@ use crate::proto::wire::{take_frame, DecodeError};
 pub struct Limits {
     /// Open handles; one more OPEN answers FAILURE "too many open handles".
     pub max_handles: usize,
-    /// Requests being served at once; beyond it the server stops reading.
+    /// Requests being served at once; beyond it the server stops reading. Also the most
+    /// blocking threads the connection's slow requests hold.
     pub max_in_flight: usize,
 }
 
@@ -64,9 +78,17 @@ pub struct SftpContext {
 
 /// Entries per READDIR reply.
 const READDIR_BATCH: usize = 100;
-/// Entries per `walk-read@devmount` reply when the client asks for 0, and the most it may ask.
+/// Entries per `walk-read@devmount` reply when the client asks for 0, and the most it may ask
+/// (also of `list@devmount`, where 0 means as many as fit in one reply).
 const WALK_BATCH_DEFAULT: usize = 4096;
 const WALK_BATCH_MAX: usize = 65_536;
+
+/// Threads per connection for quick requests. Their system calls are answered from the
+/// kernel's caches in microseconds, so more threads would mostly add hand-offs and scheduler
+/// work; two let one batch run while another's replies go out, and use a second core.
+const QUICK_WORKERS: usize = 2;
+/// Quick requests a worker takes at a time; their replies leave in one write.
+const QUICK_BATCH: usize = 32;
 
 /// Why a session ended early.
 #[derive(Debug, thiserror::Error)]
@@ -93,19 +115,24 @@ where
             return Err(e).with_context(|| format!("opening root {}", ctx.root.display()));
         }
     };
+    let (rd, wr) = tokio::io::split(stream);
+    let in_flight = ctx.limits.max_in_flight.max(1);
+    let (replies, rx) = mpsc::channel(in_flight);
     let conn = Arc::new(Conn {
         keys: Keys::new(root.path()),
         fs: Fs::new(root, ctx.conn, ctx.changes.clone()),
         handles: Handles::new(ctx.limits.max_handles),
         max_handles: ctx.limits.max_handles,
+        replies,
+        quick: Mutex::default(),
     });
-    let (rd, wr) = tokio::io::split(stream);
-    let in_flight = ctx.limits.max_in_flight.max(1);
-    let (tx, rx) = mpsc::channel(in_flight);
     let writer = tokio::spawn(write_loop(wr, rx));
-    match read_loop(rd, &conn, tx, in_flight).await {
+    let read = read_loop(rd, &conn, in_flight).await;
+    // Every request still running holds the connection, and with it the sender of replies:
+    // the writer ends once the last answer is out.
+    drop(conn);
+    match read {
         Ok(()) => {
-            // Every task holds a sender: the writer ends once the last answer is out.
             match writer.await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => debug!(conn = ctx.conn, "sftp: writing answers: {e}"),
@@ -126,6 +153,120 @@ struct Conn {
     fs: Fs,
     handles: Handles,
     max_handles: usize,
+    /// To the writer task; a closed channel means the session is over and nobody waits for
+    /// the answer.
+    replies: mpsc::Sender<Bytes>,
+    quick: Mutex<QuickQueue>,
+}
+
+/// Quick requests whose turn has come, waiting for a worker.
+#[derive(Default)]
+struct QuickQueue {
+    jobs: VecDeque<Job>,
+    /// Workers running; each takes batches until the queue is empty.
+    workers: usize,
+}
+
+/// A request whose turn has come.
+struct Job {
+    work: Work,
+    hold: Hold,
+}
+
+struct Work {
+    id: u32,
+    body: RequestBody,
+    target: Target,
+}
+
+/// Held until the request's reply is on its way: then the requests ordered after it may start
+/// (a CLOSE among them finds the handle let go of, since the work is consumed before), and
+/// the reader may read one more.
+struct Hold {
+    _done: Done,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Conn {
+    fn quick_queue(&self) -> MutexGuard<'_, QuickQueue> {
+        // Every critical section is a push, a drain or a count: a panic cannot leave the queue
+        // half changed.
+        self.quick.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Queues quick requests and starts workers for them: one per [`QUICK_BATCH`] waiting, at
+    /// most [`QUICK_WORKERS`] in all.
+    fn run_quick(self: &Arc<Self>, jobs: impl IntoIterator<Item = Job>) {
+        let start = {
+            let mut queue = self.quick_queue();
+            queue.jobs.extend(jobs);
+            let wanted = queue.jobs.len().div_ceil(QUICK_BATCH).min(QUICK_WORKERS);
+            let start = wanted.saturating_sub(queue.workers);
+            queue.workers += start;
+            start
+        };
+        for _ in 0..start {
+            let conn = self.clone();
+            tokio::task::spawn_blocking(move || conn.quick_worker());
+        }
+    }
+
+    fn quick_worker(&self) {
+        let mut out = BytesMut::new();
+        let mut holds = Vec::with_capacity(QUICK_BATCH);
+        loop {
+            let jobs: Vec<Job> = {
+                let mut queue = self.quick_queue();
+                if queue.jobs.is_empty() {
+                    queue.workers -= 1;
+                    return;
+                }
+                let n = queue.jobs.len().min(QUICK_BATCH);
+                queue.jobs.drain(..n).collect()
+            };
+            // Quick requests only read, and all of them have started: they may share the
+            // directories they resolve through.
+            self.fs.root().reads_together(|| {
+                for Job { work, hold } in jobs {
+                    self.serve_one(work, &mut out);
+                    holds.push(hold);
+                }
+            });
+            let _ = self.replies.blocking_send(out.split().freeze());
+            holds.clear();
+        }
+    }
+
+    /// Runs a request that may block for long on a blocking thread of its own.
+    fn run_alone(self: &Arc<Self>, job: Job) {
+        let conn = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut out = BytesMut::new();
+            conn.serve_one(job.work, &mut out);
+            let _ = conn.replies.blocking_send(out.freeze());
+            drop(job.hold);
+        });
+    }
+
+    /// Serves one request and appends its reply to `out`. A panic is answered as an internal
+    /// error, so that a worker goes on with the rest of its batch.
+    fn serve_one(&self, work: Work, out: &mut BytesMut) {
+        let Work { id, body, target } = work;
+        let start = out.len();
+        let served = catch_unwind(AssertUnwindSafe(|| match target {
+            Target::Paths => encode(id, path_op(self, body), out),
+            Target::Handle(h) => match (&body, &h.object) {
+                (RequestBody::Read { offset, len, .. }, Object::File(f)) => read(id, f, *offset, *len, out),
+                _ => encode(id, handle_op(self, h, body), out),
+            },
+            Target::BadHandle => encode(id, bad_handle(), out),
+        }));
+        if served.is_err() {
+            warn!("sftp: request {id} failed: it panicked");
+            out.truncate(start);
+            encode(id, status(StatusCode::FAILURE, "internal error"), out);
+        }
+    }
 }
 
 async fn write_loop<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::Receiver<Bytes>) -> io::Result<()> {
@@ -140,50 +281,67 @@ async fn write_loop<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::Receiver<Bytes>)
     wr.shutdown().await
 }
 
-/// The next frame, `None` at a clean end of stream.
-async fn next_frame<R: AsyncRead + Unpin>(
-    rd: &mut R,
-    buf: &mut BytesMut,
-) -> Result<Option<Bytes>, SessionError> {
-    loop {
-        if let Some(frame) = take_frame(buf, MAX_PACKET)? {
-            return Ok(Some(frame));
-        }
-        if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(64 * 1024);
-        }
-        if rd.read_buf(buf).await.map_err(SessionError::Read)? == 0 {
-            return if buf.is_empty() { Ok(None) } else { Err(SessionError::TruncatedStream) };
-        }
+/// Reads more of the stream into `buf`; `false` at a clean end of stream.
+async fn fill<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> Result<bool, SessionError> {
+    if buf.capacity() - buf.len() < 4096 {
+        buf.reserve(64 * 1024);
     }
+    if rd.read_buf(buf).await.map_err(SessionError::Read)? == 0 {
+        return if buf.is_empty() { Ok(false) } else { Err(SessionError::TruncatedStream) };
+    }
+    Ok(true)
 }
 
 async fn read_loop<R: AsyncRead + Unpin>(
     mut rd: R,
     conn: &Arc<Conn>,
-    tx: mpsc::Sender<Bytes>,
     in_flight: usize,
 ) -> Result<(), SessionError> {
     let mut buf = BytesMut::with_capacity(64 * 1024);
-    let Some(first) = next_frame(&mut rd, &mut buf).await? else {
-        return Ok(());
+    let first = loop {
+        if let Some(frame) = take_frame(&mut buf, MAX_PACKET)? {
+            break frame;
+        }
+        if !fill(&mut rd, &mut buf).await? {
+            return Ok(());
+        }
     };
     let init = Init::decode(first)?;
     debug!(version = init.version, "sftp: client hello");
     let mut hello = BytesMut::new();
     Version::devmount().encode(&mut hello);
-    if tx.send(hello.freeze()).await.is_err() {
+    if conn.replies.send(hello.freeze()).await.is_err() {
         return Ok(());
     }
     let permits = Arc::new(Semaphore::new(in_flight));
     let mut order = InFlight::default();
+    // Quick requests from the packets buffered so far whose turn has come; handed to the
+    // workers together before the reader waits for anything.
+    let mut ready = Vec::new();
+    let flush = |ready: &mut Vec<Job>| {
+        if !ready.is_empty() {
+            conn.run_quick(ready.drain(..));
+        }
+    };
     loop {
-        let permit = permits.clone().acquire_owned().await.expect("the semaphore is never closed");
-        let Some(frame) = next_frame(&mut rd, &mut buf).await? else {
-            return Ok(());
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                flush(&mut ready);
+                permits.clone().acquire_owned().await.expect("the semaphore is never closed")
+            }
+        };
+        let frame = loop {
+            if let Some(frame) = take_frame(&mut buf, MAX_PACKET)? {
+                break frame;
+            }
+            flush(&mut ready);
+            if !fill(&mut rd, &mut buf).await? {
+                return Ok(());
+            }
         };
         let req = Request::decode(frame)?;
-        dispatch(conn, &mut order, req, permit, &tx);
+        dispatch(conn, &mut order, req, permit, &mut ready);
     }
 }
 
@@ -196,13 +354,13 @@ enum Target {
 }
 
 /// Starts serving one request. Runs on the reader, in arrival order: that is where a
-/// request takes its place in the order.
+/// request takes its place in the order. A quick request whose turn has come joins `ready`.
 fn dispatch(
     conn: &Arc<Conn>,
     order: &mut InFlight,
     req: Request,
     permit: OwnedSemaphorePermit,
-    tx: &mpsc::Sender<Bytes>,
+    ready: &mut Vec<Job>,
 ) {
     let Request { id, body } = req;
     let target = match handle_of(&body) {
@@ -217,36 +375,84 @@ fn dispatch(
         Target::Paths | Target::BadHandle => None,
     };
     let turn = order.admit(Access::of(&body, &conn.keys, scope));
-    let tx = tx.clone();
-    let conn = conn.clone();
-    tokio::spawn(async move {
-        let done = turn.wait().await;
-        let reply = match target {
-            Target::Paths => blocking(id, move || path_op(&conn, body)).await,
-            Target::Handle(h) => blocking(id, move || handle_op(&conn, h, body)).await,
-            Target::BadHandle => bad_handle(),
-        };
-        // A closed channel means the session is over: nobody is waiting for the answer.
-        let _ = tx.send(encode(id, reply)).await;
-        // Only now may requests that depend on this one start (and a CLOSE find the handle
-        // let go of).
-        drop(done);
-        drop(permit);
-    });
+    let quick = is_quick(&body, &target);
+    let work = Work { id, body, target };
+    match turn.try_start() {
+        Ok(done) => {
+            let job = Job { work, hold: Hold { _done: done, _permit: permit } };
+            if quick {
+                ready.push(job);
+            } else {
+                conn.run_alone(job);
+            }
+        }
+        Err(turn) => {
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                let done = turn.wait().await;
+                let job = Job { work, hold: Hold { _done: done, _permit: permit } };
+                if quick {
+                    conn.run_quick([job]);
+                } else {
+                    conn.run_alone(job);
+                }
+            });
+        }
+    }
 }
 
-/// Runs request `id`'s file system work on the blocking pool.
-async fn blocking(id: u32, op: impl FnOnce() -> ResponseBody + Send + 'static) -> ResponseBody {
-    tokio::task::spawn_blocking(op).await.unwrap_or_else(|e| {
-        warn!("sftp: request {id} failed: {e}");
-        status(StatusCode::FAILURE, "internal error")
-    })
+/// Whether a request only reads metadata, never waits on another party (the other end of a
+/// FIFO, a lock) and takes no time in proportion to file data or to a whole tree: such
+/// requests run on the connection's quick workers.
+fn is_quick(body: &RequestBody, target: &Target) -> bool {
+    use RequestBody::*;
+    let handle = match target {
+        Target::BadHandle => return true,
+        Target::Handle(h) => Some(h),
+        Target::Paths => None,
+    };
+    match body {
+        Lstat { .. }
+        | Stat { .. }
+        | Realpath { .. }
+        | ExpandPath { .. }
+        | Readlink { .. }
+        | Statvfs { .. }
+        | Limits
+        | Opendir { .. }
+        | DevStat { .. }
+        | DevWalk { .. }
+        | Extended { .. }
+        | Fstat { .. }
+        | Fstatvfs { .. }
+        | DevFstat { .. }
+        | Readdir { .. } => true,
+        // Closing a file opened for writing may write it back (network file systems do);
+        // anything else only lets go of a descriptor and memory.
+        Close { .. } => !handle.is_some_and(|h| h.scope.writes && matches!(h.object, Object::File(_))),
+        _ => false,
+    }
 }
 
-fn encode(id: u32, body: ResponseBody) -> Bytes {
-    let mut buf = BytesMut::new();
-    Response { id, body }.encode(&mut buf);
-    buf.freeze()
+/// A READ, served straight into its reply frame.
+fn read(id: u32, file: &File, offset: u64, len: u32, out: &mut BytesMut) {
+    let len = len.min(MAX_DATA) as usize;
+    let start = Response::begin_data(out, id);
+    match ops::read_into(file.fd.as_fd(), offset, len, out) {
+        Ok(0) => {
+            out.truncate(start);
+            encode(id, status(StatusCode::EOF, "End of file"), out);
+        }
+        Ok(_) => Response::end_data(out, start),
+        Err(e) => {
+            out.truncate(start);
+            encode(id, io_status(&e), out);
+        }
+    }
+}
+
+fn encode(id: u32, body: ResponseBody, out: &mut BytesMut) {
+    Response { id, body }.encode(out);
 }
 
 /// The handle a request works on, and whether it closes it.
@@ -333,8 +539,14 @@ fn one_name(name: &[u8]) -> ResponseBody {
 }
 
 /// Opens a handle on `object`, which the request opened by `path`.
-fn new_handle(conn: &Conn, object: Object, path: Option<Key>, writes: bool) -> ResponseBody {
-    match conn.handles.insert(object, path, writes) {
+fn new_handle(
+    conn: &Conn,
+    object: Object,
+    path: Option<Key>,
+    writes: bool,
+    shared_reads: bool,
+) -> ResponseBody {
+    match conn.handles.insert(object, path, writes, shared_reads) {
         Some(h) => ResponseBody::Handle(h),
         None => too_many_handles(),
     }
@@ -351,11 +563,13 @@ fn path_op(conn: &Conn, body: RequestBody) -> ResponseBody {
             }
             reply(fs.open(&filename, pflags, attrs.permissions), |f| {
                 // The data of a FIFO, socket or device does not live at its path: its handle
-                // is ordered by itself only (see [`super::order`]).
-                let special = ops::fstat(f.fd.as_fd())
-                    .is_ok_and(|st| !matches!(st.mode & libc::S_IFMT, libc::S_IFREG | libc::S_IFDIR));
+                // is ordered by itself only (see [`super::order`]). Only a regular file's
+                // reads may share the handle.
+                let kind = ops::fstat(f.fd.as_fd()).map_or(0, |st| st.mode & libc::S_IFMT);
+                let special = !matches!(kind, libc::S_IFREG | libc::S_IFDIR);
                 let path = if special { None } else { conn.keys.key(&filename) };
-                new_handle(conn, Object::File(f), path, pflags & open_flags::WRITE != 0)
+                let writes = pflags & open_flags::WRITE != 0;
+                new_handle(conn, Object::File(f), path, writes, kind == libc::S_IFREG)
             })
         }
         Opendir { path } => {
@@ -363,7 +577,7 @@ fn path_op(conn: &Conn, body: RequestBody) -> ResponseBody {
                 return too_many_handles();
             }
             reply(fs.opendir(&path), |d| {
-                new_handle(conn, Object::Dir(Mutex::new(d)), conn.keys.key(&path), false)
+                new_handle(conn, Object::Dir(Mutex::new(d)), conn.keys.key(&path), false, false)
             })
         }
         DevWalk { path, max_entries, max_depth } => {
@@ -376,8 +590,15 @@ fn path_op(conn: &Conn, body: RequestBody) -> ResponseBody {
             };
             reply(fs.walk(&path, max_depth), |walk| {
                 let walk = Object::Walk { walk: Mutex::new(walk), max_entries };
-                new_handle(conn, walk, conn.keys.key(&path), false)
+                new_handle(conn, walk, conn.keys.key(&path), false, false)
             })
+        }
+        DevList { path, max_entries } => {
+            let max_entries = match max_entries as usize {
+                0 => WALK_BATCH_MAX,
+                n => n.min(WALK_BATCH_MAX),
+            };
+            reply(fs.list(&path, max_entries), ResponseBody::List)
         }
         Lstat { path } => reply(fs.stat(&path, false), |st| ResponseBody::Attrs(Attrs::from_stat(&st))),
         Stat { path } => reply(fs.stat(&path, true), |st| ResponseBody::Attrs(Attrs::from_stat(&st))),
@@ -426,7 +647,8 @@ fn path_op(conn: &Conn, body: RequestBody) -> ResponseBody {
     }
 }
 
-/// Requests on a handle; runs after every earlier request on the same handle.
+/// Requests on a handle but READ of a file ([`read`]); runs after every earlier request on the
+/// same handle it conflicts with.
 fn handle_op(conn: &Conn, handle: Arc<Handle>, body: RequestBody) -> ResponseBody {
     use RequestBody::*;
     let fs = &conn.fs;
@@ -436,16 +658,6 @@ fn handle_op(conn: &Conn, handle: Arc<Handle>, body: RequestBody) -> ResponseBod
     };
     match (body, file) {
         (Close { .. }, _) => close(handle),
-        (Read { offset, len, .. }, Some(f)) => {
-            let len = len.min(MAX_DATA) as usize;
-            reply(ops::read_at(f.fd.as_fd(), offset, len), |data| {
-                if data.is_empty() {
-                    status(StatusCode::EOF, "End of file")
-                } else {
-                    ResponseBody::Data(data.into())
-                }
-            })
-        }
         (Write { offset, data, .. }, Some(f)) => done(fs.write(f, offset, &data)),
         (Fsetstat { attrs, .. }, Some(f)) => done(fs.fsetstat(f.fd.as_fd(), &f.abs, &set_attrs(&attrs))),
         (Fsync { .. }, Some(f)) => done(ops::fsync(f.fd.as_fd())),
@@ -523,12 +735,11 @@ fn walk_read(fs: &Fs, handle: &Handle) -> ResponseBody {
         return bad_handle();
     };
     let mut walk = walk.lock().expect("walk cursor poisoned");
-    let seq = fs.sequence();
-    reply(walk.next_batch(*max_entries), |entries| {
-        if entries.is_empty() {
+    reply(walk.next_batch(*max_entries, fs.sequence()), |batch| {
+        if batch.entries.is_empty() {
             status(StatusCode::EOF, "End of file")
         } else {
-            ResponseBody::Walk(WalkBatch { seq, entries })
+            ResponseBody::Walk(batch)
         }
     })
 }
@@ -658,17 +869,20 @@ mod tests {
             let walk = self.handle(RequestBody::DevWalk { path: b(path), max_entries, max_depth }).await;
             let mut paths = Vec::new();
             loop {
-                match self.call(RequestBody::DevWalkRead { handle: walk.clone() }).await {
-                    ResponseBody::Walk(batch) => {
-                        assert!(batch.entries.len() <= max_entries as usize);
-                        paths.extend(batch.entries.into_iter().map(|e| e.path));
-                    }
-                    end => {
-                        assert_eq!(code(&end).0, StatusCode::EOF);
-                        break;
-                    }
+                let ResponseBody::Walk(batch) =
+                    self.call(RequestBody::DevWalkRead { handle: walk.clone() }).await
+                else {
+                    panic!("a batch comes before the end")
+                };
+                assert!(!batch.entries.is_empty() && batch.entries.len() <= max_entries as usize);
+                paths.extend(batch.entries.into_iter().map(|e| e.path));
+                if batch.eof {
+                    break;
                 }
             }
+            // After the batch that said so, the walk is over.
+            let end = self.call(RequestBody::DevWalkRead { handle: walk.clone() }).await;
+            assert_eq!(code(&end).0, StatusCode::EOF);
             is_ok(&self.call(RequestBody::Close { handle: walk }).await);
             paths
         }
@@ -891,6 +1105,103 @@ mod tests {
         }
         is_ok(&replies[&write]);
         assert_eq!(replies[&read], ResponseBody::Data(b(b"late")));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_of_a_file_share_its_handle_and_order_against_its_writes() {
+        let (_t, root) = tree();
+        let old: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 199) as u8).collect();
+        std::fs::write(root.join("f"), &old).unwrap();
+        let mut peer = start(&root).await;
+        let h = peer.open(b"f", open_flags::READ | open_flags::WRITE, None).await;
+        let read = |i: u64| RequestBody::Read { handle: h.clone(), offset: i * 4096, len: 4096 };
+        let new = Bytes::from(vec![7u8; 64 * 1024]);
+        let mut requests: Vec<_> = (0..16).map(read).collect();
+        requests.push(RequestBody::Write { handle: h.clone(), offset: 0, data: new.clone() });
+        requests.extend((0..16).map(read));
+        requests.push(RequestBody::Read { handle: h.clone(), offset: 64 * 1024, len: 10 });
+        requests.push(RequestBody::Close { handle: h.clone() });
+        requests.push(read(0));
+        let replies = pipelined(&mut peer, requests).await;
+        for (i, r) in replies[..16].iter().enumerate() {
+            assert_eq!(
+                *r,
+                ResponseBody::Data(b(&old[i * 4096..(i + 1) * 4096])),
+                "read {i} before the write"
+            );
+        }
+        is_ok(&replies[16]);
+        for (i, r) in replies[17..33].iter().enumerate() {
+            assert_eq!(
+                *r,
+                ResponseBody::Data(new.slice(i * 4096..(i + 1) * 4096)),
+                "read {i} after the write"
+            );
+        }
+        assert_eq!(code(&replies[33]).0, StatusCode::EOF);
+        is_ok(&replies[34]);
+        assert_eq!(code(&replies[35]), (StatusCode::FAILURE, nix::errno::Errno::EBADF.desc().to_owned()));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_small_in_flight_cap_still_serves_every_request() {
+        let (_t, root) = tree();
+        for i in 0..100 {
+            std::fs::write(root.join(format!("f{i}")), vec![0; i]).unwrap();
+        }
+        let limits = Limits { max_handles: 16, max_in_flight: 3 };
+        let mut peer = start_with(context(&root, limits, Arc::new(()))).await;
+        // Quick requests, and quick ones that wait for a mutation before them.
+        let mut requests = Vec::new();
+        for i in 0..100 {
+            requests.push(RequestBody::Lstat { path: b(format!("f{i}").as_bytes()) });
+            if i % 10 == 0 {
+                let path = b(format!("d{i}").as_bytes());
+                requests.push(RequestBody::Mkdir { path: path.clone(), attrs: Attrs::default() });
+                requests.push(RequestBody::Stat { path });
+            }
+        }
+        let replies = pipelined(&mut peer, requests.clone()).await;
+        for (req, r) in requests.iter().zip(&replies) {
+            match (req, r) {
+                (RequestBody::Lstat { path }, ResponseBody::Attrs(a)) => {
+                    let i: u64 = std::str::from_utf8(&path[1..]).unwrap().parse().unwrap();
+                    assert_eq!(a.size, Some(i));
+                }
+                (RequestBody::Mkdir { .. }, r) => is_ok(r),
+                (RequestBody::Stat { .. }, ResponseBody::Attrs(a)) => {
+                    assert_eq!(a.permissions.unwrap() & libc::S_IFMT, libc::S_IFDIR)
+                }
+                (req, r) => panic!("{req:?}: {r:?}"),
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_sent_before_the_end_of_the_stream_are_all_answered() {
+        let (_t, root) = tree();
+        let mut peer = start(&root).await;
+        let pflags = open_flags::WRITE | open_flags::CREAT;
+        let mut ids = Vec::new();
+        for i in 0..20 {
+            let path = b(format!("f{i}").as_bytes());
+            let open = RequestBody::Open { filename: path.clone(), pflags, attrs: Attrs::default() };
+            ids.push(peer.send(open).await);
+            // Waits for the create, and runs after the stream has ended.
+            ids.push(peer.send(RequestBody::Lstat { path }).await);
+        }
+        peer.wr.shutdown().await.unwrap();
+        let mut replies = HashMap::new();
+        for _ in 0..ids.len() {
+            let r = peer.recv().await;
+            replies.insert(r.id, r.body);
+        }
+        for pair in ids.chunks(2) {
+            assert!(matches!(replies[&pair[0]], ResponseBody::Handle(_)), "{:?}", replies[&pair[0]]);
+            assert!(matches!(replies[&pair[1]], ResponseBody::Attrs(_)), "{:?}", replies[&pair[1]]);
+        }
+        assert!(peer.frame().await.is_none(), "the session ends");
+        assert!(timeout(DEADLINE, peer.session).await.unwrap().unwrap().is_ok());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1126,6 +1437,21 @@ mod tests {
         let mut two = peer.walk(b"t", 100, 2).await;
         two.sort();
         assert_eq!(two, [b(b""), b(b"link"), b(b"u"), b(b"u/v")]);
+
+        recorder.seq.store(43, Ordering::SeqCst);
+        let list = |path: &[u8], max_entries| RequestBody::DevList { path: b(path), max_entries };
+        let ResponseBody::List(t) = peer.call(list(b"t", 0)).await else { panic!() };
+        let mut names: Vec<_> = t.entries.iter().map(|e| (e.path.clone(), e.target.clone())).collect();
+        names.sort();
+        assert_eq!(names, [(b(b"link"), b(b"u")), (b(b"u"), Bytes::new())]);
+        assert!(t.complete && t.stat.is_dir() && t.seq == 43);
+        assert_eq!(t.stat.ino, std::fs::metadata(root.join("t")).unwrap().ino());
+        let ResponseBody::List(v) = peer.call(list(b"t/u/v", 120)).await else { panic!() };
+        assert!(!v.complete && v.entries.len() == 120);
+        let ResponseBody::List(v) = peer.call(list(b"t/u/v", 0)).await else { panic!() };
+        assert!(v.complete && v.entries.len() == 300);
+        assert_eq!(code(&peer.call(list(b"t/nope", 0)).await).0, StatusCode::NO_SUCH_FILE);
+        assert_eq!(code(&peer.call(list(b"../../etc", 0)).await).0, StatusCode::NO_SUCH_FILE);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -152,6 +152,8 @@ fn every_request_round_trips() {
         DevWalk { path: p(), max_entries: 4096, max_depth: 0 },
         DevWalk { path: p(), max_entries: 0, max_depth: 1 },
         DevWalkRead { handle: h() },
+        DevList { path: p(), max_entries: 0 },
+        DevList { path: b(b"."), max_entries: u32::MAX },
         DevGet { path: p(), max_size: 65536 },
         DevPut(Put {
             path: p(),
@@ -228,10 +230,11 @@ fn every_response_round_trips() {
         ),
         (R::Limits(Limits::DEVMOUNT), ReplyKind::Limits),
         (R::SeqStat(SeqStat { seq: 42, stat: full_stat() }), ReplyKind::SeqStat),
-        (R::Walk(WalkBatch { seq: 1, entries: vec![] }), ReplyKind::Walk),
+        (R::Walk(WalkBatch { seq: 1, eof: false, entries: vec![] }), ReplyKind::Walk),
         (
             R::Walk(WalkBatch {
                 seq: u64::MAX,
+                eof: true,
                 entries: vec![
                     WalkEntry { path: Bytes::new(), stat: full_stat(), target: Bytes::new() },
                     WalkEntry { path: b(b"a/\xff"), stat: full_stat(), target: b(b"/abs/target") },
@@ -239,10 +242,38 @@ fn every_response_round_trips() {
             }),
             ReplyKind::Walk,
         ),
+        (R::List(ListReply { seq: 0, stat: full_stat(), complete: true, entries: vec![] }), ReplyKind::List),
+        (
+            R::List(ListReply {
+                seq: 12,
+                stat: FullStat { mode: 0o40755, ..full_stat() },
+                complete: false,
+                entries: vec![
+                    WalkEntry { path: b(b"f\xfe"), stat: full_stat(), target: Bytes::new() },
+                    WalkEntry { path: b(b"l"), stat: full_stat(), target: b(b"../t") },
+                ],
+            }),
+            ReplyKind::List,
+        ),
         (R::Get(GetReply { seq: 3, stat: full_stat(), data: b(b"file\xff") }), ReplyKind::Get),
     ];
     for (body, kind) in samples {
         check_response(body, kind);
+    }
+}
+
+/// A DATA reply built in place, as the server serves a READ, is the DATA reply the codec encodes.
+#[test]
+fn data_built_in_place_is_a_data_reply() {
+    for payload in [&b""[..], b"x", &[0xa5; 70_000]] {
+        let mut buf = BytesMut::from(&b"before"[..]);
+        let start = Response::begin_data(&mut buf, 9);
+        assert_eq!(buf.len() - start, Response::DATA_HEADER_LEN);
+        buf.put_slice(payload);
+        Response::end_data(&mut buf, start);
+        let mut want = BytesMut::from(&b"before"[..]);
+        Response { id: 9, body: ResponseBody::Data(b(payload)) }.encode(&mut want);
+        assert_eq!(buf, want);
     }
 }
 
@@ -347,8 +378,15 @@ fn hostile_lengths_are_refused() {
     assert!(matches!(Response::decode(names, |_| ReplyKind::Raw), Err(DecodeError::Truncated { .. })));
     let attrs = b(b"\x69\x00\x00\x00\x01\x80\x00\x00\x00\xff\xff\xff\xff");
     assert!(matches!(Response::decode(attrs, |_| ReplyKind::Raw), Err(DecodeError::Truncated { .. })));
-    let walk = b(b"\xc9\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00\xff\xff\xff\xff");
+    let walk = b(b"\xc9\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00\x01\xff\xff\xff\xff");
     assert!(matches!(Response::decode(walk, |_| ReplyKind::Walk), Err(DecodeError::Truncated { .. })));
+    let mut list = BytesMut::from(&b"\xc9\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00"[..]);
+    full_stat().encode(&mut list);
+    list.put_slice(b"\x00\xff\xff\xff\xff");
+    assert!(matches!(
+        Response::decode(list.freeze(), |_| ReplyKind::List),
+        Err(DecodeError::Truncated { .. })
+    ));
 }
 
 #[test]
