@@ -569,7 +569,7 @@ fn unmount_ends_the_daemon() -> Result<()> {
 }
 
 /// One change made in the served directory.
-type Change = dyn Fn() -> std::io::Result<()>;
+type Change<'a> = dyn Fn() -> std::io::Result<()> + 'a;
 
 /// What `inotifywait -m -r` on the mount reports for changes made in the pod: the echo thread
 /// replays each one through the mount (see fuse-client/src/echo.rs).
@@ -588,7 +588,7 @@ fn local_watchers_see_changes_made_in_the_pod() -> Result<()> {
     let root = s.root();
     let m = mnt.display();
     // One change at a time, each awaited, as an editor or a build in the pod makes them.
-    let steps: [(&Change, Vec<String>); 5] = [
+    let steps: [(&Change<'_>, Vec<String>); 5] = [
         (&|| fs::write(root.join("src/new.txt"), b"made in the pod"), vec![format!("CREATE {m}/src/new.txt")]),
         (
             &|| fs::write(root.join("src/old.txt"), b"changed in the pod"),
