@@ -367,36 +367,11 @@ impl Filesystem for FuseFs {
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        if self.echo.is_echo(req.pid()) {
-            // Gone on the server already: the kernel only needs to hear it happen.
-            if let Some(path) = self.fs.child_path(parent.0, name) {
-                self.fs.nodes().unlink(&path);
-            }
-            return reply.ok();
-        }
-        let name = name.to_owned();
-        self.spawn(move |fs| async move {
-            match fs.unlink(parent.0, &name).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(e)),
-            }
-        });
+        self.remove(req, parent, name, reply, false);
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        if self.echo.is_echo(req.pid()) {
-            if let Some(path) = self.fs.child_path(parent.0, name) {
-                self.fs.nodes().unlink(&path);
-            }
-            return reply.ok();
-        }
-        let name = name.to_owned();
-        self.spawn(move |fs| async move {
-            match fs.rmdir(parent.0, &name).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(e)),
-            }
-        });
+        self.remove(req, parent, name, reply, true);
     }
 
     fn rename(
@@ -558,6 +533,25 @@ impl Filesystem for FuseFs {
 }
 
 impl FuseFs {
+    /// unlink (`dir` false) or rmdir (`dir` true).
+    fn remove(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty, dir: bool) {
+        if self.echo.is_echo(req.pid()) {
+            // Gone on the server already: the kernel only needs to hear it happen.
+            if let Some(path) = self.fs.child_path(parent.0, name) {
+                self.fs.nodes().unlink(&path);
+            }
+            return reply.ok();
+        }
+        let name = name.to_owned();
+        self.spawn(move |fs| async move {
+            let result = if dir { fs.rmdir(parent.0, &name).await } else { fs.unlink(parent.0, &name).await };
+            match result {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
     fn listing(&self, fh: FileHandle) -> Option<Arc<Vec<DirItem>>> {
         self.dirs.lock().unwrap_or_else(|e| e.into_inner()).get(fh.0 as usize).cloned()
     }
