@@ -59,7 +59,8 @@ impl Nodes {
     }
 
     /// Whether the kernel may still use `id` (known, named or not).
-    pub fn contains(&self, id: u64) -> bool {
+    #[cfg(test)]
+    fn contains(&self, id: u64) -> bool {
         self.by_id.contains_key(&id)
     }
 
@@ -201,13 +202,6 @@ impl Nodes {
         self.by_id.keys().copied()
     }
 
-    pub fn len(&self) -> usize {
-        self.by_id.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_id.is_empty()
-    }
 }
 
 #[cfg(test)]

@@ -515,10 +515,6 @@ impl Fs {
         self.remote.statvfs(&RelPath::root()).await
     }
 
-    /// The node id an open file handle belongs to.
-    pub fn file_node(&self, fh: u64) -> Option<u64> {
-        lock(&self.files).get(fh as usize).map(|f| f.id)
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
