@@ -1081,6 +1081,7 @@ mod tests {
     /// `run` behind a real russh server, driven by a russh client over an in-memory stream.
     mod over_ssh {
         use super::*;
+        use crate::ssh::{read_session_request, SessionRequest};
         use russh::keys::ssh_key::private::Ed25519Keypair;
         use russh::keys::{PrivateKey, PublicKeyOrCertificate};
         use russh::{client, server};
@@ -1109,40 +1110,10 @@ mod tests {
             }
         }
 
-        /// What ssh.rs does: collect pty-req and env, hand over on exec or shell.
+        /// What ssh.rs does with an exec or shell request.
         async fn dispatch(mut channel: Channel<Msg>, handle: Handle, reaper: Arc<Reaper>, cwd: PathBuf) {
-            let mut req = request(None, None);
-            req.cwd = cwd;
-            while let Some(msg) = channel.wait().await {
-                match msg {
-                    ChannelMsg::RequestPty {
-                        term,
-                        col_width,
-                        row_height,
-                        pix_width,
-                        pix_height,
-                        terminal_modes,
-                        ..
-                    } => {
-                        req.pty = Some(PtyRequest {
-                            term,
-                            cols: col_width,
-                            rows: row_height,
-                            pix_width,
-                            pix_height,
-                            modes: terminal_modes,
-                        })
-                    }
-                    ChannelMsg::SetEnv { variable_name, variable_value, .. } => {
-                        req.env.push((variable_name, variable_value))
-                    }
-                    ChannelMsg::Exec { command, .. } => {
-                        req.command = Some(command);
-                        return run(channel, handle, req, reaper).await;
-                    }
-                    ChannelMsg::RequestShell { .. } => return run(channel, handle, req, reaper).await,
-                    _ => {}
-                }
+            if let Some(SessionRequest::Exec(req)) = read_session_request(&mut channel, cwd).await {
+                run(channel, handle, req, reaper).await;
             }
         }
 

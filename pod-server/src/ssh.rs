@@ -129,11 +129,7 @@ impl Handler for Connection {
         self.check_key(user, offer.public_key)
     }
 
-    async fn auth_publickey(
-        &mut self,
-        user: &str,
-        key: VerifiedPublicKey<'_>,
-    ) -> Result<Auth, Self::Error> {
+    async fn auth_publickey(&mut self, user: &str, key: VerifiedPublicKey<'_>) -> Result<Auth, Self::Error> {
         let auth = self.check_key(user, key.public_key)?;
         if matches!(auth, Auth::Accept) {
             tracing::info!(conn = self.id, "accepted key {}", keys::fingerprint(key.public_key));
@@ -261,12 +257,43 @@ impl Connection {
 }
 
 /// Reads a session channel's requests in order and hands the channel to whatever it asks for.
-async fn session_channel(shared: Arc<Shared>, conn: u64, mut channel: Channel<Msg>, handle: russh::server::Handle) {
+async fn session_channel(
+    shared: Arc<Shared>,
+    conn: u64,
+    mut channel: Channel<Msg>,
+    handle: russh::server::Handle,
+) {
+    match read_session_request(&mut channel, shared.root.clone()).await {
+        Some(SessionRequest::Exec(req)) => exec::run(channel, handle, req, shared.reaper.clone()).await,
+        Some(SessionRequest::Subsystem(name)) => subsystem(&shared, conn, channel, &name).await,
+        None => {}
+    }
+}
+
+/// What a session channel asked for.
+pub(crate) enum SessionRequest {
+    /// `exec` or `shell`, with the `pty-req` and `env` requests that came before it.
+    Exec(ExecRequest),
+    Subsystem(String),
+}
+
+/// Reads a session channel's requests in order, collecting `pty-req` and `env`, up to the first
+/// `exec`, `shell` or `subsystem`; `None` if the channel ends before one. A command would run in
+/// `cwd`.
+pub(crate) async fn read_session_request(channel: &mut Channel<Msg>, cwd: PathBuf) -> Option<SessionRequest> {
     let mut pty = None;
     let mut env = Vec::new();
     while let Some(msg) = channel.wait().await {
         let command = match msg {
-            ChannelMsg::RequestPty { term, col_width, row_height, pix_width, pix_height, terminal_modes, .. } => {
+            ChannelMsg::RequestPty {
+                term,
+                col_width,
+                row_height,
+                pix_width,
+                pix_height,
+                terminal_modes,
+                ..
+            } => {
                 pty = Some(PtyRequest {
                     term,
                     cols: col_width,
@@ -283,17 +310,13 @@ async fn session_channel(shared: Arc<Shared>, conn: u64, mut channel: Channel<Ms
             }
             ChannelMsg::Exec { command, .. } => Some(command),
             ChannelMsg::RequestShell { .. } => None,
-            ChannelMsg::RequestSubsystem { name, .. } => {
-                subsystem(&shared, conn, channel, &name).await;
-                return;
-            }
-            ChannelMsg::Eof | ChannelMsg::Close => return,
+            ChannelMsg::RequestSubsystem { name, .. } => return Some(SessionRequest::Subsystem(name)),
+            ChannelMsg::Eof | ChannelMsg::Close => return None,
             _ => continue,
         };
-        let req = ExecRequest { command, pty, env, cwd: shared.root.clone() };
-        exec::run(channel, handle, req, shared.reaper.clone()).await;
-        return;
+        return Some(SessionRequest::Exec(ExecRequest { command, pty, env, cwd }));
     }
+    None
 }
 
 async fn subsystem(shared: &Shared, conn: u64, channel: Channel<Msg>, name: &str) {

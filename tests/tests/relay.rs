@@ -10,6 +10,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use devmount_tests::EchoServer;
 use tempfile::TempDir;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -97,32 +98,6 @@ impl Drop for Relay {
     }
 }
 
-/// An echo server on loopback; returns its port.
-fn echo_server() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { break };
-            thread::spawn(move || {
-                let _ = conn.set_nodelay(true);
-                let mut buf = vec![0; 64 << 10];
-                loop {
-                    match conn.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if conn.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
-            });
-        }
-    });
-    port
-}
-
 fn echo_once(conn: &mut TcpStream, data: &[u8]) {
     conn.write_all(data).unwrap();
     let mut back = vec![0; data.len()];
@@ -133,7 +108,8 @@ fn echo_once(conn: &mut TcpStream, data: &[u8]) {
 #[test]
 fn round_trip_takes_the_configured_rtt() {
     let rtt = Duration::from_millis(40);
-    let relay = Relay::start(echo_server(), 40);
+    let echo = EchoServer::start().unwrap();
+    let relay = Relay::start(echo.port(), 40);
     let mut conn = relay.connect().unwrap();
     let mut times: Vec<Duration> = (0..15)
         .map(|_| {
@@ -190,7 +166,8 @@ fn bulk_transfer_is_not_limited_by_the_delay() {
 
 #[test]
 fn cut_resets_every_connection_and_new_ones_work() {
-    let relay = Relay::start(echo_server(), 10);
+    let echo = EchoServer::start().unwrap();
+    let relay = Relay::start(echo.port(), 10);
     let mut a = relay.connect().unwrap();
     let mut b = relay.connect().unwrap();
     echo_once(&mut a, b"before");
@@ -211,7 +188,8 @@ fn cut_resets_every_connection_and_new_ones_work() {
 
 #[test]
 fn block_refuses_connections_and_holds_data_until_unblock() {
-    let relay = Relay::start(echo_server(), 0);
+    let echo = EchoServer::start().unwrap();
+    let relay = Relay::start(echo.port(), 0);
     let mut held = relay.connect().unwrap();
     echo_once(&mut held, b"before");
     assert_eq!(relay.command("block"), "ok blocked");
@@ -236,7 +214,8 @@ fn block_refuses_connections_and_holds_data_until_unblock() {
 
 #[test]
 fn commands_work_on_stdin_too() {
-    let mut relay = Relay::start(echo_server(), 7);
+    let echo = EchoServer::start().unwrap();
+    let mut relay = Relay::start(echo.port(), 7);
     let stdin = relay.stdin.as_mut().unwrap();
     stdin.write_all(b"status\nnonsense\n").unwrap();
     let status = relay.stdout.recv_timeout(WAIT).unwrap();

@@ -1,5 +1,5 @@
-//! The feed as the rest of the server sees it: start it once, let SFTP note its own changes,
-//! subscribe each `devmount-feed` channel.
+//! The feed as the rest of the server sees it: start it once, let SFTP note its own changes and
+//! ask for barriers, subscribe each `devmount-feed` channel.
 
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
@@ -8,9 +8,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
+use tokio::sync::oneshot;
 
+use super::barrier::Barriers;
 use super::hub::{Hub, Subscription};
-use super::sys::StopSignal;
+use super::sys::Signal;
 use super::watch::Watcher;
 use super::ChangeTracker;
 
@@ -39,7 +41,8 @@ pub struct Feed {
     /// The root with symlinks resolved, and as given: SFTP may name paths under either.
     root: PathBuf,
     given_root: PathBuf,
-    stop: Arc<StopSignal>,
+    stop: Arc<Signal>,
+    barriers: Arc<Barriers>,
 }
 
 impl Feed {
@@ -49,15 +52,22 @@ impl Feed {
         let canonical =
             std::fs::canonicalize(&root).with_context(|| format!("feed root {}", root.display()))?;
         let hub = Arc::new(Hub::new(options.queue_bytes));
-        let stop = Arc::new(StopSignal::new().context("creating the feed's stop signal")?);
-        let watcher =
-            Watcher::new(&canonical, hub.clone(), stop.clone(), options.coalesce, options.max_watches)
-                .with_context(|| format!("watching {}", canonical.display()))?;
+        let stop = Arc::new(Signal::new().context("creating the feed's stop signal")?);
+        let barriers = Arc::new(Barriers::new().context("creating the feed's barrier signal")?);
+        let watcher = Watcher::new(
+            &canonical,
+            hub.clone(),
+            stop.clone(),
+            barriers.clone(),
+            options.coalesce,
+            options.max_watches,
+        )
+        .with_context(|| format!("watching {}", canonical.display()))?;
         std::thread::Builder::new()
             .name("devmount-feed".into())
             .spawn(move || watcher.run())
             .context("starting the feed's watcher thread")?;
-        Ok(Arc::new(Feed { hub, root: canonical, given_root: root, stop }))
+        Ok(Arc::new(Feed { hub, root: canonical, given_root: root, stop, barriers }))
     }
 
     /// A new subscriber, identified by its SSH connection (the `conn` SFTP passes to
@@ -93,7 +103,23 @@ impl ChangeTracker for Feed {
 
     fn own_change(&self, conn: u64, abs_path: &Path) {
         if let Some(rel) = self.relative(abs_path) {
-            self.hub.notes().note(conn, rel, Instant::now());
+            self.hub.notes().begin(conn, rel, Instant::now());
+        }
+    }
+
+    fn own_done(&self, conn: u64, abs_path: &Path) {
+        // The time is taken before the lock: the mutation is over by then, which is what the
+        // watcher compares with when it last read the kernel's queue.
+        let now = Instant::now();
+        if let Some(rel) = self.relative(abs_path) {
+            self.hub.notes().end(conn, &rel, now);
+        }
+    }
+
+    fn barrier(&self, reply: oneshot::Sender<u64>) {
+        // The watcher has ended: nothing is reported any more, so nothing is pending either.
+        if let Err(reply) = self.barriers.request(reply) {
+            let _ = reply.send(self.hub.sequence());
         }
     }
 }

@@ -2,6 +2,8 @@
 
 use std::path::Path;
 
+use tokio::sync::oneshot;
+
 /// What the SFTP subsystem tells the feed, and asks of it. Implemented by the feed; `()` is the
 /// no-op used when no feed runs.
 pub trait ChangeTracker: Send + Sync + 'static {
@@ -9,10 +11,20 @@ pub trait ChangeTracker: Send + Sync + 'static {
     /// carries the value read *before* the stat was taken, so a client can drop a reply older
     /// than an invalidation it already applied.
     fn sequence(&self) -> u64;
-    /// Called just before the SFTP connection `conn` mutates `abs_path` (create, write, setstat,
-    /// remove, rename: both paths), so the feed can mark the resulting events as that
-    /// connection's own.
+    /// Called just before the SFTP connection `conn` starts a mutation of `abs_path` (create,
+    /// write, setstat, remove, rename: both paths), so the feed marks the resulting events as
+    /// that connection's own. Every call is paired with one [`own_done`](Self::own_done).
     fn own_change(&self, conn: u64, abs_path: &Path);
+    /// The mutation announced by [`own_change`](Self::own_change) is over (done, failed, or
+    /// changed nothing): its events keep being marked own until the feed has read them all.
+    fn own_done(&self, conn: u64, abs_path: &Path);
+    /// `barrier@devmount`: sends on `reply` a sequence number such that every change made
+    /// before this call is reported in a message numbered at most that, published already.
+    /// The default answers [`sequence`](Self::sequence) at once, which is right for a
+    /// tracker that reports nothing.
+    fn barrier(&self, reply: oneshot::Sender<u64>) {
+        let _ = reply.send(self.sequence());
+    }
 }
 
 impl ChangeTracker for () {
@@ -20,8 +32,10 @@ impl ChangeTracker for () {
         0
     }
     fn own_change(&self, _conn: u64, _abs_path: &Path) {}
+    fn own_done(&self, _conn: u64, _abs_path: &Path) {}
 }
 
+mod barrier;
 mod coalesce;
 mod handle;
 mod hub;

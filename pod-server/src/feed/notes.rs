@@ -1,10 +1,14 @@
-//! Own-change notes: which SSH connection said it is about to change which path.
+//! Own-change notes: which SSH connection is changing which path.
 //!
-//! The SFTP server notes `(conn, path)` just before each mutation. Every change the watcher
-//! then sees on that path is that connection's own, until the note is *consumed*: at the end
-//! of the first window in which a change matched it, unless the connection noted the path
-//! again after that change was seen (another mutation is under way). A note nothing matches
-//! (the mutation failed, or changed nothing) lapses after [`NOTE_TTL`].
+//! The SFTP server notes `(conn, path)` when a mutation starts ([`Notes::begin`]) and says
+//! when it is over ([`Notes::end`]); a mutation may take several system calls (a put creates,
+//! writes, chmods and renames a temporary file). Every change the watcher sees on that path
+//! from the start on is that connection's own, until the note is *consumed*: at the end of the
+//! first window that began reading the kernel's queue after the mutation was over, since by
+//! then every event the mutation caused has been read and marked. A window that ends while
+//! the mutation still runs, or before its last events were read, leaves the note alive. A note
+//! whose mutation ended and that no window consumes (nothing happened anywhere) lapses after
+//! [`NOTE_TTL`].
 //!
 //! Consequence, documented in `docs/protocol.md (Change feed)`: a pod process changing the same path
 //! while a note is alive is marked own as well.
@@ -14,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-/// How long a note waits for a matching change.
+/// How long a note outlives its mutation when no window consumes it.
 pub(super) const NOTE_TTL: Duration = Duration::from_secs(2);
 /// Below this many noted paths, lapsed notes are not looked for.
 const PRUNE_FLOOR: usize = 1024;
@@ -22,70 +26,73 @@ const PRUNE_FLOOR: usize = 1024;
 #[derive(Debug, Clone, Copy)]
 struct Note {
     conn: u64,
-    noted: Instant,
-    matched: Option<Instant>,
+    /// Mutations of the path by this connection that have begun and not ended.
+    running: u32,
+    /// When the last of them began or ended.
+    touched: Instant,
+}
+
+impl Note {
+    fn alive(&self, now: Instant) -> bool {
+        self.running > 0 || now.saturating_duration_since(self.touched) < NOTE_TTL
+    }
 }
 
 pub(super) struct Notes {
     by_path: HashMap<Bytes, Vec<Note>>,
-    /// Paths matched in the current window, settled at its end.
-    matched: Vec<Bytes>,
     prune_at: usize,
 }
 
 impl Default for Notes {
     fn default() -> Self {
-        Notes { by_path: HashMap::new(), matched: Vec::new(), prune_at: PRUNE_FLOOR }
+        Notes { by_path: HashMap::new(), prune_at: PRUNE_FLOOR }
     }
 }
 
 impl Notes {
-    pub fn note(&mut self, conn: u64, path: Bytes, now: Instant) {
+    /// `conn` starts a mutation of `path`.
+    pub fn begin(&mut self, conn: u64, path: Bytes, now: Instant) {
         let notes = self.by_path.entry(path).or_default();
         match notes.iter_mut().find(|n| n.conn == conn) {
-            Some(n) => n.noted = now,
-            None => notes.push(Note { conn, noted: now, matched: None }),
+            Some(n) => {
+                n.running += 1;
+                n.touched = now;
+            }
+            None => notes.push(Note { conn, running: 1, touched: now }),
         }
         if self.by_path.len() >= self.prune_at {
             // Amortised: a full pass only each time the map has doubled since the last one.
             self.by_path.retain(|_, notes| {
-                notes.retain(|n| now.duration_since(n.noted) < NOTE_TTL);
+                notes.retain(|n| n.alive(now));
                 !notes.is_empty()
             });
             self.prune_at = (self.by_path.len() * 2).max(PRUNE_FLOOR);
         }
     }
 
-    /// The connections whose live notes cover a change of `path` seen at `now`.
-    pub fn matching(&mut self, path: &[u8], now: Instant) -> Vec<u64> {
-        let Some(notes) = self.by_path.get_mut(path) else { return Vec::new() };
-        let mut conns = Vec::new();
-        for n in notes.iter_mut().filter(|n| now.duration_since(n.noted) < NOTE_TTL) {
-            conns.push(n.conn);
-            n.matched.get_or_insert(now);
+    /// The mutation `conn` began on `path` is over, whether it changed anything or not.
+    pub fn end(&mut self, conn: u64, path: &[u8], now: Instant) {
+        let Some(notes) = self.by_path.get_mut(path) else { return };
+        if let Some(n) = notes.iter_mut().find(|n| n.conn == conn) {
+            n.running = n.running.saturating_sub(1);
+            n.touched = now;
         }
-        if !conns.is_empty() {
-            self.matched.push(Bytes::copy_from_slice(path));
-        }
-        conns
     }
 
-    /// Ends a window: consumes the notes it matched, keeping those noted again since.
-    pub fn settle(&mut self, now: Instant) {
-        for path in self.matched.drain(..) {
-            if let Some(notes) = self.by_path.get_mut(&path) {
-                notes.retain(|n| match n.matched {
-                    Some(m) => n.noted > m && now.duration_since(n.noted) < NOTE_TTL,
-                    None => now.duration_since(n.noted) < NOTE_TTL,
-                });
-                for n in notes.iter_mut() {
-                    n.matched = None;
-                }
-                if notes.is_empty() {
-                    self.by_path.remove(&path);
-                }
-            }
-        }
+    /// The connections whose live notes cover a change of `path` seen at `now`.
+    pub fn matching(&self, path: &[u8], now: Instant) -> Vec<u64> {
+        let Some(notes) = self.by_path.get(path) else { return Vec::new() };
+        notes.iter().filter(|n| n.alive(now)).map(|n| n.conn).collect()
+    }
+
+    /// Ends a window: consumes the notes of mutations that ended before `drained`, a moment
+    /// by which every event the kernel had queued was read (`None`: not known), and those
+    /// that lapsed.
+    pub fn settle(&mut self, now: Instant, drained: Option<Instant>) {
+        self.by_path.retain(|_, notes| {
+            notes.retain(|n| n.alive(now) && (n.running > 0 || drained.is_none_or(|d| n.touched >= d)));
+            !notes.is_empty()
+        });
     }
 
     #[cfg(test)]
@@ -99,40 +106,56 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_note_covers_its_window_then_is_consumed() {
+    fn a_note_lives_while_its_mutation_runs_and_until_its_events_are_read() {
         let t0 = Instant::now();
         let ms = |n| t0 + Duration::from_millis(n);
+        let a = Bytes::from_static(b"a");
         let mut notes = Notes::default();
-        notes.note(7, Bytes::from_static(b"a"), t0);
+        notes.begin(7, a.clone(), t0);
         assert_eq!(notes.matching(b"a", ms(1)), vec![7]);
-        assert_eq!(notes.matching(b"a", ms(2)), vec![7], "same window");
-        assert_eq!(notes.matching(b"b", ms(2)), Vec::<u64>::new());
-        notes.settle(ms(5));
-        assert_eq!(notes.matching(b"a", ms(6)), Vec::<u64>::new(), "consumed");
+        assert_eq!(notes.matching(b"b", ms(1)), Vec::<u64>::new());
+        // A window ends while the mutation runs, long after it began: the note stays.
+        notes.settle(ms(5_000), Some(ms(4_999)));
+        assert_eq!(notes.matching(b"a", ms(5_001)), vec![7], "still running");
+        notes.end(7, b"a", ms(5_002));
+        // The next window read the queue before the mutation ended: its last events may be
+        // still unread.
+        notes.settle(ms(5_003), Some(ms(5_001)));
+        assert_eq!(notes.matching(b"a", ms(5_004)), vec![7], "events may be unread");
+        notes.settle(ms(5_006), Some(ms(5_005)));
+        assert_eq!(notes.matching(b"a", ms(5_007)), Vec::<u64>::new(), "consumed");
         assert_eq!(notes.len(), 0);
     }
 
     #[test]
-    fn a_note_renewed_after_its_change_survives_the_window() {
+    fn overlapping_mutations_keep_the_note_until_the_last_ends() {
         let t0 = Instant::now();
         let ms = |n| t0 + Duration::from_millis(n);
+        let a = Bytes::from_static(b"a");
         let mut notes = Notes::default();
-        notes.note(7, Bytes::from_static(b"a"), t0);
-        notes.note(8, Bytes::from_static(b"a"), t0);
-        assert_eq!(notes.matching(b"a", ms(1)), vec![7, 8]);
-        notes.note(7, Bytes::from_static(b"a"), ms(2));
-        notes.settle(ms(5));
-        assert_eq!(notes.matching(b"a", ms(6)), vec![7]);
+        notes.begin(7, a.clone(), t0);
+        notes.begin(8, a.clone(), t0);
+        notes.begin(7, a.clone(), ms(1));
+        notes.end(7, b"a", ms(2));
+        notes.end(8, b"a", ms(2));
+        notes.settle(ms(4), Some(ms(3)));
+        assert_eq!(notes.matching(b"a", ms(5)), vec![7], "one of 7's mutations still runs");
+        notes.end(7, b"a", ms(6));
+        notes.settle(ms(8), Some(ms(7)));
+        assert_eq!(notes.len(), 0);
     }
 
     #[test]
-    fn unmatched_notes_lapse() {
+    fn ended_notes_lapse() {
         let t0 = Instant::now();
         let mut notes = Notes::default();
-        notes.note(7, Bytes::from_static(b"a"), t0);
+        notes.begin(7, Bytes::from_static(b"a"), t0);
+        notes.end(7, b"a", t0);
+        notes.settle(t0, None);
+        assert_eq!(notes.matching(b"a", t0), vec![7], "no drain known: kept");
         assert_eq!(notes.matching(b"a", t0 + NOTE_TTL), Vec::<u64>::new());
         for i in 0..PRUNE_FLOOR {
-            notes.note(1, Bytes::from(i.to_string()), t0 + NOTE_TTL);
+            notes.begin(1, Bytes::from(i.to_string()), t0 + NOTE_TTL);
         }
         assert_eq!(notes.len(), PRUNE_FLOOR, "the lapsed note was pruned");
     }

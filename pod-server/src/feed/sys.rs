@@ -1,6 +1,6 @@
 //! The system calls the watcher needs beyond inotify: opening directories beneath the root
-//! without following symlinks, `lstat` relative to the root, and a blocking wait on the inotify
-//! descriptor that a stop signal can interrupt.
+//! without following symlinks, `lstat` relative to the root, how many bytes of events are
+//! queued, and a blocking wait on the inotify descriptor that signals can interrupt.
 
 use std::ffi::OsStr;
 use std::io;
@@ -75,26 +75,44 @@ pub(super) fn fd_path(fd: &OwnedFd) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
 
-/// An eventfd that wakes the watcher's `poll` to make it stop.
-pub(super) struct StopSignal(OwnedFd);
+/// How many bytes of events the inotify instance `fd` has queued.
+pub(super) fn queued_bytes(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer, which is live for the call.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(usize::try_from(n).unwrap_or(0))
+}
 
-impl StopSignal {
-    pub fn new() -> io::Result<StopSignal> {
+/// An eventfd that wakes the watcher's `poll`: to make it stop, or to answer barriers.
+pub(super) struct Signal(OwnedFd);
+
+impl Signal {
+    pub fn new() -> io::Result<Signal> {
         // SAFETY: eventfd takes no pointers; a non-negative result is a new descriptor we own.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `fd` was just returned by eventfd and is owned by nobody else.
-        Ok(StopSignal(unsafe { OwnedFd::from_raw_fd(fd) }))
+        Ok(Signal(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 
     pub fn raise(&self) {
         // SAFETY: writes 8 bytes from a live u64 to a descriptor we own.
         let n = unsafe { libc::eventfd_write(self.0.as_raw_fd(), 1) };
         if n < 0 {
-            tracing::warn!(error = %io::Error::last_os_error(), "cannot signal the feed watcher to stop");
+            tracing::warn!(error = %io::Error::last_os_error(), "cannot signal the feed watcher");
         }
+    }
+
+    /// Lowers the signal, so `poll` sleeps again until the next [`Signal::raise`].
+    pub fn clear(&self) {
+        let mut value: libc::eventfd_t = 0;
+        // SAFETY: reads 8 bytes into a live u64 from a descriptor we own. It fails with
+        // EAGAIN when the signal is not raised, which is what clearing wants.
+        unsafe { libc::eventfd_read(self.0.as_raw_fd(), &mut value) };
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {
@@ -107,27 +125,27 @@ impl StopSignal {
 pub(super) struct Woken {
     pub events: bool,
     pub stop: bool,
+    pub barrier: bool,
 }
 
-/// Blocks until `events` is readable, `stop` is raised, or `timeout` passes (`None`: no
-/// timeout, so an idle feed sleeps in the kernel and costs no CPU).
+/// Blocks until `events` is readable, `stop` or `barrier` is raised, or `timeout` passes
+/// (`None`: no timeout, so an idle feed sleeps in the kernel and costs no CPU).
 pub(super) fn wait(
     events: BorrowedFd<'_>,
     stop: BorrowedFd<'_>,
+    barrier: BorrowedFd<'_>,
     timeout: Option<Duration>,
 ) -> io::Result<Woken> {
-    let mut fds = [
-        libc::pollfd { fd: events.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-        libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-    ];
+    let pollfd = |fd: BorrowedFd<'_>| libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let mut fds = [pollfd(events), pollfd(stop), pollfd(barrier)];
     // Round up so a sub-millisecond remainder does not spin.
     let ms = timeout.map_or(-1, |t| t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32);
     loop {
-        // SAFETY: `fds` is a live array of two pollfd structs for the duration of the call.
+        // SAFETY: `fds` is a live array of pollfd structs for the duration of the call.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
         if n >= 0 {
             let ready = |p: &libc::pollfd| p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0;
-            return Ok(Woken { events: ready(&fds[0]), stop: ready(&fds[1]) });
+            return Ok(Woken { events: ready(&fds[0]), stop: ready(&fds[1]), barrier: ready(&fds[2]) });
         }
         let e = io::Error::last_os_error();
         if e.kind() != io::ErrorKind::Interrupted {
@@ -162,13 +180,28 @@ mod tests {
     }
 
     #[test]
-    fn wait_times_out_and_wakes_on_stop() {
-        let stop = StopSignal::new().unwrap();
-        let other = StopSignal::new().unwrap();
-        let w = wait(other.fd(), stop.fd(), Some(Duration::from_millis(1))).unwrap();
-        assert_eq!(w, Woken { events: false, stop: false });
+    fn wait_times_out_and_wakes_on_signals() {
+        let (events, stop, barrier) =
+            (Signal::new().unwrap(), Signal::new().unwrap(), Signal::new().unwrap());
+        let wait_all = |t| wait(events.fd(), stop.fd(), barrier.fd(), t).unwrap();
+        let none = Woken { events: false, stop: false, barrier: false };
+        assert_eq!(wait_all(Some(Duration::from_millis(1))), none);
+        barrier.raise();
+        assert_eq!(wait_all(None), Woken { barrier: true, ..none });
+        barrier.clear();
+        assert_eq!(wait_all(Some(Duration::ZERO)), none, "cleared");
+        barrier.clear();
         stop.raise();
-        let w = wait(other.fd(), stop.fd(), None).unwrap();
-        assert_eq!(w, Woken { events: false, stop: true });
+        assert_eq!(wait_all(None), Woken { stop: true, ..none });
+    }
+
+    #[test]
+    fn queued_bytes_counts_pending_events() {
+        let tmp = tempfile::tempdir().unwrap();
+        let inotify = inotify::Inotify::init().unwrap();
+        inotify.watches().add(tmp.path(), inotify::WatchMask::CREATE).unwrap();
+        assert_eq!(queued_bytes(inotify.as_fd()).unwrap(), 0);
+        std::fs::write(tmp.path().join("f"), b"").unwrap();
+        assert!(queued_bytes(inotify.as_fd()).unwrap() > 0);
     }
 }

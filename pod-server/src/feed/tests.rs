@@ -7,14 +7,19 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tempfile::TempDir;
 use tokio::io::AsyncReadExt;
+use tokio::sync::oneshot;
 use tokio::time::{timeout_at, Instant};
 
 use super::{serve, ChangeTracker, Feed, FeedOptions, Subscription};
 use crate::proto::feed::{Change, FeedEvent, FeedMessage, MAX_FEED_FRAME, PROTOCOL_VERSION};
+use crate::proto::sftp::Put;
+use crate::proto::stat::Timespec;
 use crate::proto::wire::take_frame;
+use crate::sftp::ops::Fs;
+use crate::sftp::paths::Root;
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -56,6 +61,39 @@ impl Client {
         self.until(what, |c| c.events().any(&pred)).await;
         self.events().find(|e| pred(e)).cloned().expect("just seen")
     }
+}
+
+impl Client {
+    /// Takes what is queued already, without waiting.
+    fn take_queued(&mut self) {
+        while let Some(m) = self.sub.try_recv() {
+            self.messages.push(m);
+        }
+    }
+}
+
+/// The sequence number of the batch that carried the first event `pred` accepts.
+fn seq_of(messages: &[FeedMessage], pred: impl Fn(&FeedEvent) -> bool) -> Option<u64> {
+    messages.iter().find_map(|m| match m {
+        FeedMessage::Batch { seq, events } if events.iter().any(&pred) => Some(*seq),
+        _ => None,
+    })
+}
+
+async fn barrier(feed: &Feed) -> u64 {
+    let (reply, answer) = oneshot::channel();
+    feed.barrier(reply);
+    timeout_at(Instant::now() + DEADLINE, answer).await.expect("the barrier is answered in time").unwrap()
+}
+
+/// A feed whose window is so long that nothing is published unless a barrier ends it, and its
+/// subscriber `conn`, ready.
+async fn endless_window(conn: u64) -> (TempDir, Arc<Feed>, Client) {
+    let tmp = TempDir::new().unwrap();
+    let feed = start(&tmp, FeedOptions { coalesce: Duration::from_secs(3600), ..FeedOptions::default() });
+    let mut c = Client::new(&feed, conn);
+    c.ready().await;
+    (tmp, feed, c)
 }
 
 fn start(tmp: &TempDir, options: FeedOptions) -> Arc<Feed> {
@@ -161,16 +199,15 @@ async fn own_changes_are_marked_for_their_connection_only() {
     let path = tmp.path().join("own.txt");
     feed.own_change(7, &path);
     fs::write(&path, b"mine").unwrap();
+    feed.own_done(7, &path);
     let e = mine.event("own.txt", |e| e.change.path().as_ref() == b"own.txt").await;
     assert!(e.own, "{e:?}");
     let e = other.event("own.txt", |e| e.change.path().as_ref() == b"own.txt").await;
     assert!(!e.own, "{e:?}");
 
-    // Once that change was seen, the note is spent: a later change is nobody's own.
-    mine.until("the own batch to settle", |c| {
-        c.messages.last().map(FeedMessage::seq) == Some(feed.sequence())
-    })
-    .await;
+    // Once a window has read everything queued after the mutation ended (a barrier makes
+    // sure of one), the note is spent: a later change is nobody's own.
+    barrier(&feed).await;
     fs::write(&path, b"pod process").unwrap();
     let e = mine.event("foreign write", |e| is(&e.change, "modified", "own.txt") && !e.own).await;
     assert!(!e.own);
@@ -178,6 +215,7 @@ async fn own_changes_are_marked_for_their_connection_only() {
     // A path noted by one connection does not make another path own.
     feed.own_change(7, &tmp.path().join("noted"));
     fs::write(tmp.path().join("unnoted"), b"").unwrap();
+    feed.own_done(7, &tmp.path().join("noted"));
     let e = mine.event("unnoted", |e| e.change.path().as_ref() == b"unnoted").await;
     assert!(!e.own);
 }
@@ -310,6 +348,7 @@ async fn serve_writes_frames_until_the_client_goes() {
     assert!(matches!(read_message(&mut client_end, &mut buf).await, FeedMessage::Ready { .. }));
     feed.own_change(3, &tmp.path().join("via-serve"));
     fs::write(tmp.path().join("via-serve"), b"").unwrap();
+    feed.own_done(3, &tmp.path().join("via-serve"));
     match read_message(&mut client_end, &mut buf).await {
         FeedMessage::Batch { events, .. } => {
             assert!(is(&events[0].change, "created", "via-serve") && events[0].own, "{events:?}")
@@ -368,4 +407,148 @@ async fn survives_directories_vanishing_under_it() {
         let frame = take_frame(&mut buf, MAX_FEED_FRAME).unwrap().unwrap();
         assert_eq!(&FeedMessage::decode(frame).unwrap(), m);
     }
+}
+
+#[tokio::test]
+async fn a_barrier_covers_every_change_made_before_it() {
+    let (tmp, feed, mut c) = endless_window(1).await;
+    let root = tmp.path();
+    type Step = (&'static str, fn(&Path), &'static str, &'static str);
+    let steps: [Step; 6] = [
+        ("create", |r| fs::write(r.join("f"), b"1").unwrap(), "created", "f"),
+        ("write", |r| fs::write(r.join("f"), b"22").unwrap(), "modified", "f"),
+        (
+            "chmod",
+            |r| fs::set_permissions(r.join("f"), fs::Permissions::from_mode(0o600)).unwrap(),
+            "attrib",
+            "f",
+        ),
+        ("rename", |r| fs::rename(r.join("f"), r.join("g")).unwrap(), "renamed", "g"),
+        ("mkdir -p", |r| fs::create_dir_all(r.join("d/e")).unwrap(), "created", "d/e"),
+        ("delete", |r| fs::remove_file(r.join("g")).unwrap(), "deleted", "g"),
+    ];
+    for (what, change, kind, path) in steps {
+        let before = c.messages.len();
+        change(root);
+        let seq = barrier(&feed).await;
+        // Queued to the subscriber already: taken without waiting.
+        c.take_queued();
+        let new = &c.messages[before..];
+        let at = seq_of(new, |e| is(&e.change, kind, path));
+        assert!(at.is_some_and(|at| at <= seq), "{what}: no {kind} {path} by {seq} in {new:#?}");
+    }
+}
+
+#[tokio::test]
+async fn a_barrier_without_changes_answers_at_once() {
+    let (tmp, feed, mut c) = endless_window(1).await;
+    fs::write(tmp.path().join("f"), b"").unwrap();
+    let first = barrier(&feed).await;
+    assert_eq!(first, feed.sequence());
+    // Nothing changed since: many barriers at once, each answered with the same number.
+    let barriers: Vec<_> = (0..20)
+        .map(|_| {
+            let feed = feed.clone();
+            tokio::spawn(async move { barrier(&feed).await })
+        })
+        .collect();
+    for b in barriers {
+        assert_eq!(b.await.unwrap(), first);
+    }
+    c.take_queued();
+    assert_eq!(c.messages.last().map(FeedMessage::seq), Some(first));
+}
+
+/// The feed, ending its window before each own-change note and after each end of one: every
+/// step of a mutation lands in a window of its own, as may happen under load.
+struct WindowPerStep(Arc<Feed>);
+
+impl WindowPerStep {
+    fn end_window(&self) {
+        let (reply, answer) = oneshot::channel();
+        self.0.barrier(reply);
+        answer.blocking_recv().expect("the barrier is answered");
+    }
+}
+
+impl ChangeTracker for WindowPerStep {
+    fn sequence(&self) -> u64 {
+        self.0.sequence()
+    }
+    fn own_change(&self, conn: u64, abs_path: &Path) {
+        self.end_window();
+        self.0.own_change(conn, abs_path);
+    }
+    fn own_done(&self, conn: u64, abs_path: &Path) {
+        self.0.own_done(conn, abs_path);
+        self.end_window();
+    }
+}
+
+fn put(path: &'static [u8], data: &'static [u8]) -> Put {
+    Put {
+        path: Bytes::from_static(path),
+        excl: false,
+        fsync: false,
+        mode: 0o640,
+        atime: None,
+        mtime: Some(Timespec { sec: 1_000_000_000, nsec: 5 }),
+        condition: None,
+        data: Bytes::from_static(data),
+    }
+}
+
+#[tokio::test]
+async fn a_put_is_own_even_when_its_steps_land_in_separate_windows() {
+    let (tmp, feed, mut mine) = endless_window(7).await;
+    fs::write(tmp.path().join("target"), b"old").unwrap();
+    barrier(&feed).await;
+    mine.take_queued();
+    mine.messages.clear();
+    let fs = Fs::new(
+        Root::open(&tmp.path().canonicalize().unwrap()).unwrap(),
+        7,
+        Arc::new(WindowPerStep(feed.clone())),
+    );
+    tokio::task::spawn_blocking(move || fs.put(&put(b"target", b"new")).unwrap()).await.unwrap();
+    barrier(&feed).await;
+    mine.take_queued();
+    let batches = mine.messages.iter().filter(|m| matches!(m, FeedMessage::Batch { .. })).count();
+    let events: Vec<&FeedEvent> = mine.events().collect();
+    assert!(batches >= 2, "the put's steps were not split across windows: {events:#?}");
+    assert!(
+        events.iter().any(|e| matches!(&e.change, Change::Renamed { to, .. } if to.as_ref() == b"target")),
+        "{events:#?}"
+    );
+    assert!(events.iter().all(|e| e.own), "a step of the put was not own: {events:#?}");
+}
+
+#[tokio::test]
+async fn an_sftp_barrier_comes_after_the_feed_reported_the_clients_changes() {
+    use crate::proto::sftp::ext;
+    use crate::sftp::client::SftpClient;
+    use crate::sftp::server::{serve, Limits, SftpContext};
+
+    let (tmp, feed, mut c) = endless_window(3).await;
+    let ctx = SftpContext {
+        root: tmp.path().canonicalize().unwrap(),
+        conn: 3,
+        changes: feed.clone(),
+        limits: Limits::default(),
+    };
+    let (near, far) = tokio::io::duplex(1 << 20);
+    let session = tokio::spawn(serve(far, Arc::new(ctx)));
+    let (client, info) = SftpClient::connect(near).await.unwrap();
+    assert!(info.has(ext::BARRIER));
+
+    // An editor's swap file, created and deleted at once.
+    client.dev_put(put(b".f.swp", b"swap")).await.unwrap();
+    client.remove(b".f.swp").await.unwrap();
+    let seq = client.dev_barrier().await.unwrap();
+    c.take_queued();
+    let deleted = seq_of(&c.messages, |e| is(&e.change, "deleted", ".f.swp") && e.own);
+    assert!(deleted.is_some_and(|d| d <= seq), "no own delete by {seq}: {:#?}", c.messages);
+    assert!(c.events().all(|e| e.own), "{:#?}", c.messages);
+    drop(client);
+    session.await.unwrap().unwrap();
 }

@@ -6,6 +6,10 @@
 //! events were lost) read pending events every [`PUMP_EVERY`] directories, so a big tree does
 //! not let the kernel queue overflow while it is walked.
 //!
+//! A barrier wakes the thread too: it reads everything the kernel has queued, ends the open
+//! window at once, and answers with the newest sequence number. After lost events, barriers
+//! wait for the `resync` that follows the fresh walk, the only message that covers them.
+//!
 //! Directories are opened beneath the root without following symlinks and watched through
 //! `/proc/self/fd`, so a directory swapped for a symlink mid-walk never gets a watch outside the
 //! root. Every kernel event names a watch; a watch this thread no longer knows (removed, or
@@ -21,10 +25,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
+use tokio::sync::oneshot;
 
+use super::barrier::{self, Barriers};
 use super::coalesce::{Coalescer, Move, Op};
 use super::hub::{Batch, Hub};
-use super::sys::{self, fd_path, Root, StopSignal};
+use super::sys::{self, fd_path, Root, Signal};
 use super::tree::{join, Tree, Wd};
 use crate::proto::feed::{Change, BATCH_HEADER_LEN, MAX_FEED_FRAME, MAX_FEED_PATH};
 
@@ -34,6 +40,8 @@ const BUFFER_BYTES: usize = 64 * 1024;
 const READS_PER_TURN: usize = 16;
 /// Directories a walk visits between two looks at pending events.
 const PUMP_EVERY: usize = 64;
+/// The longest inotify event: the header and a name of `NAME_MAX` bytes with its NUL.
+const MAX_EVENT_BYTES: usize = std::mem::size_of::<libc::inotify_event>() + libc::NAME_MAX as usize + 1;
 
 fn mask() -> WatchMask {
     WatchMask::CREATE
@@ -61,9 +69,14 @@ pub(super) struct Watcher {
     coalesce: Duration,
     max_watches: Option<usize>,
     hub: Arc<Hub>,
-    stop: Arc<StopSignal>,
+    stop: Arc<Signal>,
+    barriers: Arc<Barriers>,
+    /// Barriers taken and not answered yet: they wait for a rewatch to end.
+    waiting: Vec<oneshot::Sender<u64>>,
     /// A top-level walk is running: directories that move in the meantime must be visited.
     walking: bool,
+    /// Events were lost and the tree is being watched afresh.
+    rewatching: bool,
     walk_extra: Pending,
     /// Events were lost (queue overflow) or the tree went stale: rewatch everything.
     overflowed: bool,
@@ -85,7 +98,8 @@ impl Watcher {
     pub fn new(
         root_path: &std::path::Path,
         hub: Arc<Hub>,
-        stop: Arc<StopSignal>,
+        stop: Arc<Signal>,
+        barriers: Arc<Barriers>,
         coalesce: Duration,
         max_watches: Option<usize>,
     ) -> io::Result<Watcher> {
@@ -102,7 +116,10 @@ impl Watcher {
             max_watches,
             hub,
             stop,
+            barriers,
+            waiting: Vec::new(),
             walking: false,
+            rewatching: false,
             walk_extra: Pending::new(),
             overflowed: false,
             stopping: false,
@@ -123,10 +140,16 @@ impl Watcher {
         }
         while !self.stopping {
             let timeout = self.deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            match sys::wait(self.inotify.as_fd(), self.stop.fd(), timeout) {
+            match sys::wait(self.inotify.as_fd(), self.stop.fd(), self.barriers.fd(), timeout) {
                 Ok(w) if w.stop => break,
-                Ok(w) if w.events => self.read_events(),
-                Ok(_) => {}
+                Ok(w) => {
+                    if w.events {
+                        self.read_events();
+                    }
+                    if w.barrier {
+                        self.barrier();
+                    }
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "feed watcher cannot wait for events; the feed stops");
                     break;
@@ -139,7 +162,6 @@ impl Watcher {
                 self.rewatch();
             }
         }
-        self.hub.stop();
     }
 
     fn due(&self) -> bool {
@@ -150,12 +172,36 @@ impl Watcher {
         self.deadline.get_or_insert(now + self.coalesce);
     }
 
-    /// Reads what the kernel has queued, without blocking.
+    /// Reads what the kernel has queued, without blocking, a bounded amount at a time.
     fn read_events(&mut self) {
+        self.read(READS_PER_TURN);
+    }
+
+    /// Reads everything the kernel had queued when called, however much that is. Returns
+    /// that moment, or `None` when reading failed.
+    fn drain(&mut self) -> Option<Instant> {
+        let start = Instant::now();
+        let queued = match sys::queued_bytes(self.inotify.as_fd()) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot ask how many inotify events are queued");
+                return None;
+            }
+        };
+        // Each read takes whole events, so it fills the buffer to within one event.
+        let reads = queued.div_ceil(BUFFER_BYTES - MAX_EVENT_BYTES) + 1;
+        self.read(reads);
+        (!self.stopping).then_some(start)
+    }
+
+    /// At most `reads` reads of the kernel's queue, fewer once it is empty.
+    fn read(&mut self, reads: usize) {
         let mut buf = std::mem::take(&mut self.buf);
-        for _ in 0..READS_PER_TURN {
+        let mut done = 0;
+        while done < reads {
             match self.inotify.read_events(&mut buf) {
                 Ok(events) => {
+                    done += 1;
                     for ev in events {
                         self.handle(ev.wd.get_watch_descriptor_id(), ev.mask, ev.cookie, ev.name);
                     }
@@ -172,17 +218,43 @@ impl Watcher {
         self.buf = buf;
     }
 
-    /// During a walk: take in pending events, flush a due window, notice a stop.
+    /// During a walk: take in pending events, answer barriers, flush a due window, notice a
+    /// stop.
     fn pump(&mut self) {
-        match sys::wait(self.inotify.as_fd(), self.stop.fd(), Some(Duration::ZERO)) {
+        match sys::wait(self.inotify.as_fd(), self.stop.fd(), self.barriers.fd(), Some(Duration::ZERO)) {
             Ok(w) if w.stop => self.stopping = true,
-            Ok(w) if w.events => self.read_events(),
-            Ok(_) => {}
+            Ok(w) => {
+                if w.events {
+                    self.read_events();
+                }
+                if w.barrier {
+                    self.barrier();
+                }
+            }
             Err(e) => tracing::warn!(error = %e, "feed watcher cannot poll during a walk"),
         }
         if self.due() {
             self.flush();
         }
+    }
+
+    /// Takes the waiting barriers and answers them once every change made before they were
+    /// asked is published: everything queued is read and the window ends now.
+    fn barrier(&mut self) {
+        self.waiting.extend(self.barriers.take());
+        if self.waiting.is_empty() {
+            return;
+        }
+        self.flush();
+        self.answer_barriers();
+    }
+
+    fn answer_barriers(&mut self) {
+        // Lost events are covered only by the resync that ends the rewatch.
+        if self.overflowed || self.rewatching {
+            return;
+        }
+        barrier::answer(self.waiting.drain(..), self.hub.sequence());
     }
 
     fn handle(&mut self, wd: Wd, mask: EventMask, cookie: u32, name: Option<&OsStr>) {
@@ -435,12 +507,11 @@ impl Watcher {
         }
     }
 
-    /// Ends the window: stats every change now and publishes them, a frame's worth at a time.
+    /// Ends the window: reads what is queued (a MOVED_TO split from its MOVED_FROM by a read
+    /// boundary, the last events of a finished own mutation), stats every change now and
+    /// publishes them, a frame's worth at a time.
     fn flush(&mut self) {
-        if self.window.has_pending_moves() {
-            // A MOVED_TO split from its MOVED_FROM by a read boundary is already queued.
-            self.read_events();
-        }
+        let drained = self.drain();
         let (ops, unpaired) = self.window.finish();
         self.deadline = None;
         for mv in unpaired {
@@ -451,7 +522,7 @@ impl Watcher {
                 self.hub.drop_unwatched_under(&mv.from);
             }
         }
-        self.hub.notes().settle(Instant::now());
+        self.hub.notes().settle(Instant::now(), drained);
         let mut events = Vec::new();
         let mut len = 0;
         let mut too_long = 0usize;
@@ -491,6 +562,7 @@ impl Watcher {
     /// Events were lost: drop every watch, watch the tree afresh, then tell the subscribers
     /// to resync (after the new watches are in place, so what they re-read is watched).
     fn rewatch(&mut self) {
+        self.rewatching = true;
         self.flush();
         while self.overflowed && !self.stopping && !self.root_lost {
             self.overflowed = false;
@@ -512,6 +584,20 @@ impl Watcher {
             self.flush();
         }
         self.hub.publish_resync();
+        self.rewatching = false;
+        self.overflowed = false;
+        self.answer_barriers();
+    }
+}
+
+impl Drop for Watcher {
+    /// However the watcher ends: every subscription ends once drained, and barriers are
+    /// answered, now and from now on, with the last sequence number.
+    fn drop(&mut self) {
+        let seq = self.hub.sequence();
+        barrier::answer(self.waiting.drain(..), seq);
+        self.barriers.close(seq);
+        self.hub.stop();
     }
 }
 
@@ -521,8 +607,9 @@ mod tests {
     use crate::proto::feed::FeedMessage;
 
     fn watcher(root: &std::path::Path, hub: &Arc<Hub>) -> Watcher {
-        let stop = Arc::new(StopSignal::new().unwrap());
-        Watcher::new(root, hub.clone(), stop, Duration::ZERO, None).unwrap()
+        let stop = Arc::new(Signal::new().unwrap());
+        let barriers = Arc::new(Barriers::new().unwrap());
+        Watcher::new(root, hub.clone(), stop, barriers, Duration::ZERO, None).unwrap()
     }
 
     /// Driven by hand on the test thread, so the kernel queue can be filled while nobody reads.

@@ -90,6 +90,7 @@ pub mod ext {
     pub const GET: &str = "get@devmount";
     pub const PUT: &str = "put@devmount";
     pub const WRITE: &str = "write@devmount";
+    pub const BARRIER: &str = "barrier@devmount";
 
     /// The OpenSSH extensions devmount serves, with the version OpenSSH advertises for each.
     pub const OPENSSH: &[(&str, &str)] = &[
@@ -105,7 +106,7 @@ pub mod ext {
 
     /// The devmount request extensions, each advertised with the value "1".
     pub const DEVMOUNT: &[&str] =
-        &[STAT, FSTAT, SETSTAT, RENAME, MKNOD, WALK, WALK_READ, LIST, GET, PUT, WRITE];
+        &[STAT, FSTAT, SETSTAT, RENAME, MKNOD, WALK, WALK_READ, LIST, GET, PUT, WRITE, BARRIER];
 }
 
 /// An SFTP status code. A newtype rather than an enum so that a code this side does not know
@@ -470,6 +471,8 @@ pub enum RequestBody {
         condition: Condition,
         data: Bytes,
     },
+    /// `barrier@devmount`, answered with [`ResponseBody::Barrier`].
+    DevBarrier,
 
     /// An extension this side does not know; the server answers OP_UNSUPPORTED.
     Extended {
@@ -523,6 +526,9 @@ pub enum ResponseBody {
     List(ListReply),
     /// EXTENDED_REPLY to `get@devmount`.
     Get(GetReply),
+    /// EXTENDED_REPLY to `barrier@devmount`: every change made in the tree before the request
+    /// arrived is in a feed message numbered at most this, published already.
+    Barrier(u64),
 }
 
 /// How to read the body of an EXTENDED_REPLY, which does not say which request it answers:
@@ -536,6 +542,7 @@ pub enum ReplyKind {
     Walk,
     List,
     Get,
+    Barrier,
 }
 
 impl Status {
@@ -1131,6 +1138,7 @@ impl RequestBody {
             DevGet { .. } => ext::GET,
             DevPut(_) => ext::PUT,
             DevWrite { .. } => ext::WRITE,
+            DevBarrier => ext::BARRIER,
             _ => return None,
         })
     }
@@ -1145,6 +1153,7 @@ impl RequestBody {
             DevWalkRead { .. } => ReplyKind::Walk,
             DevList { .. } => ReplyKind::List,
             DevGet { .. } => ReplyKind::Get,
+            DevBarrier => ReplyKind::Barrier,
             _ => ReplyKind::Raw,
         }
     }
@@ -1261,6 +1270,7 @@ impl RequestBody {
                 buf.put_string(handle);
             }
             Limits => ext_head(buf, id, ext::LIMITS),
+            DevBarrier => ext_head(buf, id, ext::BARRIER),
             Lsetstat { path, attrs } => {
                 ext_head(buf, id, ext::LSETSTAT);
                 buf.put_string(path);
@@ -1337,6 +1347,7 @@ impl RequestBody {
             ext::FSYNC => Fsync { handle: r.string()? },
             ext::HARDLINK => Hardlink { oldpath: r.string()?, newpath: r.string()? },
             ext::LIMITS => Limits,
+            ext::BARRIER => DevBarrier,
             ext::LSETSTAT => Lsetstat { path: r.string()?, attrs: Attrs::decode(r)? },
             ext::EXPAND_PATH => ExpandPath { path: r.string()? },
             ext::STAT => DevStat { path: r.string()?, follow: decode_follow(r)? },
@@ -1500,6 +1511,10 @@ impl Response {
                 head(buf, packet::EXTENDED_REPLY, id);
                 g.encode(buf);
             }
+            Barrier(seq) => {
+                head(buf, packet::EXTENDED_REPLY, id);
+                buf.put_u64(*seq);
+            }
         }
         end_frame(buf, start);
     }
@@ -1544,6 +1559,7 @@ impl Response {
                 ReplyKind::Walk => ResponseBody::Walk(WalkBatch::decode(r)?),
                 ReplyKind::List => ResponseBody::List(ListReply::decode(r)?),
                 ReplyKind::Get => ResponseBody::Get(GetReply::decode(r)?),
+                ReplyKind::Barrier => ResponseBody::Barrier(r.u64()?),
             },
         };
         r.finish()?;

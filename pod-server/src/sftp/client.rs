@@ -579,6 +579,16 @@ impl SftpClient {
         self.status(RequestBody::DevWrite { handle: handle.clone(), offset, condition, data }).await
     }
 
+    /// `barrier@devmount`: a feed sequence number such that every change made in the served
+    /// tree before the server received this request is in a feed message numbered at most
+    /// that, published already. A client that has applied the feed up to it has seen them.
+    pub async fn dev_barrier(&self) -> Result<u64> {
+        match self.call(RequestBody::DevBarrier).await? {
+            ResponseBody::Barrier(seq) => Ok(seq),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Reads a whole file with READs of the server's max read length, many in flight at once.
     pub async fn read_file(&self, path: &[u8]) -> Result<Bytes> {
         let no_attrs = Attrs::default();

@@ -6,8 +6,8 @@
 //!
 //! - Modes are exact: whatever the kernel's umask took off a new file is put back with
 //!   `fchmod`/`fchmodat` (the process umask is never touched, other threads create files too).
-//! - Every mutation tells the change tracker the canonical path it is about to change, just
-//!   before the system call.
+//! - Every mutation tells the change tracker each canonical path it is about to change, just
+//!   before its first system call, and holds that note ([`Own`]) until its last one is done.
 //! - Operations that follow a final symlink do it through [`Root::follow`]; the kernel is only
 //!   ever asked with no-follow flags, so a link swapped in is never followed out of the root.
 
@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use tokio::sync::oneshot;
 
 use super::paths::{sys, At, Root, Step};
 use crate::feed::ChangeTracker;
@@ -84,8 +85,19 @@ impl Fs {
         self.changes.sequence()
     }
 
-    fn own(&self, abs: &Path) {
-        self.changes.own_change(self.conn, abs);
+    /// `barrier@devmount`: a sequence number that covers every change made before this call,
+    /// once the change tracker has published them.
+    pub async fn barrier(&self) -> u64 {
+        let (reply, answer) = oneshot::channel();
+        self.changes.barrier(reply);
+        // A tracker that let go of the request unanswered has stopped: nothing more is coming.
+        answer.await.unwrap_or_else(|_| self.sequence())
+    }
+
+    /// Notes `abs` as about to be changed by this connection, until the guard is dropped.
+    fn own(&self, abs: PathBuf) -> Own<'_> {
+        self.changes.own_change(self.conn, &abs);
+        Own { fs: self, abs }
     }
 
     pub fn stat(&self, path: &[u8], follow: bool) -> io::Result<FullStat> {
@@ -124,9 +136,7 @@ impl Fs {
         let mode = mode.unwrap_or(0o666) & 0o7777;
         let mutates = create || has(open_flags::TRUNC);
         self.root.follow(path, |at| {
-            if mutates {
-                self.own(&at.abs());
-            }
+            let _own = mutates.then(|| self.own(at.abs()));
             let opened = if create {
                 open_or_create(&at, flags, excl, mode)
             } else {
@@ -175,7 +185,7 @@ impl Fs {
             sys::lstat(at.dir, at.name)?;
             return Ok(());
         }
-        self.own(&at.abs());
+        let _own = self.own(at.abs());
         if let Some(size) = attrs.size {
             let fd = sys::openat(
                 at.dir.as_raw_fd(),
@@ -209,7 +219,7 @@ impl Fs {
         if is_noop(attrs) {
             return Ok(());
         }
-        self.own(abs);
+        let _own = self.own(abs.to_path_buf());
         if let Some(size) = attrs.size {
             ftruncate(fd, size)?;
         }
@@ -232,14 +242,14 @@ impl Fs {
 
     pub fn remove(&self, path: &[u8]) -> io::Result<()> {
         self.root.at(path, |at| {
-            self.own(&at.abs());
+            let _own = self.own(at.abs());
             unlinkat(at.dir, at.name, 0)
         })
     }
 
     pub fn rmdir(&self, path: &[u8]) -> io::Result<()> {
         self.root.at(path, |at| {
-            self.own(&at.abs());
+            let _own = self.own(at.abs());
             unlinkat(at.dir, at.name, libc::AT_REMOVEDIR)
         })
     }
@@ -248,7 +258,7 @@ impl Fs {
     pub fn mkdir(&self, path: &[u8], mode: Option<u32>) -> io::Result<()> {
         let mode = mode.unwrap_or(0o777) & 0o7777;
         self.root.at(path, |at| {
-            self.own(&at.abs());
+            let _own = self.own(at.abs());
             // SAFETY: plain syscall on a borrowed descriptor and a NUL-terminated name.
             sys::cvt(unsafe { libc::mkdirat(at.dir.as_raw_fd(), at.name.as_ptr(), mode) })?;
             fchmodat_nofollow(at.dir, at.name, mode)
@@ -264,7 +274,7 @@ impl Fs {
         };
         let perm = mode & 0o7777;
         self.root.at(path, |at| {
-            self.own(&at.abs());
+            let _own = self.own(at.abs());
             // SAFETY: plain syscall on a borrowed descriptor and a NUL-terminated name.
             sys::cvt(unsafe { libc::mknodat(at.dir.as_raw_fd(), at.name.as_ptr(), kind | perm, rdev) })?;
             Ok(fchmodat_nofollow(at.dir, at.name, perm)?)
@@ -275,8 +285,7 @@ impl Fs {
     pub fn rename_noreplace(&self, old: &[u8], new: &[u8]) -> io::Result<()> {
         self.root.at(old, |a| {
             self.root.at(new, |b| {
-                self.own(&a.abs());
-                self.own(&b.abs());
+                let _own = (self.own(a.abs()), self.own(b.abs()));
                 match renameat2((a.dir, a.name), (b.dir, b.name), libc::RENAME_NOREPLACE) {
                     // The file system cannot do it atomically: check, then rename.
                     Err(e) if is_errno(&e, libc::EINVAL) => match sys::lstat(b.dir, b.name) {
@@ -317,8 +326,7 @@ impl Fs {
                 if let Some(c) = condition {
                     check(c, sys::lstat(b.dir, b.name))?;
                 }
-                self.own(&a.abs());
-                self.own(&b.abs());
+                let _own = (self.own(a.abs()), self.own(b.abs()));
                 Ok(renameat2((a.dir, a.name), (b.dir, b.name), sys_flags)?)
             })
         })
@@ -333,7 +341,7 @@ impl Fs {
     pub fn symlink(&self, linkpath: &[u8], target: &[u8]) -> io::Result<()> {
         let target = CString::new(target).map_err(|_| errno(libc::EINVAL))?;
         self.root.at(linkpath, |at| {
-            self.own(&at.abs());
+            let _own = self.own(at.abs());
             // SAFETY: NUL-terminated strings and a borrowed descriptor.
             sys::cvt(unsafe { libc::symlinkat(target.as_ptr(), at.dir.as_raw_fd(), at.name.as_ptr()) })?;
             Ok(())
@@ -344,7 +352,7 @@ impl Fs {
     pub fn hardlink(&self, old: &[u8], new: &[u8]) -> io::Result<()> {
         self.root.at(old, |a| {
             self.root.at(new, |b| {
-                self.own(&b.abs());
+                let _own = self.own(b.abs());
                 // SAFETY: NUL-terminated names and borrowed descriptors.
                 sys::cvt(unsafe {
                     libc::linkat(a.dir.as_raw_fd(), a.name.as_ptr(), b.dir.as_raw_fd(), b.name.as_ptr(), 0)
@@ -467,7 +475,9 @@ impl Fs {
         let tmp = temp_name(at.name);
         let abs = at.abs();
         let tmp_abs = abs.with_file_name(OsStr::from_bytes(tmp.to_bytes()));
-        self.own(&tmp_abs);
+        // Held for the whole put: under load the watcher sees the temporary file's writes,
+        // chmod and rename in later windows than its creation.
+        let _own_tmp = self.own(tmp_abs);
         let fd = sys::openat_mode(
             at.dir.as_raw_fd(),
             &tmp,
@@ -486,7 +496,7 @@ impl Fs {
             if put.fsync {
                 fsync(fd.as_fd())?;
             }
-            self.own(&abs);
+            let _own_target = self.own(abs);
             let (from, to) = ((at.dir, tmp.as_c_str()), (at.dir, at.name));
             if put.excl {
                 match renameat2(from, to, libc::RENAME_NOREPLACE) {
@@ -525,7 +535,7 @@ impl Fs {
 
     /// WRITE through a handle.
     pub fn write(&self, file: &File, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.own(&file.abs);
+        let _own = self.own(file.abs.clone());
         write_at(file.fd.as_fd(), offset, data)
     }
 
@@ -550,6 +560,20 @@ impl Fs {
             Err(e) => return Err(e.into()),
         }
         Ok(self.write(file, offset, data)?)
+    }
+}
+
+/// A path this connection is changing: the feed marks its events own while this lives, and
+/// until it has read them all once it is dropped.
+#[must_use]
+struct Own<'a> {
+    fs: &'a Fs,
+    abs: PathBuf,
+}
+
+impl Drop for Own<'_> {
+    fn drop(&mut self) {
+        self.fs.changes.own_done(self.fs.conn, &self.abs);
     }
 }
 
@@ -1259,6 +1283,7 @@ mod tests {
             self.0.load(Ordering::SeqCst)
         }
         fn own_change(&self, _conn: u64, _abs_path: &Path) {}
+        fn own_done(&self, _conn: u64, _abs_path: &Path) {}
     }
 
     #[test]

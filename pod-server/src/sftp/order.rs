@@ -170,7 +170,8 @@ impl Access {
             | DevList { path, .. }
             | DevGet { path, .. } => (R, one(path)),
             ExpandPath { path } => (R, keys.expanded(path).into_iter().collect()),
-            Limits | Extended { .. } => (R, Vec::new()),
+            // A barrier covers the changes finished before it arrived: it waits for nothing.
+            Limits | DevBarrier | Extended { .. } => (R, Vec::new()),
             Setstat { path, .. }
             | Lsetstat { path, .. }
             | DevSetstat { path, .. }

@@ -17,6 +17,8 @@
 //!     fsync; mutations; get and put; walks and listings, which may stat thousands of files)
 //!     runs on a blocking thread of its own, so one that blocks for long never holds up a
 //!     quick one, nor another like it. These are bounded by `max_in_flight`.
+//! - `barrier@devmount` holds no thread: a task on the runtime waits for the change tracker's
+//!   answer.
 //! - One writer task puts the responses on the stream, coalescing small ones.
 //! - At most `max_in_flight` requests run at once: the reader takes a permit before it reads
 //!   the next packet, so a client that keeps sending while the server is busy is held back by
@@ -237,6 +239,27 @@ impl Conn {
         }
     }
 
+    /// Starts a request whose turn has come, as `how` says.
+    fn run(self: &Arc<Self>, how: Run, job: Job) {
+        match how {
+            Run::Quick => self.run_quick([job]),
+            Run::Alone => self.run_alone(job),
+            Run::Barrier => self.run_barrier(job),
+        }
+    }
+
+    /// `barrier@devmount`: waits for the change tracker on the runtime.
+    fn run_barrier(self: &Arc<Self>, job: Job) {
+        let conn = self.clone();
+        tokio::spawn(async move {
+            let seq = conn.fs.barrier().await;
+            let mut out = BytesMut::new();
+            encode(job.work.id, ResponseBody::Barrier(seq), &mut out);
+            let _ = conn.replies.send(out.freeze()).await;
+            drop(job.hold);
+        });
+    }
+
     /// Runs a request that may block for long on a blocking thread of its own.
     fn run_alone(self: &Arc<Self>, job: Job) {
         let conn = self.clone();
@@ -375,35 +398,50 @@ fn dispatch(
         Target::Paths | Target::BadHandle => None,
     };
     let turn = order.admit(Access::of(&body, &conn.keys, scope));
-    let quick = is_quick(&body, &target);
+    let how = Run::of(&body, &target);
     let work = Work { id, body, target };
     match turn.try_start() {
         Ok(done) => {
             let job = Job { work, hold: Hold { _done: done, _permit: permit } };
-            if quick {
-                ready.push(job);
-            } else {
-                conn.run_alone(job);
+            match how {
+                Run::Quick => ready.push(job),
+                how => conn.run(how, job),
             }
         }
         Err(turn) => {
             let conn = conn.clone();
             tokio::spawn(async move {
                 let done = turn.wait().await;
-                let job = Job { work, hold: Hold { _done: done, _permit: permit } };
-                if quick {
-                    conn.run_quick([job]);
-                } else {
-                    conn.run_alone(job);
-                }
+                conn.run(how, Job { work, hold: Hold { _done: done, _permit: permit } });
             });
         }
     }
 }
 
-/// Whether a request only reads metadata, never waits on another party (the other end of a
-/// FIFO, a lock) and takes no time in proportion to file data or to a whole tree: such
-/// requests run on the connection's quick workers.
+/// Where a request runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Run {
+    /// On the connection's quick workers, in batches: requests that only read metadata,
+    /// never wait on another party (the other end of a FIFO, a lock) and take no time in
+    /// proportion to file data or to a whole tree.
+    Quick,
+    /// On a blocking thread of its own.
+    Alone,
+    /// On the runtime, waiting for the change tracker ([`Conn::run_barrier`]).
+    Barrier,
+}
+
+impl Run {
+    fn of(body: &RequestBody, target: &Target) -> Run {
+        match body {
+            RequestBody::DevBarrier => Run::Barrier,
+            _ if is_quick(body, target) => Run::Quick,
+            _ => Run::Alone,
+        }
+    }
+}
+
+/// Whether a request runs on the quick workers; see [`Run::Quick`].
 fn is_quick(body: &RequestBody, target: &Target) -> bool {
     use RequestBody::*;
     let handle = match target {
@@ -633,6 +671,8 @@ fn path_op(conn: &Conn, body: RequestBody) -> ResponseBody {
             debug!("sftp: unsupported extension {:?}", String::from_utf8_lossy(&name));
             status(StatusCode::OP_UNSUPPORTED, "unsupported extension")
         }
+        // [`Conn::run_barrier`] answers it without a thread; here, on one, it waits alike.
+        DevBarrier => ResponseBody::Barrier(tokio::runtime::Handle::current().block_on(fs.barrier())),
         Close { .. }
         | Read { .. }
         | Write { .. }
@@ -766,6 +806,7 @@ mod tests {
     struct Recorder {
         seq: AtomicU64,
         own: std::sync::Mutex<Vec<(u64, PathBuf)>>,
+        done: std::sync::Mutex<Vec<(u64, PathBuf)>>,
     }
 
     impl ChangeTracker for Recorder {
@@ -774,6 +815,9 @@ mod tests {
         }
         fn own_change(&self, conn: u64, abs_path: &Path) {
             self.own.lock().unwrap().push((conn, abs_path.to_path_buf()));
+        }
+        fn own_done(&self, conn: u64, abs_path: &Path) {
+            self.done.lock().unwrap().push((conn, abs_path.to_path_buf()));
         }
     }
 
@@ -1352,11 +1396,17 @@ mod tests {
             condition: None,
         };
         assert_eq!(code(&peer.call(noreplace).await), (StatusCode::FAILURE, "File exists".to_owned()));
-        recorder.own.lock().unwrap().clear();
+        let mut done = recorder.done.lock().unwrap().clone();
+        let mut own = std::mem::take(&mut *recorder.own.lock().unwrap());
+        own.sort();
+        done.sort();
+        assert_eq!(own, done, "every note is ended, failed mutations' too");
+        recorder.done.lock().unwrap().clear();
         is_ok(&peer.call(RequestBody::PosixRename { oldpath: b(b"a"), newpath: abs(&root, "b") }).await);
         assert_eq!(std::fs::read(root.join("b")).unwrap(), b"a");
         let own = recorder.own.lock().unwrap().clone();
         assert_eq!(own, [(7, root.join("a")), (7, root.join("b"))]);
+        assert_eq!(*recorder.done.lock().unwrap(), [(7, root.join("a")), (7, root.join("b"))]);
     }
 
     #[tokio::test]
@@ -1381,6 +1431,8 @@ mod tests {
             panic!()
         };
         assert_eq!((put_st.seq, put_st.stat.mode & 0o7777, put_st.stat.mtime), (41, 0o640, mtime));
+        // A tracker without a watcher answers barriers at once, with its sequence.
+        assert_eq!(peer.call(RequestBody::DevBarrier).await, ResponseBody::Barrier(41));
         let ResponseBody::Get(got) =
             peer.call(RequestBody::DevGet { path: b(b"p"), max_size: 1 << 20 }).await
         else {

@@ -176,6 +176,7 @@ fn every_request_round_trips() {
             data: b(b"contents\xff"),
         }),
         DevWrite { handle: h(), offset: 10, condition: condition(), data: b(b"abc") },
+        DevBarrier,
         Extended { name: b(b"copy-data"), data: b(b"\x00\x00\x00\x01h") },
         Extended { name: b(b"\xff@nowhere"), data: Bytes::new() },
     ];
@@ -256,6 +257,8 @@ fn every_response_round_trips() {
             ReplyKind::List,
         ),
         (R::Get(GetReply { seq: 3, stat: full_stat(), data: b(b"file\xff") }), ReplyKind::Get),
+        (R::Barrier(0), ReplyKind::Barrier),
+        (R::Barrier(u64::MAX), ReplyKind::Barrier),
     ];
     for (body, kind) in samples {
         check_response(body, kind);
