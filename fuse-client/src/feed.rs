@@ -45,13 +45,17 @@ pub async fn run(fs: Arc<Fs>, mut feed: FeedStream, work: mpsc::Sender<Work>) ->
         };
         for part in parts {
             let (before, after) = replays(&fs, &part);
-            let invalidations = fs.cache().apply(&part, Instant::now());
+            let (invalidations, applied) = {
+                let mut cache = fs.cache();
+                (cache.apply(&part, Instant::now()), cache.applied_seq())
+            };
             let notices = invalidations.iter().flat_map(|inval| notices_for(&fs, inval));
             for item in before.into_iter().map(Work::Replay).chain(notices).chain(after.into_iter().map(Work::Replay)) {
                 if work.send(item).is_err() {
                     return "the mount is gone".to_owned();
                 }
             }
+            fs.feed_applied(Some(applied));
         }
     }
 }
@@ -83,9 +87,9 @@ fn replays(fs: &Fs, msg: &FeedMessage) -> (Vec<Replay>, Vec<Replay>) {
 }
 
 fn notices_for(fs: &Fs, inval: &Invalidation) -> Vec<Work> {
-    if inval.own && inval.kind != InvalKind::Everything {
-        // Our own change, made through this mount: the kernel saw it happen, and the inode
-        // table already follows it (the event may even arrive after the name was reused here).
+    if inval.kind != InvalKind::Everything && fs.is_local(&inval.path) {
+        // The mount shows its own, newer state of this path (the event may even be about a
+        // name reused here since); the kernel was told when that state was made.
         return Vec::new();
     }
     let mut nodes = fs.nodes();

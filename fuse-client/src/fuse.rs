@@ -60,14 +60,14 @@ impl FuseFs {
         }
     }
 
-    /// Runs `work` on the runtime with a clone of the file system.
-    fn spawn<F, Fut>(&self, work: F)
+    /// Runs `work` for request `req` on the runtime with a clone of the file system.
+    fn spawn<F, Fut>(&self, req: &Request, work: F)
     where
         F: FnOnce(Arc<Fs>) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         let fs = self.fs.clone();
-        self.rt.spawn(async move { work(fs).await });
+        self.rt.spawn(crate::fs::remote::REQUESTER.scope(req.pid(), async move { work(fs).await }));
     }
 }
 
@@ -169,7 +169,7 @@ impl Filesystem for FuseFs {
             }
         }
         let name = name.to_owned();
-        self.spawn(move |fs| async move {
+        self.spawn(req, move |fs| async move {
             match fs.lookup(parent.0, &name).await {
                 Ok(e) => reply_entry(reply, &e),
                 Err(e) => reply.error(errno(e)),
@@ -181,8 +181,8 @@ impl Filesystem for FuseFs {
         self.fs.forget(ino.0, nlookup);
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        self.spawn(move |fs| async move {
+    fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.spawn(req, move |fs| async move {
             match fs.getattr(ino.0).await {
                 Ok(e) => reply.attr(&e.ttl, &attr(e.attr.id, &e.attr.stat)),
                 Err(e) => reply.error(errno(e)),
@@ -190,8 +190,8 @@ impl Filesystem for FuseFs {
         });
     }
 
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        self.spawn(move |fs| async move {
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.spawn(req, move |fs| async move {
             match fs.readlink(ino.0).await {
                 Ok(target) => reply.data(&target),
                 Err(e) => reply.error(errno(e)),
@@ -203,7 +203,7 @@ impl Filesystem for FuseFs {
         if self.echo.is_echo(req.pid()) {
             return reply.opened(FileHandle(ECHO_FH), FopenFlags::FOPEN_KEEP_CACHE);
         }
-        self.spawn(move |fs| async move {
+        self.spawn(req, move |fs| async move {
             match fs.open(ino.0, flags.0).await {
                 Ok((fh, keep)) => {
                     let flags = if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
@@ -216,7 +216,7 @@ impl Filesystem for FuseFs {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -225,7 +225,7 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.spawn(move |fs| async move {
+        self.spawn(req, move |fs| async move {
             match fs.read(fh.0, offset, size).await {
                 Ok(data) => reply.data(&data),
                 Err(e) => reply.error(errno(e)),
@@ -235,7 +235,7 @@ impl Filesystem for FuseFs {
 
     fn release(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
@@ -246,7 +246,7 @@ impl Filesystem for FuseFs {
         if fh.0 == ECHO_FH {
             return reply.ok();
         }
-        self.spawn(move |fs| async move {
+        self.spawn(req, move |fs| async move {
             fs.release(fh.0).await;
             reply.ok();
         });
@@ -254,7 +254,7 @@ impl Filesystem for FuseFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -265,7 +265,7 @@ impl Filesystem for FuseFs {
         reply: ReplyWrite,
     ) {
         let data = data.to_vec();
-        self.spawn(move |fs| async move {
+        self.spawn(req, move |fs| async move {
             match fs.write(fh.0, offset, &data).await {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(errno(e)),
@@ -283,11 +283,11 @@ impl Filesystem for FuseFs {
         }
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(&self, req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         if fh.0 == ECHO_FH {
             return reply.ok();
         }
-        self.spawn(move |fs| async move {
+        self.spawn(req, move |fs| async move {
             match fs.fsync(fh.0).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno(e)),
@@ -311,7 +311,7 @@ impl Filesystem for FuseFs {
             return reply.created(&e.ttl, &attr(e.attr.id, &e.attr.stat), Generation(0), FileHandle(ECHO_FH), FopenFlags::FOPEN_KEEP_CACHE);
         }
         let name = name.to_owned();
-        self.spawn(move |fs| async move {
+        self.spawn(req, move |fs| async move {
             match fs.create(parent.0, &name, mode, umask, flags).await {
                 Ok((e, fh)) => {
                     let flags = if fs.remote().is_devmount() { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
@@ -328,7 +328,7 @@ impl Filesystem for FuseFs {
             return reply_entry(reply, &self.fs.echo_entry(&path, stat));
         }
         let name = name.to_owned();
-        self.spawn(move |fs| async move {
+        self.spawn(req, move |fs| async move {
             match fs.mkdir(parent.0, &name, mode, umask).await {
                 Ok(e) => reply_entry(reply, &e),
                 Err(e) => reply.error(errno(e)),
@@ -338,7 +338,7 @@ impl Filesystem for FuseFs {
 
     fn mknod(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
@@ -347,7 +347,7 @@ impl Filesystem for FuseFs {
         reply: ReplyEntry,
     ) {
         let name = name.to_owned();
-        self.spawn(move |fs| async move {
+        self.spawn(req, move |fs| async move {
             match fs.mknod(parent.0, &name, mode, umask, rdev).await {
                 Ok(e) => reply_entry(reply, &e),
                 Err(e) => reply.error(errno(e)),
@@ -355,10 +355,10 @@ impl Filesystem for FuseFs {
         });
     }
 
-    fn symlink(&self, _req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
         let name = link_name.to_owned();
         let target = target.as_os_str().as_bytes().to_vec();
-        self.spawn(move |fs| async move {
+        self.spawn(req, move |fs| async move {
             match fs.symlink(parent.0, &name, &target).await {
                 Ok(e) => reply_entry(reply, &e),
                 Err(e) => reply.error(errno(e)),
@@ -391,7 +391,7 @@ impl Filesystem for FuseFs {
             return reply.ok();
         }
         let (name, newname) = (name.to_owned(), newname.to_owned());
-        self.spawn(move |fs| async move {
+        self.spawn(req, move |fs| async move {
             match fs.rename(parent.0, &name, newparent.0, &newname, flags.bits()).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno(e)),
@@ -399,9 +399,9 @@ impl Filesystem for FuseFs {
         });
     }
 
-    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+    fn link(&self, req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
         let newname = newname.to_owned();
-        self.spawn(move |fs| async move {
+        self.spawn(req, move |fs| async move {
             match fs.link(ino.0, newparent.0, &newname).await {
                 Ok(e) => reply_entry(reply, &e),
                 Err(e) => reply.error(errno(e)),
@@ -432,7 +432,7 @@ impl Filesystem for FuseFs {
             return self.getattr(req, ino, None, reply);
         }
         let set = SetAttr { mode, uid, gid, size, atime: atime.map(set_time), mtime: mtime.map(set_time) };
-        self.spawn(move |fs| async move {
+        self.spawn(req, move |fs| async move {
             match fs.setattr(ino.0, set).await {
                 Ok(e) => reply.attr(&e.ttl, &attr(e.attr.id, &e.attr.stat)),
                 Err(e) => reply.error(errno(e)),
@@ -445,9 +445,9 @@ impl Filesystem for FuseFs {
         reply.ok();
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let dirs = self.dirs.clone();
-        self.spawn(move |fs| async move {
+        self.spawn(req, move |fs| async move {
             match fs.readdir(ino.0).await {
                 Ok(items) => {
                     let fh = dirs.lock().unwrap_or_else(|e| e.into_inner()).insert(Arc::new(items));
@@ -478,9 +478,9 @@ impl Filesystem for FuseFs {
         reply.ok();
     }
 
-    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+    fn readdirplus(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
         let Some(items) = self.listing(fh) else { return reply.error(Errno::EBADF) };
-        self.spawn(move |fs| async move {
+        self.spawn(req, move |fs| async move {
             if offset < 2 {
                 if let Ok(dir) = fs.getattr(ino.0).await {
                     let a = attr(ino.0, &dir.attr.stat);
@@ -513,8 +513,8 @@ impl Filesystem for FuseFs {
         reply.ok();
     }
 
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        self.spawn(move |fs| async move {
+    fn statfs(&self, req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.spawn(req, move |fs| async move {
             match fs.statfs().await {
                 Ok(v) => reply.statfs(
                     v.blocks,
@@ -543,7 +543,7 @@ impl FuseFs {
             return reply.ok();
         }
         let name = name.to_owned();
-        self.spawn(move |fs| async move {
+        self.spawn(req, move |fs| async move {
             let result = if dir { fs.rmdir(parent.0, &name).await } else { fs.unlink(parent.0, &name).await };
             match result {
                 Ok(()) => reply.ok(),

@@ -8,4 +8,5 @@ pub mod fs;
 pub mod fuse;
 pub mod journal;
 pub mod mount;
+pub mod reconnect;
 pub mod session;

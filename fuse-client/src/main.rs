@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use devmount::cache::CacheConfig;
+use devmount::journal::Config as JournalConfig;
 use devmount::mount::{self, MountArgs};
 use devmount::session::Target;
 
@@ -40,6 +41,9 @@ enum Command {
         /// Bytes of file contents to cache.
         #[arg(long, value_name = "BYTES", default_value_t = 256 << 20)]
         data_cache: usize,
+        /// Bytes of changes the local journal holds before writers wait for the server.
+        #[arg(long, value_name = "BYTES", default_value_t = 1 << 30)]
+        journal_max: u64,
     },
     /// Wait until every change made to the mount so far is on the server.
     Sync {
@@ -70,7 +74,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Mount { target, mountpoint, identity, known_hosts, foreground, timeout, data_cache } => {
+        Command::Mount { target, mountpoint, identity, known_hosts, foreground, timeout, data_cache, journal_max } => {
             let user = mount::local_user();
             let target = Target::parse(&target, &user.to_string_lossy())?;
             if !(timeout.is_finite() && timeout > 0.0) {
@@ -81,7 +85,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 data_bytes: data_cache,
                 ..CacheConfig::default()
             };
-            mount::run(MountArgs { target, mountpoint, identity, known_hosts, foreground, cache })
+            if journal_max < 1 << 20 {
+                anyhow::bail!("--journal-max {journal_max}: give at least 1 MiB, e.g. --journal-max 1073741824");
+            }
+            let journal = JournalConfig { max_bytes: journal_max, ..JournalConfig::default() };
+            mount::run(MountArgs { target, mountpoint, identity, known_hosts, foreground, cache, journal })
         }
         Command::Sync { mountpoint } => {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

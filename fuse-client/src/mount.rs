@@ -22,6 +22,7 @@ use crate::fs::remote::Remote;
 use crate::journal::{Config as JournalConfig, Journal, Resolution, Sender, SenderConfig};
 use crate::fs::{Fs, IdMap};
 use crate::fuse::FuseFs;
+use crate::reconnect::Dial;
 use crate::session::{self, ConnectOptions, Target};
 
 /// How long an unmount waits for the journal to reach the server before leaving the rest
@@ -52,6 +53,7 @@ pub struct MountArgs {
     pub known_hosts: PathBuf,
     pub foreground: bool,
     pub cache: CacheConfig,
+    pub journal: JournalConfig,
 }
 
 /// Checks the mount point before anything else happens: it must be an existing directory that
@@ -140,7 +142,13 @@ fn serve(args: MountArgs, ready: Option<OwnedFd>) -> Result<()> {
         .thread_name("devmount-io")
         .build()
         .context("cannot start the async runtime")?;
-    let mounted = runtime.block_on(setup(&args));
+    let dial = Dial {
+        target: args.target.clone(),
+        identity: args.identity.clone(),
+        known_hosts: args.known_hosts.clone(),
+        options: ConnectOptions::default(),
+    };
+    let mounted = runtime.block_on(setup(&args, &dial));
     let (fs, feed, ssh) = match mounted {
         Ok(m) => m,
         Err(e) => {
@@ -164,16 +172,14 @@ fn serve(args: MountArgs, ready: Option<OwnedFd>) -> Result<()> {
             return Err(e);
         }
     };
-    if let Some(feed) = feed {
-        let notices =
-            echo.start(args.mountpoint.clone(), session.notifier()).context("cannot start the echo thread")?;
-        let fs = fs.clone();
-        runtime.spawn(async move {
-            let why = crate::feed::run(fs.clone(), feed, notices).await;
-            tracing::warn!("change feed ended: {why}; falling back to short timeouts");
-            fs.cache().feed_down();
-        });
-    }
+    let notices = match feed {
+        Some(_) => {
+            Some(echo.start(args.mountpoint.clone(), session.notifier()).context("cannot start the echo thread")?)
+        }
+        None => None,
+    };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let keeper = runtime.spawn(crate::reconnect::keep(dial, fs.clone(), ssh, feed, notices, stopped));
     let control = match runtime.block_on(async { crate::control::bind(&args.mountpoint) }) {
         Ok(l) => l,
         Err(e) => {
@@ -215,7 +221,8 @@ fn serve(args: MountArgs, ready: Option<OwnedFd>) -> Result<()> {
                 fs.journal().stats().pending_ops
             ),
         }
-        ssh.disconnect().await;
+        let _ = stop.send(true);
+        let _ = keeper.await;
     });
     match joined {
         Ok(()) => Ok(()),
@@ -226,9 +233,8 @@ fn serve(args: MountArgs, ready: Option<OwnedFd>) -> Result<()> {
 }
 
 /// The connection, the file system over it, and its feed (devmount-server only).
-async fn setup(args: &MountArgs) -> Result<(Arc<Fs>, Option<session::FeedStream>, session::Session)> {
-    let session = session::connect(&args.target, &args.identity, &args.known_hosts, &ConnectOptions::default())
-        .await?;
+async fn setup(args: &MountArgs, dial: &Dial) -> Result<(Arc<Fs>, Option<session::FeedStream>, session::Session)> {
+    let session = session::connect(&dial.target, &dial.identity, &dial.known_hosts, &dial.options).await?;
     let (sftp, info) = session.open_sftp().await?;
     let base = args.target.path.clone();
     let root = sftp.stat(&base).await.map_err(|e| {
@@ -245,7 +251,7 @@ async fn setup(args: &MountArgs) -> Result<(Arc<Fs>, Option<session::FeedStream>
     let remote = Arc::new(Remote::new(sftp, info, &base));
     let feed = if remote.is_devmount() { Some(session.open_feed().await?) } else { None };
     let key = String::from_utf8_lossy(&args.target.key()).into_owned();
-    let (journal, recovered) = Journal::open(&state_dir()?, &key, JournalConfig::default())
+    let (journal, recovered) = Journal::open(&state_dir()?, &key, args.journal.clone())
         .map_err(|e| anyhow!("{e}; is another devmount mounting {key}?"))?;
     if !recovered.ops.is_empty() {
         eprintln!(

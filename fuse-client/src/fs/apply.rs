@@ -17,20 +17,24 @@ use super::remote::Remote;
 use crate::cache::RelPath;
 use crate::journal::{self, Op, RemoteError};
 
-/// Applies journal ops on the server.
+/// Applies journal ops on the server, over the connection current when it was made: once
+/// that connection is lost every op fails as disconnected, and the sender resumes with a new
+/// applier after the reconnect (the open handles died with the connection).
 pub struct Applier {
     remote: Arc<Remote>,
+    sftp: SftpClient,
     /// Open write handles by relative path.
     handles: Mutex<HashMap<Bytes, Arc<OnceCell<Bytes>>>>,
 }
 
 impl Applier {
     pub fn new(remote: Arc<Remote>) -> Applier {
-        Applier { remote, handles: Mutex::new(HashMap::new()) }
+        let sftp = remote.sftp();
+        Applier { remote, sftp, handles: Mutex::new(HashMap::new()) }
     }
 
     fn sftp(&self) -> &SftpClient {
-        self.remote.sftp()
+        &self.sftp
     }
 
     fn abs(&self, rel: &[u8]) -> Result<Bytes, RemoteError> {

@@ -7,9 +7,10 @@
 //! no ext4/xfs inode reaches (bit 63 set); so does every file of a server without inode numbers
 //! (plain SFTP v3), keyed by path so it is stable while the mount lives.
 //!
-//! A node holds one path. A hard-linked file seen under a second name moves to that name; the
-//! first name still works for the kernel (it asks by id, and the id names the same file).
-//! Renames move a node and everything below it; an unlink or a `forget` to zero drops it.
+//! A node holds every name it is known by: a hard-linked file seen under a second name keeps
+//! the first, so unlinking one name leaves the file reachable by the other. Requests by id use
+//! the name seen last. Renames move a name and everything below it; an unlink drops one name,
+//! and a `forget` to zero drops the node.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
@@ -21,8 +22,9 @@ const SYNTHETIC: u64 = 1 << 63;
 
 #[derive(Debug)]
 struct Node {
-    /// `None` once the name is gone (unlinked, or replaced in the pod).
-    path: Option<RelPath>,
+    /// The names of the node, the one seen last at the end; empty once every name is gone
+    /// (unlinked, or replaced in the pod).
+    names: Vec<RelPath>,
     /// The server's (device, inode) of the file, 0 when the server gives none.
     dev: u64,
     ino: u64,
@@ -48,14 +50,14 @@ impl Default for Nodes {
 impl Nodes {
     pub fn new() -> Nodes {
         let mut nodes = Nodes { by_id: HashMap::new(), by_path: BTreeMap::new(), next_synthetic: SYNTHETIC };
-        nodes.by_id.insert(ROOT_ID, Node { path: Some(RelPath::root()), dev: 0, ino: 0, lookups: 1 });
+        nodes.by_id.insert(ROOT_ID, Node { names: vec![RelPath::root()], dev: 0, ino: 0, lookups: 1 });
         nodes.by_path.insert(RelPath::root(), ROOT_ID);
         nodes
     }
 
     /// The path `id` stands for; `None` if unknown or its name is gone.
     pub fn path(&self, id: u64) -> Option<RelPath> {
-        self.by_id.get(&id).and_then(|n| n.path.clone())
+        self.by_id.get(&id).and_then(|n| n.names.last().cloned())
     }
 
     /// Whether the kernel may still use `id` (known, named or not).
@@ -91,7 +93,7 @@ impl Nodes {
             // serving open handles by id but loses the name.
             self.by_path.remove(path);
             if let Some(old) = self.by_id.get_mut(&id) {
-                old.path = None;
+                old.names.retain(|n| n != path);
             }
         }
         let id = match self.by_id.get(&ino) {
@@ -100,17 +102,11 @@ impl Nodes {
             _ => ino,
         };
         match self.by_id.get_mut(&id) {
-            Some(node) => {
-                // A second name of a hard-linked file, or the file renamed behind our back.
-                if let Some(old) = node.path.take() {
-                    if self.by_path.get(&old) == Some(&id) {
-                        self.by_path.remove(&old);
-                    }
-                }
-                node.path = Some(path.clone());
-            }
+            // Another name of a hard-linked file (or the file renamed where no event said so:
+            // the old name goes when a request by it finds nothing).
+            Some(node) => node.names.push(path.clone()),
             None => {
-                self.by_id.insert(id, Node { path: Some(path.clone()), dev, ino, lookups: 0 });
+                self.by_id.insert(id, Node { names: vec![path.clone()], dev, ino, lookups: 0 });
             }
         }
         self.by_path.insert(path.clone(), id);
@@ -139,7 +135,7 @@ impl Nodes {
         node.lookups = node.lookups.saturating_sub(n);
         if node.lookups == 0 {
             let node = self.by_id.remove(&id).expect("present");
-            if let Some(path) = node.path {
+            for path in node.names {
                 if self.by_path.get(&path) == Some(&id) {
                     self.by_path.remove(&path);
                 }
@@ -147,14 +143,12 @@ impl Nodes {
         }
     }
 
-    /// `path` no longer names anything: its node (and those below it) lose their names. They
-    /// stay until forgotten, so open files keep working by id.
+    /// `path` no longer names anything: its node loses that name, and the nodes below it
+    /// theirs. They stay until forgotten, so open files keep working by id.
     pub fn unlink(&mut self, path: &RelPath) {
         for (p, id) in self.take_subtree(path) {
             if let Some(node) = self.by_id.get_mut(&id) {
-                if node.path.as_ref() == Some(&p) {
-                    node.path = None;
-                }
+                node.names.retain(|n| *n != p);
             }
         }
     }
@@ -166,7 +160,8 @@ impl Nodes {
         for (p, id) in self.take_subtree(from) {
             let Some(new) = p.rebase(from, to) else { continue };
             if let Some(node) = self.by_id.get_mut(&id) {
-                node.path = Some(new.clone());
+                node.names.retain(|n| *n != p);
+                node.names.push(new.clone());
             }
             self.by_path.insert(new, id);
         }
@@ -201,7 +196,6 @@ impl Nodes {
     pub fn ids(&self) -> impl Iterator<Item = u64> + '_ {
         self.by_id.keys().copied()
     }
-
 }
 
 #[cfg(test)]
@@ -257,6 +251,21 @@ mod tests {
         assert_eq!(n.id_of(&p("a")), None);
         n.forget(ROOT_ID, 10);
         assert_eq!(n.path(ROOT_ID), Some(RelPath::root()));
+    }
+
+    #[test]
+    fn a_hard_link_keeps_both_names() {
+        let mut n = Nodes::new();
+        let id = n.id_for(&p("objects/tmp_1"), 1, 70);
+        assert_eq!(n.id_for(&p("objects/ab/cd"), 1, 70), id);
+        assert_eq!(n.path(id), Some(p("objects/ab/cd")), "requests by id use the name seen last");
+        n.unlink(&p("objects/tmp_1"));
+        assert_eq!(n.path(id), Some(p("objects/ab/cd")));
+        assert_eq!(n.id_of(&p("objects/ab/cd")), Some(id));
+        n.rename(&p("objects/ab/cd"), &p("objects/ab/ef"));
+        assert_eq!(n.path(id), Some(p("objects/ab/ef")));
+        n.unlink(&p("objects/ab/ef"));
+        assert_eq!(n.path(id), None);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! applied is used once and not kept.
 
 pub mod apply;
+mod inflight;
 pub mod inode;
 pub mod local;
 pub mod remote;
@@ -29,9 +30,10 @@ use nix::errno::Errno;
 use crate::cache::{Cache, CacheConfig, DataPart, DataVersion, FileKind, LocalChange, Lookup, RelPath};
 use crate::journal::{Journal, Sender};
 use apply::Applier;
+use inflight::{InFlight, Ticket};
 use inode::Nodes;
 use local::Local;
-use remote::{Remote, Result, Stat};
+use remote::{Handle, Remote, Result, Stat};
 
 /// Files up to this size are read whole in one request (`get@devmount`) on first read.
 const SMALL_FILE: u64 = 256 << 10;
@@ -86,8 +88,9 @@ struct OpenFile {
     path: RelPath,
     version: DataVersion,
     writable: bool,
-    /// The server's handle, opened on the first read the cache cannot answer.
-    remote: tokio::sync::Mutex<Option<Bytes>>,
+    /// The server's handle, opened on the first read the cache cannot answer (and again after
+    /// a reconnect).
+    remote: tokio::sync::Mutex<Option<Handle>>,
 }
 
 /// The mounted file system.
@@ -102,6 +105,10 @@ pub struct Fs {
     local: Mutex<Local>,
     /// Wakes the task that drops local entries once their ops are resolved.
     local_added: tokio::sync::Notify,
+    /// Requests whose replies may still go into the cache.
+    inflight: InFlight,
+    /// The newest feed sequence applied to the cache; `None` while there is no feed.
+    feed: tokio::sync::watch::Sender<Option<u64>>,
 }
 
 impl Fs {
@@ -116,6 +123,8 @@ impl Fs {
             sender,
             local: Mutex::new(Local::default()),
             local_added: tokio::sync::Notify::new(),
+            inflight: InFlight::default(),
+            feed: tokio::sync::watch::Sender::new(None),
         }
     }
 
@@ -123,10 +132,16 @@ impl Fs {
         &self.journal
     }
 
-    /// Drops local entries as the server acknowledges their ops, for as long as `fs` lives;
-    /// run it once per mount. What the server now has is fetched again (the cache entries the
-    /// local change made stale were dropped when it was made, but a reply may have refilled
-    /// them meanwhile).
+    /// Drops local entries once the server has their ops and the cache cannot bring back what
+    /// was there before, for as long as `fs` lives; run it once per mount.
+    ///
+    /// After the acknowledgement, two things can still be older than the op: a reply to a
+    /// request sent before the server had it, and (with a feed) the events the op caused,
+    /// still on their way. So an entry goes only once every request started before the
+    /// acknowledgement is done and the feed has applied everything up to a barrier taken after
+    /// it. Then the cache, under the feed's sequence rules, holds nothing older than the op.
+    /// Without a feed, the cache entries of the paths are dropped instead: the server is asked
+    /// again.
     pub async fn retire_local(self: Arc<Self>) {
         loop {
             let oldest = { lock(&self.local).oldest() };
@@ -135,22 +150,55 @@ impl Fs {
                 continue;
             };
             self.journal.wait_resolved(seq).await;
-            let paths = lock(&self.local).resolved(seq);
-            let mut cache = self.cache();
-            for p in &paths {
-                cache.local_change(LocalChange::Modified(p));
-                cache.local_change(LocalChange::Created(p));
+            let upto = self.journal.resolved_upto();
+            self.inflight.quiesce().await;
+            let caught_up = self.feed_caught_up().await;
+            let paths = lock(&self.local).resolved(upto);
+            if !caught_up {
+                let mut cache = self.cache();
+                for p in &paths {
+                    cache.local_change(LocalChange::Modified(p));
+                    cache.local_change(LocalChange::Created(p));
+                }
             }
         }
+    }
+
+    /// Waits until the feed has applied every change the server made before now; false if
+    /// there is no feed to wait for (or it went down meanwhile).
+    async fn feed_caught_up(&self) -> bool {
+        if self.feed.borrow().is_none() {
+            return false;
+        }
+        let Ok(seq) = self.remote.barrier().await else { return false };
+        let mut rx = self.feed.subscribe();
+        matches!(rx.wait_for(|applied| applied.is_none_or(|a| a >= seq)).await.map(|a| *a), Ok(Some(_)))
+    }
+
+    /// The feed has applied everything up to `seq` to the cache (`None`: the feed is down).
+    pub fn feed_applied(&self, seq: Option<u64>) {
+        self.feed.send_replace(seq);
     }
 
     pub fn remote(&self) -> &Remote {
         &self.remote
     }
 
+    /// A new connection replaces a lost one: requests go over it, and the journal's sender
+    /// re-sends what was in flight.
+    pub fn reconnected(&self, sftp: devmount_server::sftp::client::SftpClient) {
+        self.remote.replace(sftp);
+        self.sender.resume(Arc::new(Applier::new(self.remote.clone())));
+    }
+
     /// The cache, for the feed to apply events to.
     pub fn cache(&self) -> MutexGuard<'_, Cache> {
         lock(&self.cache)
+    }
+
+    /// Whether the mount shows a state of `path` the server may not have yet.
+    pub fn is_local(&self, path: &RelPath) -> bool {
+        lock(&self.local).get(path).is_some()
     }
 
     /// The inode table, for the feed to map invalidated paths to node ids.
@@ -184,15 +232,17 @@ impl Fs {
         entry
     }
 
-    /// The sequence a reply without one is stored under: what the cache had applied before the
-    /// request went out, a lower bound of the server's.
-    fn floor(&self) -> u64 {
-        self.cache().applied_seq()
+    /// Starts a request whose reply goes into the cache. The ticket's floor is the sequence a
+    /// reply without one is stored under: what the cache had applied before the request went
+    /// out, a lower bound of the server's. Keep the ticket until the reply is stored.
+    fn begin(&self) -> Ticket<'_> {
+        self.inflight.start(self.cache().applied_seq())
     }
 
     /// Stats `path` on the server and caches the answer.
     async fn fetch_stat(&self, path: &RelPath) -> Result<(FullStat, Duration)> {
-        let floor = self.floor();
+        let ticket = self.begin();
+        let floor = ticket.floor;
         let reply = self.remote.stat(path).await;
         let mut cache = self.cache();
         match reply {
@@ -302,9 +352,9 @@ impl Fs {
         if let Some(f) = cached {
             return Ok(f.value.entries().iter().map(|e| DirItem { name: e.name.clone(), kind: e.kind }).collect());
         }
-        let floor = self.floor();
+        let ticket = self.begin();
         let (entries, own) = self.remote.list(dir).await?;
-        let seq = own.as_ref().and_then(|s| s.seq).unwrap_or(floor);
+        let seq = own.as_ref().and_then(|s| s.seq).unwrap_or(ticket.floor);
         let items = entries.iter().map(|e| DirItem { name: e.name.clone(), kind: e.kind }).collect();
         let mut cache = self.cache();
         if let Some(own) = own {
@@ -433,12 +483,11 @@ impl Fs {
     /// Bytes `[from, to)` of `path` as the server has them, without caching (the file is
     /// changing).
     async fn read_server(&self, file: &OpenFile, path: &RelPath, from: u64, to: u64) -> Result<Bytes> {
-        let handle = self.read_handle(file, path).await?;
         let mut out = BytesMut::with_capacity((to - from) as usize);
         let chunk = u64::from(self.remote.read_len().max(4096));
         let mut at = from;
         while at < to {
-            let piece = self.remote.read(&handle, at, (to - at).min(chunk) as u32).await?;
+            let piece = self.read_at(file, path, at, (to - at).min(chunk) as u32).await?;
             if piece.is_empty() {
                 break;
             }
@@ -448,15 +497,31 @@ impl Fs {
         Ok(out.freeze())
     }
 
-    /// The server handle a file reads through, opened on first use.
-    async fn read_handle(&self, file: &OpenFile, path: &RelPath) -> Result<Bytes> {
-        let mut remote = file.remote.lock().await;
-        if let Some(h) = &*remote {
-            return Ok(h.clone());
+    /// Reads `len` bytes at `at` through the file's server handle, opened on first use and
+    /// again when a reconnect made it stale.
+    async fn read_at(&self, file: &OpenFile, path: &RelPath, at: u64, len: u32) -> Result<Bytes> {
+        loop {
+            let handle = {
+                let mut remote = file.remote.lock().await;
+                match &*remote {
+                    Some(h) => h.clone(),
+                    None => {
+                        let h = self.remote.open_read(path).await?;
+                        *remote = Some(h.clone());
+                        h
+                    }
+                }
+            };
+            match self.remote.read(&handle, at, len).await {
+                Err(Errno::ESTALE) => {
+                    let mut remote = file.remote.lock().await;
+                    if remote.as_ref().is_some_and(|h| h.same(&handle)) {
+                        *remote = None;
+                    }
+                }
+                r => return r,
+            }
         }
-        let h = self.remote.open_read(path).await?;
-        *remote = Some(h.clone());
-        Ok(h)
     }
 
     /// Fetches `range` of the file from the server (whole in one request when small) and
@@ -468,7 +533,8 @@ impl Fs {
         version: &DataVersion,
         range: std::ops::Range<u64>,
     ) -> Result<Bytes> {
-        let floor = self.floor();
+        let ticket = self.begin();
+        let floor = ticket.floor;
         if self.remote.is_devmount() && version.size <= SMALL_FILE && range.start == 0 {
             let (stat, data) = self.remote.get(path, SMALL_FILE).await?;
             let seq = stat.seq.unwrap_or(floor);
@@ -479,12 +545,10 @@ impl Fs {
             let end = (range.end as usize).min(data.len());
             return Ok(data.slice(0..end));
         }
-        let handle = self.read_handle(file, path).await?;
         let chunk = u64::from(self.remote.read_len().max(4096));
         let reads = (range.start..range.end).step_by(chunk as usize).map(|at| {
             let len = (range.end - at).min(chunk) as u32;
-            let handle = handle.clone();
-            async move { self.remote.read(&handle, at, len).await }
+            self.read_at(file, path, at, len)
         });
         let results = futures::future::join_all(reads).await;
         let mut data = BytesMut::with_capacity((range.end - range.start) as usize);
@@ -508,7 +572,13 @@ impl Fs {
             if let Some(h) = handle {
                 let _ = self.remote.close(&h).await;
             }
+            self.drop_hidden(file.id).await;
         }
+    }
+
+    /// Whether a descriptor of node `id` is open.
+    fn is_open(&self, id: u64) -> bool {
+        lock(&self.files).iter().any(|(_, f)| f.id == id)
     }
 
     pub async fn statfs(&self) -> Result<StatVfs> {

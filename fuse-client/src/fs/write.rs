@@ -200,11 +200,52 @@ impl Fs {
         if stat.is_dir() {
             return Err(Errno::EISDIR);
         }
+        if self.hide_if_open(&path, stat).await? {
+            return Ok(());
+        }
         let seq = self.append(Op::Unlink { path: bytes(&path) }).await?;
         self.set_removed(&path, seq);
         self.cache().local_change(LocalChange::Removed(&path));
         self.nodes().unlink(&path);
         Ok(())
+    }
+
+    /// An open file losing its last name here keeps its contents on the server under a
+    /// hidden name until its last descriptor is closed (NFS's "silly rename"): reads and
+    /// writes through the descriptor go on working by path. True if `path` was hidden so.
+    async fn hide_if_open(&self, path: &RelPath, stat: FullStat) -> Result<bool> {
+        let Some(id) = self.nodes().id_of(path) else { return Ok(false) };
+        if !self.is_open(id) {
+            return Ok(false);
+        }
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return Ok(false) };
+        let mut hidden_name = format!("{HIDDEN_PREFIX}{id:x}-").into_bytes();
+        hidden_name.extend_from_slice(&name[..name.len().min(200)]);
+        let hidden = dir.join(&hidden_name).map_err(|_| Errno::EINVAL)?;
+        let op = Op::Rename { from: bytes(path), to: bytes(&hidden), flags: 0, cond: None };
+        let seq = self.append(op).await?;
+        lock(&self.local).rename(path, &hidden, stat, seq);
+        self.local_added.notify_one();
+        self.nodes().rename(path, &hidden);
+        self.cache().local_change(LocalChange::Renamed { from: path, to: &hidden });
+        Ok(true)
+    }
+
+    /// The last descriptor of node `id` was closed: a hidden name left by
+    /// [`Fs::hide_if_open`] goes now.
+    pub(super) async fn drop_hidden(&self, id: u64) {
+        let Some(path) = self.nodes().path(id) else { return };
+        if self.is_open(id) || !path.file_name().is_some_and(|n| n.starts_with(HIDDEN_PREFIX.as_bytes())) {
+            return;
+        }
+        match self.append(Op::Unlink { path: bytes(&path) }).await {
+            Ok(seq) => {
+                self.set_removed(&path, seq);
+                self.cache().local_change(LocalChange::Removed(&path));
+                self.nodes().unlink(&path);
+            }
+            Err(e) => tracing::warn!("{}: cannot remove the hidden name: {e}", String::from_utf8_lossy(path.as_bytes())),
+        }
     }
 
     pub async fn rmdir(&self, parent: u64, name: &OsStr) -> Result<()> {
@@ -249,6 +290,9 @@ impl Fs {
                 if !self.readdir(id).await?.is_empty() {
                     return Err(Errno::ENOTEMPTY);
                 }
+            }
+            (0, Some(d)) => {
+                self.hide_if_open(&to, d).await?;
             }
             _ => {}
         }
@@ -451,6 +495,9 @@ impl Fs {
         self.sender.barrier().await.map_err(|e| Errno::from_raw(e.first.errno))
     }
 }
+
+/// The name an open file's contents keep on the server once its last name is gone here.
+const HIDDEN_PREFIX: &str = ".devmount-unlinked-";
 
 fn bytes(path: &RelPath) -> Bytes {
     Bytes::copy_from_slice(path.as_bytes())

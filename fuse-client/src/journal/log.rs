@@ -737,6 +737,11 @@ impl Journal {
         self.inner.appended.subscribe()
     }
 
+    /// The newest sequence up to which every op is acknowledged or rejected.
+    pub fn resolved_upto(&self) -> Seq {
+        self.inner.resolved.borrow().saturating_sub(1)
+    }
+
     /// Resolves once every op up to `seq` is acknowledged or rejected.
     pub async fn wait_resolved(&self, seq: Seq) {
         let mut rx = self.inner.resolved.subscribe();

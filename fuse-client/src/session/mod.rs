@@ -88,7 +88,7 @@ impl Default for ConnectOptions {
     fn default() -> Self {
         ConnectOptions {
             connect_timeout: Duration::from_secs(15),
-            keepalive_interval: Duration::from_secs(15),
+            keepalive_interval: Duration::from_secs(5),
             keepalive_max: 3,
             request_timeout: Duration::from_secs(30),
             sftp: sftp::Config { max_in_flight: 128, max_bytes_in_flight: 16 << 20 },

@@ -1,0 +1,102 @@
+//! Keeps the mount's connection: when it drops, connects again with backoff and puts the new
+//! connection under everything that used the old one.
+//!
+//! Meanwhile nothing fails: lookups and reads the cache cannot answer wait in
+//! [`crate::fs::remote::Remote`] (a signal to the asking process ends the wait with EINTR),
+//! writes go on into the journal, whose sender pauses at the first op that meets the lost
+//! connection. On reconnect the remote sends over the new connection, the sender resumes with a
+//! new applier (re-sending what was in flight), and a new feed starts: its `hello` drops every
+//! cache entry, since events were missed while it was down.
+
+use std::path::PathBuf;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use anyhow::Result;
+use devmount_server::sftp::client::SftpClient;
+use tokio::sync::watch;
+
+use crate::echo::Work;
+use crate::fs::Fs;
+use crate::session::{self, ConnectOptions, FeedStream, Session, Target};
+
+/// The first wait before a new attempt; it doubles up to [`MAX_DELAY`].
+const FIRST_DELAY: Duration = Duration::from_millis(200);
+const MAX_DELAY: Duration = Duration::from_secs(10);
+
+/// What a connection is made from.
+pub struct Dial {
+    pub target: Target,
+    pub identity: PathBuf,
+    pub known_hosts: PathBuf,
+    pub options: ConnectOptions,
+}
+
+impl Dial {
+    /// A connection, its SFTP client, and (with devmount-server) its feed.
+    pub async fn connect(&self, with_feed: bool) -> Result<(Session, SftpClient, Option<FeedStream>)> {
+        let session = session::connect(&self.target, &self.identity, &self.known_hosts, &self.options).await?;
+        let (sftp, _) = session.open_sftp().await?;
+        let feed = if with_feed { Some(session.open_feed().await?) } else { None };
+        Ok((session, sftp, feed))
+    }
+}
+
+/// Serves the connection until `stop` turns true, then says goodbye to the server.
+pub async fn keep(
+    dial: Dial,
+    fs: Arc<Fs>,
+    mut session: Session,
+    mut feed: Option<FeedStream>,
+    notices: Option<mpsc::Sender<Work>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let address = dial.target.address();
+    loop {
+        let mut feed_task = None;
+        if let (Some(feed), Some(notices)) = (feed.take(), notices.clone()) {
+            let fs = fs.clone();
+            feed_task = Some(tokio::spawn(async move {
+                let why = crate::feed::run(fs.clone(), feed, notices).await;
+                tracing::warn!("change feed ended: {why}; short timeouts until it is back");
+                fs.cache().feed_down();
+                fs.feed_applied(None);
+            }));
+        }
+        tokio::select! {
+            why = session.closed() => tracing::warn!("connection to {address} lost: {why}; reconnecting"),
+            () = stopped(&mut stop) => {
+                session.disconnect().await;
+                return;
+            }
+        }
+        if let Some(task) = feed_task {
+            // It ends with its connection; the next feed must not be marked down by it.
+            let _ = task.await;
+        }
+        let mut delay = FIRST_DELAY;
+        let (new_session, sftp, new_feed) = loop {
+            tokio::select! {
+                r = dial.connect(fs.remote().is_devmount()) => match r {
+                    Ok(c) => break c,
+                    Err(e) => tracing::warn!("reconnecting to {address}: {e:#}; next try in {delay:?}"),
+                },
+                () = stopped(&mut stop) => return,
+            }
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = stopped(&mut stop) => return,
+            }
+            delay = (delay * 2).min(MAX_DELAY);
+        };
+        fs.reconnected(sftp);
+        tracing::warn!("reconnected to {address}");
+        session = new_session;
+        feed = new_feed;
+    }
+}
+
+/// Resolves once the mount is told to stop (or whoever could tell it is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|&s| s).await;
+}
