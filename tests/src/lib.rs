@@ -7,6 +7,9 @@
 //! the result with plain `std::fs`. The user's `~/.ssh`, ssh config and agent are never used
 //! (`-F /dev/null`, explicit identity and known-hosts files), and host keys are always checked.
 //!
+//! [`Relay`] puts `devmount-relay` (a round trip, and a link that can be blocked or cut) between a
+//! client and a server; [`LocalUser`] runs the client as an ordinary local user.
+//!
 //! Every wait has a deadline; a process still running at its deadline is killed and the error
 //! carries everything it printed. A mount made by a test is always unmounted when its guard
 //! ([`DevMount`], [`Mount`]) drops. The server and client binaries are taken from the target
@@ -79,6 +82,20 @@ fn workspace_bin(name: &str) -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// Settings every test command gets: git ignores the developer's git configuration.
+const TEST_ENV: [(&str, &str); 9] = [
+    ("GIT_CONFIG_NOSYSTEM", "1"),
+    ("GIT_CONFIG_GLOBAL", "/dev/null"),
+    ("GIT_AUTHOR_NAME", "devmount test"),
+    ("GIT_AUTHOR_EMAIL", "test@devmount.invalid"),
+    ("GIT_COMMITTER_NAME", "devmount test"),
+    ("GIT_COMMITTER_EMAIL", "test@devmount.invalid"),
+    // Files on the mount and in the oracle directory may be owned by the server's user.
+    ("GIT_CONFIG_COUNT", "1"),
+    ("GIT_CONFIG_KEY_0", "safe.directory"),
+    ("GIT_CONFIG_VALUE_0", "*"),
+];
+
 /// A command whose environment cannot leak the developer's SSH agent or askpass helper, and
 /// whose git ignores the developer's git configuration.
 pub fn command(program: impl AsRef<OsStr>) -> Command {
@@ -86,17 +103,7 @@ pub fn command(program: impl AsRef<OsStr>) -> Command {
     for var in ["SSH_AUTH_SOCK", "SSH_AGENT_PID", "SSH_ASKPASS", "SSH_ASKPASS_REQUIRE", "DISPLAY"] {
         cmd.env_remove(var);
     }
-    cmd.env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("GIT_AUTHOR_NAME", "devmount test")
-        .env("GIT_AUTHOR_EMAIL", "test@devmount.invalid")
-        .env("GIT_COMMITTER_NAME", "devmount test")
-        .env("GIT_COMMITTER_EMAIL", "test@devmount.invalid")
-        // Files on the mount and in the oracle directory may be owned by the server's user.
-        .env("GIT_CONFIG_COUNT", "1")
-        .env("GIT_CONFIG_KEY_0", "safe.directory")
-        .env("GIT_CONFIG_VALUE_0", "*")
-        .stdin(Stdio::null());
+    cmd.envs(TEST_ENV).stdin(Stdio::null());
     cmd
 }
 
@@ -586,6 +593,16 @@ impl Server {
         self.port
     }
 
+    /// A known_hosts file pinning this server's host key at `port` of [`HOST`]: for a client
+    /// that reaches the server through a [`Relay`] listening there.
+    pub fn known_hosts_for(&self, port: u16) -> Result<PathBuf> {
+        let path = self.keys.join(format!("known_hosts-{port}"));
+        let host_pub = public_key_of(&self.host_key)?;
+        fs::write(&path, format!("[{HOST}]:{port} {host_pub}\n"))
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+
     /// The host key fingerprint the server printed (`SHA256:...`).
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
@@ -950,6 +967,8 @@ pub struct MountOptions {
     port: Option<u16>,
     identity: Option<PathBuf>,
     known_hosts: Option<PathBuf>,
+    journal_max: Option<u64>,
+    user: Option<LocalUser>,
 }
 
 impl MountOptions {
@@ -1006,6 +1025,20 @@ impl MountOptions {
 
     pub fn known_hosts(mut self, path: impl Into<PathBuf>) -> MountOptions {
         self.known_hosts = Some(path.into());
+        self
+    }
+
+    /// `--journal-max BYTES`.
+    pub fn journal_max(mut self, bytes: u64) -> MountOptions {
+        self.journal_max = Some(bytes);
+        self
+    }
+
+    /// Runs `devmount mount` as `user` ([`LocalUser::command`]), with the user's own state
+    /// directory (no `XDG_*` variables). The mount point must be given and be the user's, and
+    /// the key and known_hosts files readable by the user.
+    pub fn as_user(mut self, user: &LocalUser) -> MountOptions {
+        self.user = Some(user.clone());
         self
     }
 }
@@ -1066,9 +1099,10 @@ impl Endpoint {
 
     /// The `devmount mount` command line for `options`, and its mount point.
     pub fn mount_command(&self, options: &MountOptions) -> Result<(Command, PathBuf)> {
-        let mountpoint = match &options.mountpoint {
-            Some(path) => path.clone(),
-            None => self.default_mountpoint()?,
+        let mountpoint = match (&options.mountpoint, &options.user) {
+            (Some(path), _) => path.clone(),
+            (None, None) => self.default_mountpoint()?,
+            (None, Some(user)) => bail!("a mount as {} needs a mount point of that user's", user.name),
         };
         let target = match &options.target {
             Some(target) => target.clone(),
@@ -1077,7 +1111,10 @@ impl Endpoint {
                 options.remote_path.as_deref().unwrap_or(&self.root),
             ),
         };
-        let mut cmd = self.client()?;
+        let mut cmd = match &options.user {
+            Some(user) => user.command(user.reachable_bin(&client_bin()?)?),
+            None => self.client()?,
+        };
         cmd.arg("mount").arg(target).arg(&mountpoint);
         cmd.arg("--identity").arg(options.identity.as_deref().unwrap_or(&self.identity));
         cmd.arg("--known-hosts").arg(options.known_hosts.as_deref().unwrap_or(&self.known_hosts));
@@ -1090,6 +1127,9 @@ impl Endpoint {
         if let Some(bytes) = options.data_cache {
             cmd.arg("--data-cache").arg(bytes.to_string());
         }
+        if let Some(bytes) = options.journal_max {
+            cmd.arg("--journal-max").arg(bytes.to_string());
+        }
         Ok((cmd, mountpoint))
     }
 
@@ -1099,9 +1139,13 @@ impl Endpoint {
         if options.foreground {
             DevMount::start_foreground(cmd, mountpoint)
         } else {
+            let bin = match &options.user {
+                Some(user) => user.reachable_bin(&client_bin()?)?,
+                None => client_bin()?,
+            };
             let (run, log) = self.run_mount(cmd)?;
             ensure!(run.success(), "{run}");
-            DevMount::adopt_daemon(mountpoint, log).with_context(|| run.to_string())
+            DevMount::adopt_daemon(&bin, mountpoint, log).with_context(|| run.to_string())
         }
     }
 
@@ -1110,9 +1154,10 @@ impl Endpoint {
     pub fn mount_fails(&self, options: MountOptions) -> Result<Run> {
         ensure!(!options.foreground, "mount_fails runs the background mode only");
         let (cmd, mountpoint) = self.mount_command(&options)?;
+        let bin = client_bin()?;
         let (run, log) = self.run_mount(cmd)?;
         if run.success() {
-            let mount = DevMount::adopt_daemon(mountpoint, log);
+            let mount = DevMount::adopt_daemon(&bin, mountpoint, log);
             drop(mount);
             bail!("devmount mount succeeded where it should have failed\n{run}");
         }
@@ -1173,7 +1218,7 @@ pub struct DevMount {
 impl DevMount {
     fn start_foreground(mut cmd: Command, mountpoint: PathBuf) -> Result<DevMount> {
         let proc = Proc::spawn(&mut cmd)?;
-        let path = canonical(&mountpoint)?;
+        let path = canonical_mountpoint(&mountpoint)?;
         let mut mount = DevMount { path, daemon: Daemon::Foreground(proc) };
         let deadline = Instant::now() + MOUNT_TIMEOUT;
         loop {
@@ -1193,10 +1238,11 @@ impl DevMount {
         }
     }
 
-    /// Takes charge of the mount a successful background `devmount mount` left at `mountpoint`.
-    fn adopt_daemon(mountpoint: PathBuf, log: PathBuf) -> Result<DevMount> {
-        let path = canonical(&mountpoint)?;
-        let pid = find_daemon(&client_bin()?, mountpoint.as_os_str());
+    /// Takes charge of the mount a successful background `devmount mount` (the program `bin`)
+    /// left at `mountpoint`.
+    fn adopt_daemon(bin: &Path, mountpoint: PathBuf, log: PathBuf) -> Result<DevMount> {
+        let path = canonical_mountpoint(&mountpoint)?;
+        let pid = find_daemon(bin, mountpoint.as_os_str());
         // Even without its daemon, a mount must not outlive the test.
         let mounted = is_mount_point(&path)?;
         let pid = match pid {
@@ -1325,6 +1371,23 @@ impl Drop for DevMount {
 
 fn canonical(path: &Path) -> Result<PathBuf> {
     fs::canonicalize(path).with_context(|| format!("resolving {}", path.display()))
+}
+
+/// The canonical path of a mount point. No other user, root included, may stat a FUSE mount
+/// that is not mounted with `allow_other`; then the mount point is found through its parent.
+fn canonical_mountpoint(path: &Path) -> Result<PathBuf> {
+    let denied = match fs::canonicalize(path) {
+        Ok(path) => return Ok(path),
+        Err(e) if e.kind() == ErrorKind::PermissionDenied => e,
+        Err(e) => return Err(e).with_context(|| format!("resolving {}", path.display())),
+    };
+    match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) => {
+            let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+            Ok(canonical(parent)?.join(name))
+        }
+        _ => Err(denied).with_context(|| format!("resolving {}", path.display())),
+    }
 }
 
 /// `fusermount3 -u`, and `-u -z` if that fails (busy after a failed test, or a dead daemon).
@@ -1495,5 +1558,157 @@ impl Drop for Sshd {
             return;
         }
         self.proc.kill();
+    }
+}
+
+/// `devmount-relay` in front of a port of [`HOST`]: adds a round trip, and can be blocked and
+/// cut on command ([`Relay::command`]). Killed when dropped.
+pub struct Relay {
+    port: u16,
+    proc: Proc,
+    /// Lines of stdout already read: `listening on` and one answer per command.
+    lines: usize,
+}
+
+impl Relay {
+    /// Starts a relay to port `to` of [`HOST`] that adds `rtt_ms` of round trip.
+    pub fn start(to: u16, rtt_ms: u64) -> Result<Relay> {
+        let mut cmd = command(workspace_bin("devmount-relay")?);
+        cmd.args(["--listen", &format!("{HOST}:0"), "--to", &format!("{HOST}:{to}")]);
+        cmd.args(["--rtt-ms", &rtt_ms.to_string()]);
+        let proc = Proc::spawn(&mut cmd)?;
+        proc.wait_stdout("`listening on`", START_TIMEOUT, |out| out.contains(&b'\n'))?;
+        let first = proc.stdout();
+        let port = String::from_utf8_lossy(&first)
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("listening on "))
+            .and_then(|addr| addr.trim().rsplit_once(':'))
+            .and_then(|(_, port)| port.parse().ok())
+            .ok_or_else(|| anyhow!("no port in the first line of `{}`: {first:?}", proc.command()))?;
+        Ok(Relay { port, proc, lines: 1 })
+    }
+
+    /// The port the relay listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Sends `line` (`block`, `unblock`, `cut`, `status`) and returns the relay's one-line
+    /// answer, which must start with `ok`.
+    pub fn command(&mut self, line: &str) -> Result<String> {
+        self.proc.write(format!("{line}\n").as_bytes())?;
+        let seen = self.lines;
+        self.proc.wait_stdout(&format!("the answer to `{line}`"), TIMEOUT, |out| {
+            out.iter().filter(|&&b| b == b'\n').count() > seen
+        })?;
+        self.lines += 1;
+        let out = self.proc.stdout();
+        let answer = String::from_utf8_lossy(&out).lines().nth(seen).unwrap_or_default().to_owned();
+        ensure!(answer.starts_with("ok"), "devmount-relay answered `{line}` with {answer:?}");
+        Ok(answer)
+    }
+}
+
+/// A local user other than root, to run the client as an ordinary user does: the mount goes
+/// through the setuid `fusermount3`, and the state lives in the user's home.
+#[derive(Debug, Clone)]
+pub struct LocalUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: PathBuf,
+}
+
+impl LocalUser {
+    /// The user `name`, made with `useradd -m` if missing (which needs root).
+    pub fn ensure(name: &str) -> Result<LocalUser> {
+        if let Some(user) = LocalUser::lookup(name)? {
+            return Ok(user);
+        }
+        ensure!(nix::unistd::geteuid().is_root(), "user {name} does not exist, and only root can add it");
+        let out = run(command("useradd")
+            .args(["--create-home", "--shell", "/bin/sh", "--comment", "devmount end-to-end tests"])
+            .arg(name))?;
+        // 9: another test process added it meanwhile.
+        ensure!(out.success() || out.code() == Some(9), "{out}");
+        LocalUser::lookup(name)?.ok_or_else(|| anyhow!("user {name} is missing right after useradd"))
+    }
+
+    fn lookup(name: &str) -> Result<Option<LocalUser>> {
+        let user = nix::unistd::User::from_name(name).with_context(|| format!("looking up user {name}"))?;
+        Ok(user.map(|u| LocalUser { name: u.name, uid: u.uid.as_raw(), gid: u.gid.as_raw(), home: u.dir }))
+    }
+
+    /// `program` run as this user with the user's groups, in the user's home, with an
+    /// environment as a login gives it (HOME, USER, LOGNAME, PATH) plus [`command`]'s settings.
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut cmd = Command::new("setpriv");
+        cmd.arg(format!("--reuid={}", self.uid))
+            .arg(format!("--regid={}", self.gid))
+            .arg("--init-groups")
+            .arg("--")
+            .arg(program)
+            .env_clear()
+            .env("HOME", &self.home)
+            .env("USER", &self.name)
+            .env("LOGNAME", &self.name)
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .envs(TEST_ENV)
+            .current_dir(&self.home)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Hands `path` to this user.
+    pub fn chown(&self, path: &Path) -> Result<()> {
+        let (uid, gid) = (nix::unistd::Uid::from_raw(self.uid), nix::unistd::Gid::from_raw(self.gid));
+        nix::unistd::chown(path, Some(uid), Some(gid))
+            .with_context(|| format!("chown {} {}", self.name, path.display()))
+    }
+
+    /// A fresh directory in the user's home, the user's own (mode 0700); removed when dropped.
+    pub fn tempdir(&self, prefix: &str) -> Result<TempDir> {
+        let dir = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in(&self.home)
+            .with_context(|| format!("creating a directory in {}", self.home.display()))?;
+        self.chown(dir.path())?;
+        Ok(dir)
+    }
+
+    /// Whether the user may run `path`: every directory above it must let the user through.
+    pub fn can_execute(&self, path: &Path) -> Result<bool> {
+        Ok(run(self.command("test").arg("-x").arg(path))?.success())
+    }
+
+    /// `bin` if the user may run it, else a copy in the user's `~/.cache/devmount-tests/`,
+    /// refreshed when `bin` is newer (a build tree under root's home is out of reach).
+    pub fn reachable_bin(&self, bin: &Path) -> Result<PathBuf> {
+        if self.can_execute(bin)? {
+            return Ok(bin.to_path_buf());
+        }
+        let name = bin.file_name().ok_or_else(|| anyhow!("{} names no file", bin.display()))?;
+        let dir = self.home.join(".cache/devmount-tests");
+        let copy = dir.join(name);
+        let modified = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
+        if modified(&copy).is_some() && modified(&copy) >= modified(bin) {
+            return Ok(copy);
+        }
+        for d in [self.home.join(".cache"), dir.clone()] {
+            match fs::create_dir(&d) {
+                Err(e) if e.kind() != ErrorKind::AlreadyExists => {
+                    return Err(e).with_context(|| format!("creating {}", d.display()))
+                }
+                _ => self.chown(&d)?,
+            }
+        }
+        // Copied aside and renamed into place: a daemon may still run the old copy.
+        let partial = dir.join(format!(".{}.{}", name.to_string_lossy(), std::process::id()));
+        fs::copy(bin, &partial)
+            .with_context(|| format!("copying {} to {}", bin.display(), partial.display()))?;
+        self.chown(&partial)?;
+        fs::rename(&partial, &copy).with_context(|| format!("renaming {}", partial.display()))?;
+        Ok(copy)
     }
 }
