@@ -19,7 +19,7 @@ use crate::cache::CacheConfig;
 use crate::echo::Echo;
 use crate::fs::apply::Applier;
 use crate::fs::remote::Remote;
-use crate::journal::{Config as JournalConfig, Journal, Resolution, Sender, SenderConfig};
+use crate::journal::{Config as JournalConfig, Journal, Sender, SenderConfig};
 use crate::fs::{Fs, IdMap};
 use crate::fuse::FuseFs;
 use crate::reconnect::Dial;
@@ -269,7 +269,7 @@ async fn setup(args: &MountArgs, dial: &Dial) -> Result<(Arc<Fs>, Option<session
     let checker = remote.clone();
     tokio::spawn(async move {
         while let Some(c) = conflicts.recv().await {
-            let resolution = resolve_conflict(&checker, &c.op, c.maybe_applied).await;
+            let resolution = crate::fs::conflict::resolve(&checker, &c.op, c.maybe_applied).await;
             c.resolve(resolution);
         }
     });
@@ -288,24 +288,6 @@ async fn setup(args: &MountArgs, dial: &Dial) -> Result<(Arc<Fs>, Option<session
         fs.sync().await.map_err(|e| anyhow!("replaying the pending changes: {e}"))?;
     }
     Ok((fs, feed, session))
-}
-
-/// What to do with an op the server refused because the file was not what the op expected.
-/// A whole-file put whose reply was lost to a dropped connection finds its own file there on
-/// the retry: if the server's file is exactly the put's data, it was ours and is done. Anything
-/// else is kept in the rejected folder (no op carries a content condition yet, so that is a
-/// file created in the pod at the same moment).
-async fn resolve_conflict(remote: &Remote, op: &crate::journal::Op, maybe_applied: bool) -> Resolution {
-    if let (true, crate::journal::Op::Put { path, data, .. }) = (maybe_applied, op) {
-        if let Ok(rel) = crate::cache::RelPath::new(path) {
-            if let Ok((_, server)) = remote.get(&rel, data.len() as u64).await {
-                if server == *data {
-                    return Resolution::Done;
-                }
-            }
-        }
-    }
-    Resolution::Reject { errno: libc::EBUSY, message: "the file changed in the pod".into() }
 }
 
 fn mount_config(args: &MountArgs) -> Config {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use devmount_tests::{
     command, git, mode_of, retry, run, run_ok, write_file_mode, DevMount, Endpoint, MountOptions, Proc, Run,
-    Server, Sshd,
+    Relay, Server, Sshd,
 };
 use nix::errno::Errno;
 use nix::sys::signal::Signal;
@@ -482,49 +482,9 @@ fn read_direct(path: &Path, offset: u64) -> Result<Vec<u8>> {
     Ok(out.stdout)
 }
 
-/// `devmount-relay` between the client and a server, adding `rtt_ms` of round trip.
-struct Relay {
-    port: u16,
-    // Killed when dropped.
-    proc: Proc,
-}
-
-impl Relay {
-    fn start(to: u16, rtt_ms: u64) -> Result<Relay> {
-        let proc = Proc::spawn(
-            command(env!("CARGO_BIN_EXE_devmount-relay"))
-                .args(["--listen", "127.0.0.1:0", "--to", &format!("127.0.0.1:{to}")])
-                .args(["--rtt-ms", &rtt_ms.to_string()]),
-        )?;
-        proc.wait_stdout("`listening on`", STEP, |out| out.contains(&b'\n'))?;
-        let port = String::from_utf8_lossy(&proc.stdout())
-            .lines()
-            .next()
-            .and_then(|l| l.rsplit(':').next().and_then(|p| p.trim().parse().ok()))
-            .context("no port in the relay's first line")?;
-        Ok(Relay { port, proc })
-    }
-
-    /// Sends one command (`cut`, `block`, `unblock`) and waits for its `ok` answer.
-    fn command(&mut self, cmd: &str) -> Result<()> {
-        let answers = |out: &[u8]| out.iter().filter(|&&b| b == b'\n').count();
-        let before = answers(&self.proc.stdout());
-        self.proc.write(format!("{cmd}\n").as_bytes())?;
-        self.proc.wait_stdout(cmd, STEP, |out| answers(out) > before)?;
-        let out = self.proc.stdout();
-        let last = String::from_utf8_lossy(&out);
-        let answer = last.lines().last().unwrap_or_default();
-        ensure!(answer.starts_with("ok"), "relay {cmd}: {answer}");
-        Ok(())
-    }
-
-    /// A mount of `s` through this relay.
-    fn mount(&self, s: &Server, options: MountOptions) -> Result<DevMount> {
-        let known_hosts = s.keys().join(format!("relay_known_hosts_{}", self.port));
-        let host_pub = run_ok(command("ssh-keygen").arg("-y").arg("-f").arg(s.host_key()))?.stdout_text();
-        fs::write(&known_hosts, format!("[127.0.0.1]:{} {host_pub}", self.port))?;
-        s.mount(options.port(self.port).known_hosts(&known_hosts))
-    }
+/// A mount of `s` through `relay`.
+fn mount_through(relay: &Relay, s: &Server, options: MountOptions) -> Result<DevMount> {
+    s.mount(options.port(relay.port()).known_hosts(s.known_hosts_for(relay.port())?))
 }
 
 /// Reads of a new file while the server has part of it: the daemon lays the journal's pending
@@ -535,7 +495,7 @@ impl Relay {
 fn reading_a_file_while_it_is_sent() -> Result<()> {
     let s = Server::start()?;
     let relay = Relay::start(s.port(), 300)?;
-    let mount = relay.mount(&s, MountOptions::new())?;
+    let mount = mount_through(&relay, &s, MountOptions::new())?;
     let (seen, on_server) = (mount.path().join("sent.bin"), s.root().join("sent.bin"));
     python(CREATE_THEN_OVERWRITE, &[seen.as_os_str()])?;
     let server_has =
@@ -1047,7 +1007,7 @@ fn a_dropped_connection_loses_nothing() -> Result<()> {
     fs::create_dir(s.root().join("out"))?;
     fs::write(s.root().join("unread"), b"read only after the outage\n")?;
     let mut relay = Relay::start(s.port(), 2)?;
-    let mount = relay.mount(&s, MountOptions::new())?;
+    let mount = mount_through(&relay, &s, MountOptions::new())?;
     let mnt = mount.path().to_owned();
 
     let mut writer = Proc::spawn(command("python3").arg("-c").arg(WRITER).arg(mnt.join("out")))?;
@@ -1091,6 +1051,48 @@ fn a_dropped_connection_loses_nothing() -> Result<()> {
         ensure!(fs::read(mnt.join("after"))? == b"made in the pod\n");
         Ok(())
     })?;
+    mount.unmount()?;
+    Ok(())
+}
+
+/// A file changed in the pod while a change made here is still queued (the relay holds the
+/// connection): the mount's version takes the name, the pod's is kept as a conflict copy
+/// beside it, for an in-place rewrite and for an editor's rename over the file.
+#[test]
+fn a_conflict_keeps_both_versions() -> Result<()> {
+    let s = Server::start()?;
+    let e = s.endpoint();
+    for name in ["rewritten", "renamed-over"] {
+        fs::write(s.root().join(name), b"the original\n")?;
+    }
+    let mut relay = Relay::start(s.port(), 2)?;
+    let mount = mount_through(&relay, &s, MountOptions::new())?;
+    let mnt = mount.path().to_owned();
+    for name in ["rewritten", "renamed-over"] {
+        ensure!(fs::read(mnt.join(name))? == b"the original\n");
+    }
+    // Listed, so the new temp file's name is known to be free without asking the server.
+    names(&mnt)?;
+
+    relay.command("block")?;
+    fs::write(mnt.join("rewritten"), b"made here\n")?;
+    fs::write(mnt.join("renamed-over.tmp"), b"saved here\n")?;
+    fs::rename(mnt.join("renamed-over.tmp"), mnt.join("renamed-over"))?;
+    for name in ["rewritten", "renamed-over"] {
+        fs::write(s.root().join(name), b"changed in the pod\n")?;
+    }
+    relay.command("unblock")?;
+    e.sync(&mnt).with_context(|| mount.log())?;
+
+    ensure!(fs::read(s.root().join("rewritten"))? == b"made here\n");
+    ensure!(fs::read(s.root().join("renamed-over"))? == b"saved here\n");
+    let names = names(s.root())?;
+    for name in ["rewritten", "renamed-over"] {
+        let copies: Vec<&String> = names.iter().filter(|n| n.starts_with(&format!("{name}.conflict-"))).collect();
+        ensure!(copies.len() == 1, "conflict copies of {name}: {copies:?} in {names:?}\n{}", mount.log());
+        ensure!(fs::read(s.root().join(copies[0]))? == b"changed in the pod\n", "{name}'s conflict copy");
+    }
+    ensure!(mount.log().matches("changed in the pod while").count() == 2, "two conflicts reported\n{}", mount.log());
     mount.unmount()?;
     Ok(())
 }

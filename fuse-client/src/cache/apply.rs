@@ -83,7 +83,10 @@ impl Cache {
     pub fn local_change(&mut self, change: LocalChange<'_>) {
         let mut report = Report::default();
         match change {
-            LocalChange::Created(p) | LocalChange::Removed(p) => {
+            // The parent's attributes and listing stay: the mount's local state answers for the
+            // changed name until the server has it, and the feed (or `Settled`) updates them.
+            LocalChange::Created(p) | LocalChange::Removed(p) => self.name_changed(p, None),
+            LocalChange::Settled(p) => {
                 self.name_changed(p, None);
                 self.names_changed(p, NameEdit::Unknown, None, false, &mut report);
             }
@@ -95,10 +98,8 @@ impl Cache {
                 self.attrs.remove(p.as_bytes());
             }
             LocalChange::Renamed { from, to } => {
-                for p in [from, to] {
-                    self.name_changed(p, None);
-                    self.names_changed(p, NameEdit::Unknown, None, false, &mut report);
-                }
+                self.name_changed(from, None);
+                self.name_changed(to, None);
             }
         }
     }

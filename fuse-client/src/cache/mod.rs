@@ -92,10 +92,11 @@
 //! # Local changes
 //!
 //! The caller's own mutations, applied locally before the server has them, go through
-//! [`Cache::local_change`]: it drops what they make stale (the name, the parent's attributes
-//! and listing) and records no sequence mark. A reply already in flight for the same path is
-//! covered by the journal, which answers for dirty paths until the server has acknowledged
-//! them, and then by the feed's event for the change.
+//! [`Cache::local_change`]: it drops what they make stale of the name itself and records no
+//! sequence mark. The parent's attributes and listing stay (a local change must not cost a
+//! round trip for the directory): the caller's local state answers for the changed names until
+//! the server has them and the feed's events for them are applied; without a feed the caller
+//! then reports the path [`LocalChange::Settled`], which drops the parent's entries too.
 
 mod apply;
 mod data;
@@ -235,6 +236,9 @@ pub enum LocalChange<'a> {
         from: &'a RelPath,
         to: &'a RelPath,
     },
+    /// The server has every local change of the path, and no feed vouches for what the cache
+    /// holds of it: drop it and its parent's attributes and listing, to be asked again.
+    Settled(&'a RelPath),
 }
 
 /// Counters of one cache, for `devmount status`.

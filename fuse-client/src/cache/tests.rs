@@ -489,6 +489,9 @@ fn local_changes_drop_what_they_make_stale() {
     c.local_change(LocalChange::Modified(&p("d/f")));
     assert_eq!(c.read_data(&p("d/f"), &v, 0..1), vec![DataPart::Missing(0..1)]);
     c.local_change(LocalChange::Removed(&p("d/f")));
+    assert!(c.attr(&p("d/f"), t).is_none());
+    assert!(c.listing(&p("d"), t).is_some() && c.attr(&p("d"), t).is_some(), "the parent costs no round trip");
+    c.local_change(LocalChange::Settled(&p("d/f")));
     assert!(c.listing(&p("d"), t).is_none() && c.attr(&p("d"), t).is_none());
     assert!(c.insert_attr(&p("d/f"), file(2, 1), 1, t).is_ok(), "local changes leave no marks");
 }

@@ -105,14 +105,25 @@ impl Applier {
                 self.handles.lock().unwrap_or_else(|e| e.into_inner()).insert(path.clone(), cell);
             }
             Op::Write { path, offset, data, cond } => {
+                if cond.is_some() {
+                    // The condition is checked on the open file: open what the name holds now.
+                    self.forget(path).await;
+                }
                 let h = self.handle(path).await?;
                 match cond {
                     Some(c) if self.remote.is_devmount() => sftp.dev_write(&h, *offset, *c, data.clone()).await.map_err(remote_error)?,
                     _ => sftp.write(&h, *offset, data.clone()).await.map_err(remote_error)?,
                 }
             }
-            Op::Truncate { path, size, .. } => {
+            Op::Truncate { path, size, cond } => {
+                if cond.is_some() {
+                    self.forget(path).await;
+                }
                 let h = self.handle(path).await?;
+                if let (Some(c), true) = (cond, self.remote.is_devmount()) {
+                    // A conditional write of nothing: the check alone.
+                    sftp.dev_write(&h, 0, *c, Bytes::new()).await.map_err(remote_error)?;
+                }
                 sftp.fsetstat(&h, &Attrs { size: Some(*size), ..Attrs::default() }).await.map_err(remote_error)?;
             }
             Op::SetAttr { path, mode, uid, gid, atime, mtime } => {

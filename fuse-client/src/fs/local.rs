@@ -52,6 +52,12 @@ impl Local {
         self.entries.insert(to.clone(), LocalEntry { stat: Some(stat), seq, renamed });
     }
 
+    /// `to` was made a hard link of a file by op `seq`: the file's contents reach the server
+    /// under `to` once that op resolves.
+    pub fn link(&mut self, to: &RelPath, stat: FullStat, seq: Seq) {
+        self.entries.insert(to.clone(), LocalEntry { stat: Some(stat), seq, renamed: Some(seq) });
+    }
+
     /// The names directly in `dir` that differ from the server: added (`Some(kind)`) or
     /// removed (`None`).
     pub fn children(&self, dir: &RelPath) -> Vec<(Bytes, Option<FileKind>)> {

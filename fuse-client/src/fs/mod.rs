@@ -9,6 +9,7 @@
 //! applied is used once and not kept.
 
 pub mod apply;
+pub mod conflict;
 mod inflight;
 pub mod inode;
 pub mod local;
@@ -157,8 +158,7 @@ impl Fs {
             if !caught_up {
                 let mut cache = self.cache();
                 for p in &paths {
-                    cache.local_change(LocalChange::Modified(p));
-                    cache.local_change(LocalChange::Created(p));
+                    cache.local_change(LocalChange::Settled(p));
                 }
             }
         }

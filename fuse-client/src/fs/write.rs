@@ -1,9 +1,9 @@
 //! Mutations: each one is journaled and applied to the local state before it returns; the
 //! journal's sender takes it to the server afterwards, in order.
 //!
-//! What must wait for the server: renaming a directory, a hard link and `RENAME_EXCHANGE` are
-//! few and touch names the local state does not track one by one, so they first drain the
-//! journal and then wait for their own op (one round trip after the drain). `fsync` waits for
+//! What must wait for the server: renaming a directory and `RENAME_EXCHANGE` are few and touch
+//! names the local state does not track one by one, so they first drain the journal and then
+//! wait for their own op (one round trip after the drain). `fsync` waits for
 //! the file's ops and its own fsync on the server; `flush` (close) reports a queued change the
 //! server refused.
 
@@ -11,13 +11,13 @@ use std::ffi::OsStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use devmount_server::proto::sftp::{rename_flags, TimeSet};
+use devmount_server::proto::sftp::{rename_flags, Condition, TimeSet};
 use devmount_server::proto::stat::{FullStat, Timespec};
 use nix::errno::Errno;
 
 use super::remote::Result;
 use super::{lock, Entry, Fs, OpenFile};
-use crate::cache::{DataVersion, LocalChange, RelPath};
+use crate::cache::{DataVersion, LocalChange, Lookup, RelPath};
 use crate::journal::{Op, Seq};
 
 /// A time to set, as `setattr` gives it.
@@ -75,11 +75,22 @@ impl Fs {
         if let Some(e) = lock(&self.local).get(path) {
             return e.stat.ok_or(Errno::ENOENT);
         }
-        let cached = self.cache().attr(path, std::time::Instant::now());
+        let cached = self.cache().lookup(path, std::time::Instant::now());
         match cached {
-            Some(f) => Ok(f.value),
-            None => Ok(self.fetch_stat(path).await?.0),
+            Lookup::Found { stat, .. } => Ok(stat),
+            // A negative entry or the parent's listing knows: no round trip for a new name.
+            Lookup::Missing { .. } => Err(Errno::ENOENT),
+            Lookup::Unknown => Ok(self.fetch_stat(path).await?.0),
         }
+    }
+
+    /// The condition the first change of a file that is clean here carries: what the mount saw
+    /// of it. The server refuses the change if the pod changed the file since (a conflict, see
+    /// [`super::conflict`]). Only devmount-server's stats (inode, nanoseconds) can tell.
+    fn condition(&self, path: &RelPath, base: &FullStat) -> Option<Condition> {
+        let clean = lock(&self.local).get(path).is_none();
+        (clean && self.remote.is_devmount() && base.ino != 0 && base.mode & libc::S_IFMT == libc::S_IFREG)
+            .then_some(Condition { size: base.size, mtime: base.mtime, ino: base.ino })
     }
 
     /// Whether `name` exists in `parent`; its stat if so.
@@ -296,7 +307,9 @@ impl Fs {
             }
             _ => {}
         }
-        let op = Op::Rename { from: bytes(&from), to: bytes(&to), flags, cond: None };
+        // A file replaced by the rename (an editor's save) must still be what the mount saw.
+        let cond = dst.filter(|_| flags == 0).and_then(|d| self.condition(&to, &d));
+        let op = Op::Rename { from: bytes(&from), to: bytes(&to), flags, cond };
         if src.is_dir() || flags & rename_flags::EXCHANGE != 0 {
             // Everything below `from` moves with it, named or not here: let the server do it
             // with nothing of ours still queued under either name.
@@ -305,8 +318,8 @@ impl Fs {
             self.sender.wait_path(seq, from.as_bytes()).await.map_err(|e| Errno::from_raw(e.errno))?;
             self.nodes().rename(&from, &to);
             let mut cache = self.cache();
-            cache.local_change(LocalChange::Renamed { from: &from, to: &to });
-            cache.local_change(LocalChange::Removed(&from));
+            cache.local_change(LocalChange::Settled(&from));
+            cache.local_change(LocalChange::Settled(&to));
             return Ok(());
         }
         let seq = self.append(op).await?;
@@ -317,24 +330,28 @@ impl Fs {
         Ok(())
     }
 
+    /// link: a new name of a file, made here at once like a file's rename (the sender sends it
+    /// only after everything before it is on the server).
     pub async fn link(&self, id: u64, new_parent: u64, new_name: &OsStr) -> Result<Entry> {
         let from = self.path_of(id)?;
         let to = self.child(new_parent, new_name)?;
+        let src = self.current(&from).await?;
+        if src.is_dir() {
+            return Err(Errno::EPERM);
+        }
         if self.existing(&to).await?.is_some() {
             return Err(Errno::EEXIST);
         }
-        self.barrier_errno().await?;
         let seq = self.append(Op::Link { from: bytes(&from), to: bytes(&to) }).await?;
-        self.sender.wait_path(seq, to.as_bytes()).await.map_err(|e| Errno::from_raw(e.errno))?;
-        {
-            let mut cache = self.cache();
-            cache.local_change(LocalChange::Created(&to));
-            cache.local_change(LocalChange::Attrib(&from));
-        }
-        let (stat, ttl) = self.fetch_stat(&to).await?;
-        let entry = self.entry(&to, stat, ttl);
-        self.nodes().looked_up(entry.attr.id);
-        Ok(entry)
+        let t = now();
+        let stat = self.set_local(&from, seq, Some(src), |st| {
+            st.nlink += 1;
+            st.ctime = t;
+        });
+        lock(&self.local).link(&to, stat, seq);
+        self.local_added.notify_one();
+        self.cache().local_change(LocalChange::Attrib(&from));
+        Ok(self.made(&to, stat))
     }
 
     /// Opens `id`: for writing (journaled), or reading.
@@ -359,7 +376,8 @@ impl Fs {
         }
         let mut stat = stat;
         if writable && flags & libc::O_TRUNC != 0 && stat.size != 0 {
-            let seq = self.append(Op::Truncate { path: bytes(&path), size: 0, cond: None }).await?;
+            let cond = self.condition(&path, &stat);
+            let seq = self.append(Op::Truncate { path: bytes(&path), size: 0, cond }).await?;
             let t = now();
             stat = self.set_local(&path, seq, Some(stat), |st| {
                 st.size = 0;
@@ -382,7 +400,8 @@ impl Fs {
         let path = self.path_of(file.id)?;
         let base = self.current(&path).await?;
         let len = data.len() as u64;
-        let op = Op::Write { path: bytes(&path), offset, data: Bytes::copy_from_slice(data), cond: None };
+        let cond = self.condition(&path, &base);
+        let op = Op::Write { path: bytes(&path), offset, data: Bytes::copy_from_slice(data), cond };
         let seq = self.append(op).await?;
         let t = now();
         self.set_local(&path, seq, Some(base), |st| {
@@ -405,7 +424,8 @@ impl Fs {
             if base.is_dir() {
                 return Err(Errno::EISDIR);
             }
-            let seq = self.append(Op::Truncate { path: bytes(&path), size, cond: None }).await?;
+            let cond = self.condition(&path, &base);
+            let seq = self.append(Op::Truncate { path: bytes(&path), size, cond }).await?;
             stat = self.set_local(&path, seq, Some(base), |st| {
                 st.size = size;
                 st.blocks = size.div_ceil(512);
