@@ -49,6 +49,9 @@ pub async fn run(fs: Arc<Fs>, mut feed: FeedStream, work: mpsc::Sender<Work>) ->
                 let mut cache = fs.cache();
                 (cache.apply(&part, Instant::now()), cache.applied_seq())
             };
+            if invalidations.iter().any(|i| i.kind == InvalKind::Everything) {
+                fs.cache_emptied();
+            }
             let notices = invalidations.iter().flat_map(|inval| notices_for(&fs, inval));
             for item in before.into_iter().map(Work::Replay).chain(notices).chain(after.into_iter().map(Work::Replay)) {
                 if work.send(item).is_err() {

@@ -282,6 +282,7 @@ async fn setup(args: &MountArgs, dial: &Dial) -> Result<(Arc<Fs>, Option<session
     };
     let fs = Arc::new(Fs::new(remote, &args.cache, ids, journal, sender));
     tokio::spawn(fs.clone().retire_local());
+    tokio::spawn(fs.clone().prefetch());
     if !recovered.ops.is_empty() {
         // The local state knows nothing of the replayed changes: let the server have them
         // before anyone looks.

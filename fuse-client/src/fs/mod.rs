@@ -13,6 +13,7 @@ pub mod conflict;
 mod inflight;
 pub mod inode;
 pub mod local;
+mod prefetch;
 pub mod remote;
 mod write;
 
@@ -110,10 +111,15 @@ pub struct Fs {
     inflight: InFlight,
     /// The newest feed sequence applied to the cache; `None` while there is no feed.
     feed: tokio::sync::watch::Sender<Option<u64>>,
+    /// Subtrees walked in bulk, and the queue of those to walk.
+    covered: prefetch::Covered,
+    walks: tokio::sync::mpsc::UnboundedSender<RelPath>,
+    walks_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<RelPath>>>,
 }
 
 impl Fs {
     pub fn new(remote: Arc<Remote>, cache: &CacheConfig, ids: IdMap, journal: Journal, sender: Sender<Applier>) -> Fs {
+        let (walks, walks_rx) = tokio::sync::mpsc::unbounded_channel();
         Fs {
             remote,
             cache: Mutex::new(Cache::new(cache)),
@@ -126,6 +132,9 @@ impl Fs {
             local_added: tokio::sync::Notify::new(),
             inflight: InFlight::default(),
             feed: tokio::sync::watch::Sender::new(None),
+            covered: prefetch::Covered::default(),
+            walks,
+            walks_rx: Mutex::new(Some(walks_rx)),
         }
     }
 
@@ -162,6 +171,70 @@ impl Fs {
                 }
             }
         }
+    }
+
+    /// Walks the subtrees asked for by [`Fs::want_subtree`], one at a time, for as long as `fs`
+    /// lives; run it once per mount.
+    pub async fn prefetch(self: Arc<Self>) {
+        let Some(mut rx) = lock(&self.walks_rx).take() else { return };
+        while let Some(dir) = rx.recv().await {
+            let started = Instant::now();
+            match self.walk(&dir).await {
+                Ok(n) => tracing::debug!("walked {} ({n} entries) in {:?}", show(&dir), started.elapsed()),
+                Err(e) => tracing::debug!("walking {}: {e}", show(&dir)),
+            }
+        }
+    }
+
+    /// A cold request in `dir`: unless a walk covers it already, its subtree is walked in the
+    /// background (devmount-server only).
+    fn want_subtree(&self, dir: &RelPath) {
+        if self.remote.is_devmount() && self.covered.claim(dir) {
+            let _ = self.walks.send(dir.clone());
+        }
+    }
+
+    /// The cache was emptied: subtrees may be walked again.
+    pub fn cache_emptied(&self) {
+        self.covered.clear();
+    }
+
+    /// Walks `dir` and stores what it finds; the number of entries stored.
+    async fn walk(&self, dir: &RelPath) -> std::result::Result<usize, devmount_server::sftp::client::SftpError> {
+        let sftp = self.remote.sftp();
+        let handle = sftp.dev_walk(&self.remote.abs(dir), prefetch::BATCH, 0).await?;
+        let mut assembler = prefetch::Assembler::new(dir.clone());
+        let mut seen = 0;
+        let result = async {
+            while let Some(batch) = sftp.dev_walk_read(&handle).await? {
+                seen += batch.entries.len();
+                let eof = batch.eof;
+                assembler.batch(batch.seq, batch.entries);
+                if eof {
+                    return Ok(true);
+                }
+                if seen >= prefetch::MAX_ENTRIES {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        }
+        .await;
+        let _ = sftp.close(&handle).await;
+        let found = match result {
+            Ok(true) => assembler.finish(),
+            Ok(false) => assembler.abandon(),
+            Err(e) => return Err(e),
+        };
+        let now = Instant::now();
+        let mut cache = self.cache();
+        for (path, stat, seq) in found.attrs {
+            let _ = cache.insert_attr(&path, stat, seq, now);
+        }
+        for (dir, entries, seq) in found.listings {
+            let _ = cache.insert_listing(&dir, entries, seq, now);
+        }
+        Ok(seen)
     }
 
     /// Waits until the feed has applied every change the server made before now; false if
@@ -241,6 +314,9 @@ impl Fs {
 
     /// Stats `path` on the server and caches the answer.
     async fn fetch_stat(&self, path: &RelPath) -> Result<(FullStat, Duration)> {
+        if let Some(dir) = path.parent() {
+            self.want_subtree(&dir);
+        }
         let ticket = self.begin();
         let floor = ticket.floor;
         let reply = self.remote.stat(path).await;
@@ -352,6 +428,7 @@ impl Fs {
         if let Some(f) = cached {
             return Ok(f.value.entries().iter().map(|e| DirItem { name: e.name.clone(), kind: e.kind }).collect());
         }
+        self.want_subtree(dir);
         let ticket = self.begin();
         let (entries, own) = self.remote.list(dir).await?;
         let seq = own.as_ref().and_then(|s| s.seq).unwrap_or(ticket.floor);
@@ -585,6 +662,10 @@ impl Fs {
         self.remote.statvfs(&RelPath::root()).await
     }
 
+}
+
+fn show(path: &RelPath) -> String {
+    String::from_utf8_lossy(path.as_bytes()).into_owned()
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

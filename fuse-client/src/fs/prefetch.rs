@@ -1,0 +1,182 @@
+//! Cold walks in bulk: the first miss in a directory not yet covered fetches its whole subtree
+//! with `walk@devmount` (a few round trips for thousands of entries) and fills the attribute
+//! and listing caches, so a cold `find` or `git status` does not pay a round trip per file.
+//!
+//! One walk runs at a time, in the background; requests that missed meanwhile go to the server
+//! on their own. A walk stops after [`MAX_ENTRIES`]. What it stores follows the cache's
+//! sequence rules like any reply (each batch carries the feed sequence it was read at), so a
+//! change in the pod during the walk is never hidden by it. Only devmount-server walks.
+
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use devmount_server::proto::sftp::WalkEntry;
+
+use crate::cache::{FileKind, ListingEntry, RelPath};
+
+/// Entries one walk stores at most: enough for a large source tree, bounded for a huge one.
+pub const MAX_ENTRIES: usize = 100_000;
+/// Entries asked for per batch.
+pub const BATCH: u32 = 4096;
+
+/// The subtrees walked (or being walked) since the cache was last emptied.
+#[derive(Default)]
+pub struct Covered(Mutex<Vec<RelPath>>);
+
+impl Covered {
+    /// Claims `dir` for a walk: false if a walk of it or of an ancestor was claimed already.
+    pub fn claim(&self, dir: &RelPath) -> bool {
+        let mut roots = super::lock(&self.0);
+        if roots.iter().any(|r| r == dir || dir.starts_with(r)) {
+            return false;
+        }
+        roots.retain(|r| !r.starts_with(dir));
+        roots.push(dir.clone());
+        true
+    }
+
+    /// The cache was emptied (a new feed, a resync): every subtree may be walked again.
+    pub fn clear(&self) {
+        super::lock(&self.0).clear();
+    }
+}
+
+/// What a walk found, in the cache's terms.
+#[derive(Debug, Default, PartialEq)]
+pub struct Found {
+    /// Each entry's path (below the mount root), stat, and the sequence of its batch.
+    pub attrs: Vec<(RelPath, devmount_server::proto::stat::FullStat, u64)>,
+    /// Directories whose every child was seen, with the sequence of the batch that began them.
+    pub listings: Vec<(RelPath, Vec<ListingEntry>, u64)>,
+}
+
+/// Turns a depth-first, pre-order walk of `root` into attributes and complete listings. A
+/// directory's listing is complete once the walk has left its subtree. An empty directory gets
+/// no listing: the walk reports a directory it cannot read the same way.
+pub struct Assembler {
+    root: RelPath,
+    /// The directories being walked, outermost first.
+    open: Vec<(RelPath, Vec<ListingEntry>, u64)>,
+    found: Found,
+}
+
+impl Assembler {
+    pub fn new(root: RelPath) -> Assembler {
+        Assembler { root, open: Vec::new(), found: Found::default() }
+    }
+
+    /// Takes one batch read at `seq`. An entry whose path cannot be a mount path is skipped.
+    pub fn batch(&mut self, seq: u64, entries: Vec<WalkEntry>) {
+        for e in entries {
+            let path = if e.path.is_empty() {
+                Ok(self.root.clone())
+            } else if self.root.is_root() {
+                RelPath::new(&e.path)
+            } else {
+                RelPath::new(&[self.root.as_bytes(), b"/", &e.path].concat())
+            };
+            let Ok(path) = path else { continue };
+            let Some(kind) = FileKind::from_mode(e.stat.mode) else { continue };
+            if path != self.root {
+                while let Some((dir, _, _)) = self.open.last() {
+                    if path.parent().as_ref() == Some(dir) {
+                        break;
+                    }
+                    self.close_last();
+                }
+                if let (Some((_, children, _)), Some(name)) = (self.open.last_mut(), path.file_name()) {
+                    children.push(ListingEntry { name: Bytes::copy_from_slice(name), kind, meta: None });
+                }
+            }
+            if kind == FileKind::Directory {
+                self.open.push((path.clone(), Vec::new(), seq));
+            }
+            self.found.attrs.push((path, e.stat, seq));
+        }
+    }
+
+    /// The walk is complete: every directory still open is too.
+    pub fn finish(mut self) -> Found {
+        while !self.open.is_empty() {
+            self.close_last();
+        }
+        self.found
+    }
+
+    /// The walk stopped early: what it saw of the directories still open is incomplete.
+    pub fn abandon(self) -> Found {
+        self.found
+    }
+
+    fn close_last(&mut self) {
+        if let Some((dir, children, seq)) = self.open.pop() {
+            if !children.is_empty() {
+                self.found.listings.push((dir, children, seq));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devmount_server::proto::stat::FullStat;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s.as_bytes()).unwrap()
+    }
+
+    fn e(path: &str, dir: bool) -> WalkEntry {
+        let mode = if dir { libc::S_IFDIR | 0o755 } else { libc::S_IFREG | 0o644 };
+        WalkEntry {
+            path: Bytes::copy_from_slice(path.as_bytes()),
+            stat: FullStat { mode, ..FullStat::default() },
+            target: Bytes::new(),
+        }
+    }
+
+    fn names(l: &[ListingEntry]) -> Vec<&[u8]> {
+        l.iter().map(|e| &e.name[..]).collect()
+    }
+
+    #[test]
+    fn listings_complete_when_the_walk_leaves_them() {
+        let mut a = Assembler::new(p("src"));
+        a.batch(5, vec![e("", true), e("a", true), e("a/x", false), e("a/empty", true)]);
+        a.batch(6, vec![e("b", false), e("c", true), e("c/y", false)]);
+        let found = a.finish();
+        let listings: Vec<(RelPath, Vec<&[u8]>, u64)> =
+            found.listings.iter().map(|(d, l, s)| (d.clone(), names(l), *s)).collect();
+        assert_eq!(
+            listings,
+            vec![
+                (p("src/a"), vec![&b"x"[..], b"empty"], 5),
+                (p("src/c"), vec![&b"y"[..]], 6),
+                (p("src"), vec![&b"a"[..], b"b", b"c"], 5),
+            ],
+            "an empty directory gets none: an unreadable one looks the same"
+        );
+        assert_eq!(found.attrs.len(), 7);
+        assert_eq!((found.attrs[4].0.clone(), found.attrs[4].2), (p("src/b"), 6));
+    }
+
+    #[test]
+    fn an_abandoned_walk_lists_only_what_it_left() {
+        let mut a = Assembler::new(RelPath::root());
+        a.batch(1, vec![e("", true), e("a", true), e("a/x", false), e("b", true), e("b/y", false)]);
+        let found = a.abandon();
+        assert_eq!(found.listings.iter().map(|(d, _, _)| d.clone()).collect::<Vec<_>>(), vec![p("a")]);
+    }
+
+    #[test]
+    fn a_claim_covers_its_subtree() {
+        let c = Covered::default();
+        assert!(c.claim(&p("a/b")));
+        assert!(!c.claim(&p("a/b/c")));
+        assert!(c.claim(&p("a")), "an ancestor takes over");
+        assert!(!c.claim(&p("a/b")));
+        assert!(c.claim(&p("ab")));
+        c.clear();
+        assert!(c.claim(&p("a/b")));
+    }
+}
