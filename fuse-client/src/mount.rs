@@ -224,6 +224,9 @@ fn serve(args: MountArgs, ready: Option<OwnedFd>) -> Result<()> {
         let _ = stop.send(true);
         let _ = keeper.await;
     });
+    if let Ok(socket) = crate::control::socket_path(&args.mountpoint) {
+        let _ = std::fs::remove_file(socket);
+    }
     match joined {
         Ok(()) => Ok(()),
         // The mount was already taken away from under the session.
@@ -283,6 +286,7 @@ async fn setup(args: &MountArgs, dial: &Dial) -> Result<(Arc<Fs>, Option<session
     let fs = Arc::new(Fs::new(remote, &args.cache, ids, journal, sender));
     tokio::spawn(fs.clone().retire_local());
     tokio::spawn(fs.clone().prefetch());
+    tokio::spawn(fs.clone().read_ahead());
     if !recovered.ops.is_empty() {
         // The local state knows nothing of the replayed changes: let the server have them
         // before anyone looks.

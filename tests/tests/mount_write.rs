@@ -673,6 +673,11 @@ fn an_open_unlinked_file_stays_usable_against_devmount_server() -> Result<()> {
     on_devmount_server(check_open_unlinked)
 }
 
+#[test]
+fn an_open_unlinked_file_stays_usable_against_openssh() -> Result<()> {
+    on_openssh(check_open_unlinked)
+}
+
 /// rmdir: ENOTEMPTY for a directory with something in it, and success for empty ones, whether
 /// made in the pod, through the mount and not yet on the server, or through the mount and
 /// synced.

@@ -39,6 +39,9 @@ use remote::{Handle, Remote, Result, Stat};
 
 /// Files up to this size are read whole in one request (`get@devmount`) on first read.
 const SMALL_FILE: u64 = 256 << 10;
+/// How far ahead of a sequential reader the cache is filled: twice the read's size at first,
+/// doubling while the reads stay sequential, up to this.
+const READ_AHEAD_MAX: u64 = 8 << 20;
 
 /// How ownership appears locally (like sshfs's `idmap=user`): files of the server's user
 /// appear as the local user's, so tools that check ownership (git's `safe.directory`, ssh)
@@ -93,6 +96,10 @@ struct OpenFile {
     /// The server's handle, opened on the first read the cache cannot answer (and again after
     /// a reconnect).
     remote: tokio::sync::Mutex<Option<Handle>>,
+    /// Sequential reads: the furthest point read, and how far ahead of it the cache has been
+    /// asked to fill.
+    next_read: std::sync::atomic::AtomicU64,
+    ahead: std::sync::atomic::AtomicU64,
 }
 
 /// The mounted file system.
@@ -115,11 +122,23 @@ pub struct Fs {
     covered: prefetch::Covered,
     walks: tokio::sync::mpsc::UnboundedSender<RelPath>,
     walks_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<RelPath>>>,
+    /// Ranges to fetch ahead of sequential readers.
+    ahead: tokio::sync::mpsc::UnboundedSender<ReadAhead>,
+    ahead_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<ReadAhead>>>,
+}
+
+/// A range of a file to bring into the cache before it is read.
+struct ReadAhead {
+    file: Arc<OpenFile>,
+    path: RelPath,
+    version: DataVersion,
+    range: std::ops::Range<u64>,
 }
 
 impl Fs {
     pub fn new(remote: Arc<Remote>, cache: &CacheConfig, ids: IdMap, journal: Journal, sender: Sender<Applier>) -> Fs {
         let (walks, walks_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (ahead, ahead_rx) = tokio::sync::mpsc::unbounded_channel();
         Fs {
             remote,
             cache: Mutex::new(Cache::new(cache)),
@@ -135,6 +154,8 @@ impl Fs {
             covered: prefetch::Covered::default(),
             walks,
             walks_rx: Mutex::new(Some(walks_rx)),
+            ahead,
+            ahead_rx: Mutex::new(Some(ahead_rx)),
         }
     }
 
@@ -183,6 +204,52 @@ impl Fs {
                 Ok(n) => tracing::debug!("walked {} ({n} entries) in {:?}", show(&dir), started.elapsed()),
                 Err(e) => tracing::debug!("walking {}: {e}", show(&dir)),
             }
+        }
+    }
+
+    /// Fetches the ranges [`Fs::read`] asks for ahead of sequential readers, each in its own
+    /// task, for as long as `fs` lives; run it once per mount.
+    pub async fn read_ahead(self: Arc<Self>) {
+        let Some(mut rx) = lock(&self.ahead_rx).take() else { return };
+        while let Some(r) = rx.recv().await {
+            let fs = self.clone();
+            tokio::spawn(async move {
+                let missing = fs.cache().read_data(&r.path, &r.version, r.range.clone());
+                for part in missing {
+                    if let DataPart::Missing(range) = part {
+                        if fs.fetch_range(&r.file, &r.path, &r.version, range).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    /// After a read of `offset..end` of `file`: when reads go on sequentially, asks for the
+    /// next window to be fetched, so the reader finds it cached.
+    fn plan_read_ahead(&self, file: &Arc<OpenFile>, path: &RelPath, version: &DataVersion, offset: u64, end: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        // The kernel may send the pieces of one large read at once, so "sequential" is: at or
+        // a little before the furthest point read so far.
+        let furthest = file.next_read.fetch_max(end, Relaxed);
+        let sequential = offset <= furthest && offset + READ_AHEAD_MAX >= furthest;
+        if !sequential || version.size <= SMALL_FILE || end >= version.size {
+            file.ahead.store(end, Relaxed);
+            return;
+        }
+        let left = file.ahead.load(Relaxed).saturating_sub(end);
+        let window = ((end - offset) * 2).max(left * 2).min(READ_AHEAD_MAX);
+        let want = (end + window).min(version.size);
+        let from = file.ahead.load(Relaxed).max(end);
+        if from < want {
+            file.ahead.store(want, Relaxed);
+            let _ = self.ahead.send(ReadAhead {
+                file: file.clone(),
+                path: path.clone(),
+                version: *version,
+                range: from..want,
+            });
         }
     }
 
@@ -480,6 +547,7 @@ impl Fs {
         if !self.trusts_cached_data(&version) {
             return self.read_server(&file, &path, offset, end).await;
         }
+        self.plan_read_ahead(&file, &path, &version, offset, end);
         let parts = self.cache().read_data(&path, &version, offset..end);
         let mut out = BytesMut::with_capacity((end - offset) as usize);
         for part in parts {

@@ -134,6 +134,8 @@ impl Fs {
             version: DataVersion::from(stat),
             writable,
             remote: tokio::sync::Mutex::new(None),
+            next_read: Default::default(),
+            ahead: Default::default(),
         };
         lock(&self.files).insert(std::sync::Arc::new(file)) as u64
     }

@@ -10,8 +10,9 @@ mod known_hosts;
 mod target;
 
 use std::borrow::Cow;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -20,10 +21,10 @@ use devmount_server::sftp::client::{self as sftp, ServerInfo, SftpClient, SftpEr
 use known_hosts::host_pattern;
 use russh::client::{self, AuthResult, ChannelOpenHandle, DisconnectReason, Handle, Msg};
 use russh::keys::{Algorithm, HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
-use russh::{Channel, ChannelMsg, ChannelStream, Disconnect, Preferred};
+use russh::{Channel, ChannelMsg, ChannelOpenFailure, ChannelStream, Disconnect, Preferred};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 pub use feed::{FeedError, FeedStream};
 pub use known_hosts::fingerprint;
@@ -61,7 +62,10 @@ pub enum SessionError {
     Unsupported { address: String, subsystem: &'static str },
     #[error("the SSH connection to {address} is closed: {reason}")]
     Closed { address: String, reason: String },
-    #[error("the SFTP session with {address} did not start: {source}")]
+    #[error("{address} refused {what}: {reason}")]
+    Refused { address: String, what: String, reason: String },
+    // The source is printed by whoever prints the chain ({:#}), not here as well.
+    #[error("the SFTP session with {address} did not start")]
     Sftp {
         address: String,
         #[source]
@@ -111,6 +115,8 @@ pub struct Session {
     options: ConnectOptions,
     /// Why the connection ended, once it has; the sender goes away with the connection.
     closed: watch::Receiver<Option<String>>,
+    /// Where the handler hands `forwarded-tcpip` channels; see [`Session::forwarded_tcpip`].
+    forwarded: ForwardedSlot,
 }
 
 /// Connects over TCP to `target` and authenticates with the private key in `identity`, once
@@ -244,11 +250,13 @@ where
         ..Default::default()
     });
     let (closed_tx, closed) = watch::channel(None);
+    let forwarded = ForwardedSlot::default();
     let handler = Client {
         host: target.host.clone(),
         port: target.port,
         known_hosts: known_hosts.to_owned(),
         closed: closed_tx,
+        forwarded: forwarded.clone(),
     };
     let mut handle = client::connect_stream(config, stream, handler).await.map_err(|e| match e {
         HandlerError::HostKey(e) => e,
@@ -281,7 +289,7 @@ where
         }
     }
     tracing::debug!(target = %target, "connected");
-    Ok(Session { handle, target: target.clone(), options: *options, closed })
+    Ok(Session { handle, target: target.clone(), options: *options, closed, forwarded })
 }
 
 fn handshake_error(address: &str, e: russh::Error) -> SessionError {
@@ -337,6 +345,68 @@ impl Session {
         let channel = self.open_channel().await?;
         channel.exec(true, command).await.map_err(|e| self.channel_error(e))?;
         Ok(channel)
+    }
+
+    /// Opens a bare session channel, for a caller that makes its own requests on it (pty-req,
+    /// env, exec or shell).
+    pub async fn channel(&self) -> Result<Channel<Msg>, SessionError> {
+        self.open_channel().await
+    }
+
+    /// Opens a `direct-tcpip` channel to the server's `127.0.0.1:port`, on behalf of a local
+    /// connection from `originator`.
+    pub async fn direct_tcpip(&self, port: u16, originator: SocketAddr) -> Result<Channel<Msg>, SessionError> {
+        let open = self.handle.channel_open_direct_tcpip(
+            "127.0.0.1",
+            u32::from(port),
+            originator.ip().to_string(),
+            u32::from(originator.port()),
+        );
+        match tokio::time::timeout(self.options.request_timeout, open).await {
+            Err(_) => Err(self.protocol(&format!("no answer to a direct-tcpip request for port {port} in time"))),
+            Ok(Err(russh::Error::ChannelOpenFailure(reason))) => Err(SessionError::Refused {
+                address: self.target.address(),
+                what: format!("to connect to its 127.0.0.1:{port}"),
+                reason: open_failure_reason(&reason),
+            }),
+            Ok(Err(e)) => Err(self.channel_error(e)),
+            Ok(Ok(channel)) => Ok(channel),
+        }
+    }
+
+    /// Asks the server to listen on its `127.0.0.1:port` (`tcpip-forward`). Each connection
+    /// it accepts there arrives as a channel on the receiver [`Session::forwarded_tcpip`] gave.
+    pub async fn tcpip_forward(&self, port: u16) -> Result<(), SessionError> {
+        let request = self.handle.tcpip_forward("127.0.0.1", u32::from(port));
+        match tokio::time::timeout(self.options.request_timeout, request).await {
+            Err(_) => Err(self.protocol(&format!("no answer to a tcpip-forward request for port {port} in time"))),
+            Ok(Err(russh::Error::RequestDenied)) => Err(SessionError::Refused {
+                address: self.target.address(),
+                what: format!("to listen on its 127.0.0.1:{port}"),
+                reason: "the request was denied".into(),
+            }),
+            Ok(Err(e)) => Err(self.channel_error(e)),
+            Ok(Ok(_)) => Ok(()),
+        }
+    }
+
+    /// Undoes [`Session::tcpip_forward`].
+    pub async fn cancel_tcpip_forward(&self, port: u16) -> Result<(), SessionError> {
+        let request = self.handle.cancel_tcpip_forward("127.0.0.1", u32::from(port));
+        match tokio::time::timeout(self.options.request_timeout, request).await {
+            Err(_) => Err(self.protocol(&format!("no answer to cancel-tcpip-forward for port {port} in time"))),
+            Ok(Err(e)) => Err(self.channel_error(e)),
+            Ok(Ok(())) => Ok(()),
+        }
+    }
+
+    /// From now on, the `forwarded-tcpip` channels the server opens arrive here, unanswered;
+    /// a previous receiver gets no more. Without a receiver, or while this one is full, they
+    /// are refused.
+    pub fn forwarded_tcpip(&self) -> mpsc::Receiver<ForwardedTcpip> {
+        let (tx, rx) = mpsc::channel(FORWARDED_QUEUE);
+        *self.forwarded.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(tx);
+        rx
     }
 
     /// Whether the connection has ended.
@@ -435,12 +505,41 @@ impl Session {
     }
 }
 
-/// The russh callbacks: the host-key check, and noting why the connection ended.
+fn open_failure_reason(reason: &ChannelOpenFailure) -> String {
+    match reason {
+        ChannelOpenFailure::AdministrativelyProhibited => "administratively prohibited".into(),
+        ChannelOpenFailure::ConnectFailed => "the connection failed".into(),
+        ChannelOpenFailure::UnknownChannelType => "unknown channel type".into(),
+        ChannelOpenFailure::ResourceShortage => "resource shortage".into(),
+        ChannelOpenFailure::Other { code, reason } => format!("{reason} (code {code})"),
+    }
+}
+
+/// A `forwarded-tcpip` channel the server opened for a connection to a port it listens on
+/// for us. Answer `reply` (dropping it refuses the channel).
+pub struct ForwardedTcpip {
+    pub channel: Channel<Msg>,
+    pub reply: ChannelOpenHandle,
+    /// The server's port that was connected to.
+    pub port: u32,
+    /// Who connected, as the server tells it.
+    pub originator: String,
+}
+
+/// `forwarded-tcpip` channels that may wait for their receiver before more are refused.
+const FORWARDED_QUEUE: usize = 64;
+
+#[derive(Clone, Default)]
+struct ForwardedSlot(Arc<Mutex<Option<mpsc::Sender<ForwardedTcpip>>>>);
+
+/// The russh callbacks: the host-key check, noting why the connection ended, and handing on
+/// `forwarded-tcpip` channels.
 struct Client {
     host: String,
     port: u16,
     known_hosts: PathBuf,
     closed: watch::Sender<Option<String>>,
+    forwarded: ForwardedSlot,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -496,20 +595,26 @@ impl client::Handler for Client {
         result
     }
 
-    // russh accepts channels the server opens unless told otherwise. The client asks for
-    // none, and an accepted channel nobody reads would stall the connection once its queue
-    // fills, so each is refused (dropping the reply refuses it).
+    // russh accepts channels the server opens unless told otherwise. An accepted channel
+    // nobody reads would stall the connection once its queue fills, so each is refused
+    // (dropping the reply refuses it), except `forwarded-tcpip` while someone takes them.
 
     async fn server_channel_open_forwarded_tcpip(
         &mut self,
-        _channel: Channel<Msg>,
+        channel: Channel<Msg>,
         _connected_address: &str,
-        _connected_port: u32,
-        _originator_address: &str,
-        _originator_port: u32,
-        _reply: ChannelOpenHandle,
+        connected_port: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: ChannelOpenHandle,
         _session: &mut client::Session,
     ) -> Result<(), HandlerError> {
+        let sender = self.forwarded.0.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        if let Some(sender) = sender {
+            let originator = format!("{originator_address}:{originator_port}");
+            // Never waits: this runs on the connection's loop. A full queue refuses the channel.
+            let _ = sender.try_send(ForwardedTcpip { channel, reply, port: connected_port, originator });
+        }
         Ok(())
     }
 
