@@ -1018,9 +1018,17 @@ fn a_dropped_connection_loses_nothing() -> Result<()> {
     let mut writer = Proc::spawn(command("python3").arg("-c").arg(WRITER).arg(mnt.join("out")))?;
     writer.close_stdin();
     let returned = |out: &[u8]| out.iter().filter(|&&b| b == b'\n').count();
-    for (n, _) in [(100, "first"), (300, "second")] {
+    let reconnected = |n: usize| {
+        retry(&format!("reconnect {n}"), STEP, || {
+            let log = mount.log();
+            ensure!(log.matches("reconnected").count() >= n, "{log}");
+            Ok(())
+        })
+    };
+    for (i, n) in [100, 300].into_iter().enumerate() {
         writer.wait_stdout("files written", STEP, |out| returned(out) >= n).with_context(|| mount.log())?;
         relay.command("cut")?;
+        reconnected(i + 1)?;
     }
     writer.wait_stdout("more files written", STEP, |out| returned(out) >= 500).with_context(|| mount.log())?;
     writer.signal(Signal::SIGTERM)?;
@@ -1048,8 +1056,7 @@ fn a_dropped_connection_loses_nothing() -> Result<()> {
         }
     }
     ensure!(lost.is_empty(), "{} of {} files not on the server: {lost:?}\n{}", lost.len(), done.len(), mount.log());
-    let log = mount.log();
-    ensure!(log.matches("reconnected").count() >= 3, "the log does not show three reconnects\n{log}");
+    reconnected(3)?;
 
     fs::write(s.root().join("after"), b"made in the pod\n")?;
     retry("a pod change after the reconnects", Duration::from_secs(10), || {

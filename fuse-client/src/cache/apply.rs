@@ -9,7 +9,9 @@ use bytes::Bytes;
 use devmount_server::proto::feed::{Change, FeedEvent, FeedMessage};
 use devmount_server::proto::stat::FullStat;
 
-use super::{Cache, DirEntry, Entry, FeedState, FileKind, InvalKind, Invalidation, LocalChange, RelPath};
+use super::{
+    Cache, DirEntry, Entry, FeedState, FileKind, InvalKind, Invalidation, Listing, LocalChange, RelPath,
+};
 
 /// Invalidations in the order first seen, without repeats (a batch of creates in one directory
 /// invalidates that directory once). An item is own only if every event behind it was.
@@ -80,12 +82,22 @@ impl Cache {
 
     /// Drops what a local mutation made stale. No sequence marks: see the module documentation.
     /// Listings are dropped rather than edited, since the change is not on the server yet.
+    /// `dir` was made here (mkdir): empty as made, so names looked up in it are known
+    /// missing without a round trip. (The feed's own create event for it says the same.)
+    pub fn local_mkdir(&mut self, dir: &RelPath, now: Instant) {
+        self.name_changed(dir, None);
+        let seq = self.applied;
+        self.dirs
+            .insert(dir.clone(), Entry { value: Arc::new(Listing::new(Vec::new())), seq, inserted: now });
+    }
+
     pub fn local_change(&mut self, change: LocalChange<'_>) {
         let mut report = Report::default();
         match change {
             // The parent's attributes and listing stay: the mount's local state answers for the
             // changed name until the server has it, and the feed (or `Settled`) updates them.
             LocalChange::Created(p) | LocalChange::Removed(p) => self.name_changed(p, None),
+
             LocalChange::Settled(p) => {
                 self.name_changed(p, None);
                 self.names_changed(p, NameEdit::Unknown, None, false, &mut report);
@@ -112,6 +124,14 @@ impl Cache {
                 self.name_changed(&p, Some(seq));
                 self.names_changed(&p, added(stat.as_ref()), Some(seq), own, report);
                 self.store_event_stat(&p, stat.as_ref(), seq, now);
+                if own && stat.is_some_and(|s| s.mode & libc::S_IFMT == libc::S_IFDIR) {
+                    // This mount's own mkdir: the directory was empty when made, and every name
+                    // added to it since comes as a later event.
+                    self.dirs.insert(
+                        p.clone(),
+                        Entry { value: Arc::new(Listing::new(Vec::new())), seq, inserted: now },
+                    );
+                }
                 report.push(InvalKind::Entry, &p, own);
             }
             Change::Modified { path, stat } => {
@@ -241,8 +261,10 @@ impl Cache {
 
 /// A name appeared with this stat: the listing can gain it only if the stat gives its kind.
 fn added(stat: Option<&FullStat>) -> NameEdit {
-    match stat.and_then(|s| FileKind::from_mode(s.mode)) {
-        Some(kind) => NameEdit::Added(kind),
-        None => NameEdit::Unknown,
+    match stat {
+        Some(st) => FileKind::from_mode(st.mode).map_or(NameEdit::Unknown, NameEdit::Added),
+        // Gone by the time the server looked: not in the directory now, and a later event says
+        // what became of it (a put's temporary file renamed into place, say).
+        None => NameEdit::Removed,
     }
 }

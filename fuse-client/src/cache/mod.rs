@@ -62,8 +62,9 @@
 //! Listings are **updated in place** rather than dropped: a listing that is cached is complete
 //! as of every event applied so far (an older listing reply is refused), so adding or removing
 //! the one name keeps it exact, and a build that creates files in a watched directory does not
-//! cost a readdir per file. A created or renamed-to name whose event has no stat (it vanished
-//! before the server looked; a later event says what became of it) drops the listing instead.
+//! cost a readdir per file. A created or renamed-to name whose event has no stat is left out (it
+//! vanished before the server looked; a later event says what became of it).
+
 //! Attributes of the children are not part of the listing: they live in the attribute cache
 //! (a readdirplus or walk reply stores them there), so a modified or attrib event of a child
 //! updates its attributes and leaves the listing alone.

@@ -171,7 +171,9 @@ impl Fs {
         let seq = self.append(Op::Mkdir { path: bytes(&path), mode: perm }).await?;
         let stat = self.new_stat(libc::S_IFDIR | perm, 4096);
         self.set_local(&path, seq, Some(stat), |_| {});
-        Ok(self.made(&path, stat))
+        let entry = self.made(&path, stat);
+        self.cache().local_mkdir(&path, std::time::Instant::now());
+        Ok(entry)
     }
 
     pub async fn mknod(&self, parent: u64, name: &OsStr, mode: u32, umask: u32, rdev: u32) -> Result<Entry> {
