@@ -3,10 +3,14 @@
 pub mod cache;
 pub mod control;
 pub mod echo;
+pub mod exec;
 pub mod feed;
+pub mod forward;
 pub mod fs;
 pub mod fuse;
 pub mod journal;
+pub mod local_server;
+pub mod manifest;
 pub mod mount;
 pub mod reconnect;
 pub mod session;

@@ -6,19 +6,19 @@
 //! command another unit test runs. Keys are made with `ssh-keygen` (and known_hosts hashed with
 //! `ssh-keygen -H`, so hashed entries are OpenSSH's own) before the reaper starts.
 
+mod common;
+
+use common::{keygen, public_line, write};
+
 use std::ffi::OsStr;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use devmount::session::{self, ConnectOptions, FeedStream, Session, SessionError, Target};
-use devmount_server::feed::{Feed, FeedOptions};
 use devmount_server::forward::AllowList;
-use devmount_server::proto::feed::{Change, FeedMessage, PROTOCOL_VERSION};
-use devmount_server::reaper::Reaper;
 use devmount_server::{keys, ssh};
+use devmount_server::proto::feed::{Change, FeedMessage, PROTOCOL_VERSION};
 use russh::keys::PublicKey;
 use russh::server::{Auth, ChannelOpenHandle, Msg, Session as ServerSession};
 use russh::{Channel, ChannelId, ChannelMsg};
@@ -45,27 +45,6 @@ struct Fixture {
     known_elsewhere: PathBuf,
     /// The server's key for the host "scripted", port 22.
     known_scripted: PathBuf,
-}
-
-fn keygen(path: &Path, args: &[&str]) {
-    let out = Command::new("ssh-keygen")
-        .args(["-q", "-C", ""])
-        .args(args)
-        .arg("-f")
-        .arg(path)
-        .output()
-        .expect("run ssh-keygen (install OpenSSH's client tools)");
-    assert!(out.status.success(), "ssh-keygen {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-fn public_line(private: &Path) -> String {
-    let mut pub_path = private.as_os_str().to_owned();
-    pub_path.push(".pub");
-    std::fs::read_to_string(pub_path).unwrap().trim().to_owned()
-}
-
-fn write(path: &Path, text: &str) {
-    std::fs::File::create(path).unwrap().write_all(text.as_bytes()).unwrap();
 }
 
 fn fixture() -> &'static Fixture {
@@ -104,26 +83,14 @@ fn start_server() -> Fixture {
     write(&path("known_scripted"), &format!("scripted {host_line}\n"));
     let host_fingerprint = session::fingerprint(&PublicKey::from_openssh(&host_line).unwrap());
 
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let (served_root, authorized) = (root.clone(), path("authorized_keys"));
-    let host_key = keys::host_key_from_file(&path("host_key")).unwrap();
-    std::thread::spawn(move || {
-        let runtime =
-            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        runtime.block_on(async move {
-            use russh::server::Server as _;
-            let reaper = Reaper::start().unwrap();
-            let feed = Feed::start(served_root.clone(), FeedOptions::default()).unwrap();
-            listener.set_nonblocking(true).unwrap();
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            let shared = ssh::Shared::new(served_root, authorized, AllowList::default(), feed, reaper);
-            let mut server = ssh::Server(shared);
-            let running = server.run_on_socket(Arc::new(ssh::config(host_key)), &listener);
-            ready_tx.send(()).unwrap();
-            running.await.unwrap();
-        });
-    });
-    ready_rx.recv_timeout(Duration::from_secs(30)).expect("the in-process server did not start");
+    common::spawn_server(
+        listener,
+        root.clone(),
+        &path("host_key"),
+        path("authorized_keys"),
+        AllowList::default(),
+        || {},
+    );
 
     Fixture {
         dir: dir.clone(),
