@@ -22,9 +22,9 @@ use nix::errno::Errno;
 use nix::sys::signal::Signal;
 
 /// Files in the git working tree.
-const GIT_FILES: usize = 1000;
+const GIT_FILES: usize = 3000;
 /// Size of the file written with dd.
-const BIG_MIB: usize = 256;
+const BIG_MIB: usize = 1024;
 /// Files in the tarball.
 const TAR_FILES: usize = 500;
 /// How long one step of a test may take before it counts as hung.
