@@ -42,6 +42,8 @@ const SMALL_FILE: u64 = 256 << 10;
 /// How far ahead of a sequential reader the cache is filled: twice the read's size at first,
 /// doubling while the reads stay sequential, up to this.
 const READ_AHEAD_MAX: u64 = 8 << 20;
+/// How long a statfs answer is reused: free space a few seconds old is what `df` shows anyway.
+const STATFS_TTL: Duration = Duration::from_secs(5);
 
 /// How ownership appears locally (like sshfs's `idmap=user`): files of the server's user
 /// appear as the local user's, so tools that check ownership (git's `safe.directory`, ssh)
@@ -125,6 +127,7 @@ pub struct Fs {
     /// Ranges to fetch ahead of sequential readers.
     ahead: tokio::sync::mpsc::UnboundedSender<ReadAhead>,
     ahead_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<ReadAhead>>>,
+    statfs: Mutex<Option<(Instant, StatVfs)>>,
 }
 
 /// A range of a file to bring into the cache before it is read.
@@ -156,6 +159,7 @@ impl Fs {
             walks_rx: Mutex::new(Some(walks_rx)),
             ahead,
             ahead_rx: Mutex::new(Some(ahead_rx)),
+            statfs: Mutex::new(None),
         }
     }
 
@@ -726,10 +730,17 @@ impl Fs {
         lock(&self.files).iter().any(|(_, f)| f.id == id)
     }
 
+    /// statfs: the server's answer, kept for [`STATFS_TTL`] (`find` and `df` ask at every run).
     pub async fn statfs(&self) -> Result<StatVfs> {
-        self.remote.statvfs(&RelPath::root()).await
+        if let Some((at, st)) = *lock(&self.statfs) {
+            if at.elapsed() < STATFS_TTL {
+                return Ok(st);
+            }
+        }
+        let st = self.remote.statvfs(&RelPath::root()).await?;
+        *lock(&self.statfs) = Some((Instant::now(), st));
+        Ok(st)
     }
-
 }
 
 fn show(path: &RelPath) -> String {
