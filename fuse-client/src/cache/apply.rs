@@ -123,6 +123,7 @@ impl Cache {
                 let Some(p) = self.locate(path, seq, report) else { return };
                 self.name_changed(&p, Some(seq));
                 self.names_changed(&p, added(stat.as_ref()), Some(seq), own, report);
+                self.store_dir_stat(&p, e.dir.as_ref(), seq, now);
                 self.store_event_stat(&p, stat.as_ref(), seq, now);
                 if own && stat.is_some_and(|s| s.mode & libc::S_IFMT == libc::S_IFDIR) {
                     // This mount's own mkdir: the directory was empty when made, and every name
@@ -154,6 +155,7 @@ impl Cache {
                 self.move_unwatched(&p, None);
                 self.missing.insert(p.clone(), Entry { value: (), seq, inserted: now });
                 self.names_changed(&p, NameEdit::Removed, Some(seq), own, report);
+                self.store_dir_stat(&p, e.dir.as_ref(), seq, now);
                 report.push(InvalKind::Gone, &p, own);
             }
             Change::Renamed { from, to, stat } => {
@@ -166,6 +168,7 @@ impl Cache {
                 self.missing.insert(f.clone(), Entry { value: (), seq, inserted: now });
                 self.names_changed(&f, NameEdit::Removed, Some(seq), own, report);
                 self.names_changed(&t, added(stat.as_ref()), Some(seq), own, report);
+                self.store_dir_stat(&t, e.dir.as_ref(), seq, now);
                 self.store_event_stat(&t, stat.as_ref(), seq, now);
                 report.push(InvalKind::Gone, &f, own);
                 report.push(InvalKind::Entry, &t, own);
@@ -233,6 +236,14 @@ impl Cache {
         }
         report.push(InvalKind::Attr, &dir, own);
         report.push(InvalKind::Listing, &dir, own);
+    }
+
+    /// The directory holding `p`, as the event states it (its mtime and link count moved with
+    /// the name): stored, so the next path walk through it needs no round trip.
+    fn store_dir_stat(&mut self, p: &RelPath, dir: Option<&FullStat>, seq: u64, now: Instant) {
+        if let (Some(parent), Some(st)) = (p.parent(), dir) {
+            self.attrs.insert(parent, Entry { value: *st, seq, inserted: now });
+        }
     }
 
     /// Replaces what is known of `p` with the event's stat, the newest state the server knows.

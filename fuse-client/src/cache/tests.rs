@@ -56,7 +56,7 @@ fn renamed(from: &str, to: &str, stat: Option<FullStat>) -> Change {
 fn batch(seq: u64, changes: Vec<Change>) -> FeedMessage {
     FeedMessage::Batch {
         seq,
-        events: changes.into_iter().map(|change| FeedEvent { change, own: false }).collect(),
+        events: changes.into_iter().map(|change| FeedEvent { change, own: false, dir: None }).collect(),
     }
 }
 
@@ -374,8 +374,8 @@ fn resync_and_hello_drop_everything() {
 fn invalidations_are_reported_once_and_own_only_if_all_were_own() {
     let t = Instant::now();
     let mut c = live(&CacheConfig::default(), 1, t);
-    let own = |change| FeedEvent { change, own: true };
-    let theirs = |change| FeedEvent { change, own: false };
+    let own = |change| FeedEvent { change, own: true, dir: None };
+    let theirs = |change| FeedEvent { change, own: false, dir: None };
     let msg = FeedMessage::Batch {
         seq: 2,
         events: vec![
@@ -494,7 +494,10 @@ fn local_changes_drop_what_they_make_stale() {
     assert_eq!(c.read_data(&p("d/f"), &v, 0..1), vec![DataPart::Missing(0..1)]);
     c.local_change(LocalChange::Removed(&p("d/f")));
     assert!(c.attr(&p("d/f"), t).is_none());
-    assert!(c.listing(&p("d"), t).is_some() && c.attr(&p("d"), t).is_some(), "the parent costs no round trip");
+    assert!(
+        c.listing(&p("d"), t).is_some() && c.attr(&p("d"), t).is_some(),
+        "the parent costs no round trip"
+    );
     c.local_change(LocalChange::Settled(&p("d/f")));
     assert!(c.listing(&p("d"), t).is_none() && c.attr(&p("d"), t).is_none());
     assert!(c.insert_attr(&p("d/f"), file(2, 1), 1, t).is_ok(), "local changes leave no marks");
@@ -790,7 +793,24 @@ impl Sim {
             }
         }
         self.seq += 1;
-        let events = events.into_iter().map(|change| FeedEvent { change, own: self.rng.chance(4) }).collect();
+        // As the server does: the directory of a name that came or went, stated when the batch
+        // is sent (sometimes not: the server may fail to).
+        let events = events
+            .into_iter()
+            .map(|change| {
+                let named = match &change {
+                    Change::Created { path, .. }
+                    | Change::Deleted { path }
+                    | Change::Renamed { to: path, .. } => Some(path.clone()),
+                    Change::Modified { .. } | Change::Attrib { .. } => None,
+                };
+                let dir = named.filter(|_| !self.rng.chance(5)).and_then(|path| {
+                    let parent = path.iter().rposition(|&b| b == b'/').map_or(&path[..0], |i| &path[..i]);
+                    self.tree.get(parent).map(Node::stat)
+                });
+                FeedEvent { change, own: self.rng.chance(4), dir }
+            })
+            .collect();
         self.publish(FeedMessage::Batch { seq: self.seq, events });
         true
     }
@@ -952,7 +972,7 @@ fn a_directory_made_here_stays_known_empty_through_its_own_events() {
     assert!(matches!(c.lookup(&p("w/new"), t), Lookup::Missing { .. }));
     let own = |seq, changes: Vec<Change>| FeedMessage::Batch {
         seq,
-        events: changes.into_iter().map(|change| FeedEvent { change, own: true }).collect(),
+        events: changes.into_iter().map(|change| FeedEvent { change, own: true, dir: None }).collect(),
     };
     c.apply(&own(2, vec![created("w", Some(dir(5)))]), t);
     c.apply(&own(3, vec![created("w/a", Some(file(6, 1)))]), t);
@@ -961,4 +981,18 @@ fn a_directory_made_here_stays_known_empty_through_its_own_events() {
     // A pod's mkdir tells nothing of what is in it by the time the event is applied.
     c.apply(&batch(4, vec![created("v", Some(dir(7)))]), t);
     assert_eq!(c.lookup(&p("v/x"), t), Lookup::Unknown);
+}
+
+#[test]
+fn an_event_s_directory_stat_keeps_the_directory_s_attributes() {
+    let t = Instant::now();
+    let mut c = live(&CacheConfig::default(), 1, t);
+    c.insert_attr(&p("d"), dir(1), 1, t).unwrap();
+    let with_dir =
+        |seq, change, st| FeedMessage::Batch { seq, events: vec![FeedEvent { change, own: true, dir: st }] };
+    let newer = FullStat { mtime: Timespec { sec: 9, nsec: 9 }, ..dir(1) };
+    c.apply(&with_dir(2, created("d/f", Some(file(2, 1))), Some(newer)), t);
+    assert_eq!(c.attr(&p("d"), t).map(|f| f.value), Some(newer));
+    c.apply(&with_dir(3, deleted("d/f"), None), t);
+    assert!(c.attr(&p("d"), t).is_none(), "without it the attributes go");
 }

@@ -16,12 +16,15 @@ use tokio::sync::Notify;
 use super::notes::Notes;
 use super::tree::is_under;
 use crate::proto::feed::{Change, FeedEvent, FeedMessage, BATCH_HEADER_LEN, PROTOCOL_VERSION};
+use crate::proto::stat::FullStat;
 use crate::proto::SERVER_VERSION;
 
 /// Changes published under one sequence number, each with the connections it is own to.
 #[derive(Debug)]
 pub(super) struct Batch {
-    pub events: Vec<(Change, Vec<u64>)>,
+    /// Each change, the stat of the directory holding its (new) path, and the connections it
+    /// is own to.
+    pub events: Vec<(Change, Option<FullStat>, Vec<u64>)>,
     /// The encoded length of the events.
     pub len: usize,
 }
@@ -51,7 +54,11 @@ impl Item {
                 events: b
                     .events
                     .iter()
-                    .map(|(change, own)| FeedEvent { change: change.clone(), own: own.contains(&conn) })
+                    .map(|(change, dir, own)| FeedEvent {
+                        change: change.clone(),
+                        own: own.contains(&conn),
+                        dir: *dir,
+                    })
                     .collect(),
             },
             Item::Resync(seq) => FeedMessage::Resync { seq },
@@ -318,9 +325,9 @@ mod tests {
 
     fn batch(n: usize) -> Batch {
         let events = (0..n)
-            .map(|i| (Change::Deleted { path: Bytes::from(format!("f{i}")) }, vec![7]))
+            .map(|i| (Change::Deleted { path: Bytes::from(format!("f{i}")) }, None, vec![7]))
             .collect::<Vec<_>>();
-        let len = events.iter().map(|(c, _)| c.encoded_len()).sum();
+        let len = events.iter().map(|(c, d, _)| c.encoded_len(d.is_some())).sum();
         Batch { events, len }
     }
 

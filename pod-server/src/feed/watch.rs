@@ -15,7 +15,7 @@
 //! root. Every kernel event names a watch; a watch this thread no longer knows (removed, or
 //! moved out of the root) is ignored.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -33,6 +33,7 @@ use super::hub::{Batch, Hub};
 use super::sys::{self, fd_path, Root, Signal};
 use super::tree::{join, Tree, Wd};
 use crate::proto::feed::{Change, BATCH_HEADER_LEN, MAX_FEED_FRAME, MAX_FEED_PATH};
+use crate::proto::stat::FullStat;
 
 /// The read buffer: room for a few thousand events per `read`.
 const BUFFER_BYTES: usize = 64 * 1024;
@@ -526,6 +527,8 @@ impl Watcher {
         let mut events = Vec::new();
         let mut len = 0;
         let mut too_long = 0usize;
+        // Directories whose entries changed, stated once per window.
+        let mut dirs: HashMap<Bytes, Option<FullStat>> = HashMap::new();
         for (op, own) in ops {
             let change = match op {
                 Op::Created(path) => Change::Created { stat: self.root.lstat(&path), path },
@@ -533,6 +536,15 @@ impl Watcher {
                 Op::Attrib(path) => Change::Attrib { stat: self.root.lstat(&path), path },
                 Op::Deleted(path) => Change::Deleted { path },
                 Op::Renamed { from, to } => Change::Renamed { stat: self.root.lstat(&to), from, to },
+            };
+            let dir = match &change {
+                Change::Created { path, .. }
+                | Change::Deleted { path }
+                | Change::Renamed { to: path, .. } => {
+                    let parent = parent_of(path);
+                    *dirs.entry(parent.clone()).or_insert_with(|| self.root.lstat(&parent))
+                }
+                Change::Modified { .. } | Change::Attrib { .. } => None,
             };
             let longest = match &change {
                 Change::Renamed { from, to, .. } => from.len().max(to.len()),
@@ -542,12 +554,12 @@ impl Watcher {
                 too_long += 1;
                 continue;
             }
-            let l = change.encoded_len();
+            let l = change.encoded_len(dir.is_some());
             if len + l > MAX_FEED_FRAME - BATCH_HEADER_LEN {
                 self.hub.publish_batch(Batch { events: std::mem::take(&mut events), len });
                 len = 0;
             }
-            events.push((change, own));
+            events.push((change, dir, own));
             len += l;
         }
         if !events.is_empty() {
@@ -684,5 +696,13 @@ mod tests {
             "{msgs:?}"
         );
         assert_eq!(w.tree.len(), 0);
+    }
+}
+
+/// The directory holding `path` (relative to the root; the root is the empty path).
+fn parent_of(path: &[u8]) -> Bytes {
+    match path.iter().rposition(|&b| b == b'/') {
+        Some(i) => Bytes::copy_from_slice(&path[..i]),
+        None => Bytes::new(),
     }
 }

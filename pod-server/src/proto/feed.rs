@@ -50,6 +50,8 @@ pub mod flags {
     pub const OWN: u8 = 0x01;
     /// A [`FullStat`](crate::proto::stat::FullStat) follows the path(s).
     pub const STAT: u8 = 0x02;
+    /// Then the `lstat` of the directory holding the (new) path, as the server sent the event.
+    pub const DIR: u8 = 0x04;
 }
 
 /// The smallest encoded event: kind, flags and one empty path.
@@ -116,18 +118,21 @@ impl Change {
         }
     }
 
-    /// The length of this change encoded as an event (the `own` flag does not change it).
-    pub fn encoded_len(&self) -> usize {
+    /// The length of this change encoded as an event, with the directory's stat or not (the
+    /// `own` flag does not change it).
+    pub fn encoded_len(&self, dir: bool) -> usize {
         let paths = match self {
             Change::Renamed { from, to, .. } => 8 + from.len() + to.len(),
             _ => 4 + self.path().len(),
         };
         let stat = if self.stat().is_some() { FullStat::ENCODED_LEN } else { 0 };
-        2 + paths + stat
+        let dir = if dir { FullStat::ENCODED_LEN } else { 0 };
+        2 + paths + stat + dir
     }
 
-    /// Appends this change as one event.
-    pub fn encode(&self, own: bool, buf: &mut BytesMut) {
+    /// Appends this change as one event, with `dir`, the stat of the directory holding the
+    /// (new) path.
+    pub fn encode(&self, own: bool, dir: Option<&FullStat>, buf: &mut BytesMut) {
         let stat = self.stat();
         let mut f = 0;
         if own {
@@ -135,6 +140,9 @@ impl Change {
         }
         if stat.is_some() {
             f |= flags::STAT;
+        }
+        if dir.is_some() {
+            f |= flags::DIR;
         }
         buf.put_u8(self.kind());
         buf.put_u8(f);
@@ -148,12 +156,15 @@ impl Change {
         if let Some(st) = stat {
             st.encode(buf);
         }
+        if let Some(st) = dir {
+            st.encode(buf);
+        }
     }
 
     fn decode(r: &mut Reader) -> Result<FeedEvent, DecodeError> {
         let k = r.u8()?;
         let f = r.u8()?;
-        if f & !(flags::OWN | flags::STAT) != 0 {
+        if f & !(flags::OWN | flags::STAT | flags::DIR) != 0 {
             return Err(DecodeError::Invalid("unknown event flags"));
         }
         let own = f & flags::OWN != 0;
@@ -161,6 +172,7 @@ impl Change {
         let first = path(r)?;
         let second = if k == kind::RENAMED { Some(path(r)?) } else { None };
         let stat = if has_stat { Some(FullStat::decode(r)?) } else { None };
+        let dir = if f & flags::DIR != 0 { Some(FullStat::decode(r)?) } else { None };
         let change = match (k, second) {
             (kind::CREATED, None) => Change::Created { path: first, stat },
             (kind::MODIFIED, None) => Change::Modified { path: first, stat },
@@ -170,7 +182,7 @@ impl Change {
             (kind::RENAMED, Some(to)) => Change::Renamed { from: first, to, stat },
             _ => return Err(DecodeError::Invalid("unknown event kind")),
         };
-        Ok(FeedEvent { change, own })
+        Ok(FeedEvent { change, own, dir })
     }
 }
 
@@ -181,6 +193,10 @@ pub struct FeedEvent {
     /// The subscriber's own SSH connection asked for this change (see the limits in
     /// `docs/protocol.md (Change feed)`).
     pub own: bool,
+    /// For a name that appeared or went (created, deleted, renamed): the `lstat` of the
+    /// directory holding the (new) path when the server sent the event, so a client can keep
+    /// that directory's attributes instead of asking for them again.
+    pub dir: Option<FullStat>,
 }
 
 /// One frame of the feed.
@@ -231,7 +247,7 @@ impl FeedMessage {
                 buf.put_u64(*seq);
                 buf.put_u32(u32::try_from(events.len()).expect("batch of more than 4 G events"));
                 for e in events {
-                    e.change.encode(e.own, buf);
+                    e.change.encode(e.own, e.dir.as_ref(), buf);
                 }
             }
             FeedMessage::Resync { seq } => {
@@ -327,7 +343,7 @@ mod tests {
     }
 
     fn all_messages() -> Vec<FeedMessage> {
-        let ev = |change, own| FeedEvent { change, own };
+        let ev = |change, own| FeedEvent { change, own, dir: None };
         vec![
             FeedMessage::Hello { protocol: PROTOCOL_VERSION, server_version: b(b"0.1.0"), seq: 0 },
             FeedMessage::Ready { seq: 7 },
@@ -342,6 +358,12 @@ mod tests {
                     ev(Change::Deleted { path: b(b"a/b/c") }, false),
                     ev(Change::Renamed { from: b(b"x"), to: b(b"y/x"), stat: Some(stat()) }, true),
                     ev(Change::Renamed { from: b(b"x"), to: b(b"z"), stat: None }, false),
+                    FeedEvent {
+                        change: Change::Created { path: b(b"d/n"), stat: Some(stat()) },
+                        own: true,
+                        dir: Some(stat()),
+                    },
+                    FeedEvent { change: Change::Deleted { path: b(b"d/n") }, own: false, dir: Some(stat()) },
                 ],
             },
             FeedMessage::Resync { seq: 9 },
@@ -369,8 +391,8 @@ mod tests {
             if let FeedMessage::Batch { events, .. } = m {
                 for e in events {
                     let mut buf = BytesMut::new();
-                    e.change.encode(e.own, &mut buf);
-                    assert_eq!(buf.len(), e.change.encoded_len(), "{e:?}");
+                    e.change.encode(e.own, e.dir.as_ref(), &mut buf);
+                    assert_eq!(buf.len(), e.change.encoded_len(e.dir.is_some()), "{e:?}");
                 }
             }
         }
