@@ -14,3 +14,5 @@ pub mod manifest;
 pub mod mount;
 pub mod reconnect;
 pub mod session;
+pub mod sessions;
+pub mod up;

@@ -1,5 +1,6 @@
 //! `devmount`: parse, run, exit code. The work lives in the library's modules.
 
+use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,8 +8,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use devmount::cache::CacheConfig;
 use devmount::journal::Config as JournalConfig;
-use devmount::mount::{self, MountArgs};
+use devmount::mount::{self, Endpoint, MountArgs};
 use devmount::session::Target;
+use devmount::sessions::{self, ExecArgs};
+use devmount::up::{self, Spinner, UpArgs};
 
 /// Develop inside a Kubernetes pod: mount its workdir, run commands in it, forward its ports.
 #[derive(Parser, Debug)]
@@ -20,10 +23,94 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Start a session: serve a directory with a devmount-server of its own, mount it at MNT, and
+    /// forward ports, all over one SSH connection. Settings not given come from ./devmount.yml.
+    Up {
+        /// An existing directory outside the served one.
+        mountpoint: PathBuf,
+        /// The directory to serve (default: the manifest's `target.local`).
+        #[arg(long, value_name = "DIR")]
+        local: Option<PathBuf>,
+        /// Listen on 127.0.0.1:LOCAL here and connect to the server's 127.0.0.1:REMOTE; replaces
+        /// the manifest's `forward`.
+        #[arg(short = 'L', value_name = "LOCAL:REMOTE")]
+        forward: Vec<String>,
+        /// Listen on the server's 127.0.0.1:REMOTE and connect to 127.0.0.1:LOCAL here; replaces
+        /// the manifest's `reverse`.
+        #[arg(short = 'R', value_name = "REMOTE:LOCAL")]
+        reverse: Vec<String>,
+        /// The manifest (default: ./devmount.yml, if there is one).
+        #[arg(short = 'm', long = "manifest", value_name = "FILE")]
+        manifest: Option<PathBuf>,
+        /// Serve in this process instead of a background daemon.
+        #[arg(long)]
+        foreground: bool,
+        /// The devmount-server binary (default: the one next to devmount).
+        #[arg(long, value_name = "PATH")]
+        server_bin: Option<PathBuf>,
+        /// Show how long each step of the start takes.
+        #[arg(short, long)]
+        verbose: bool,
+        /// How long attributes and listings are trusted where no change feed vouches for them.
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<f64>,
+        /// Bytes of file contents to cache.
+        #[arg(long, value_name = "BYTES")]
+        data_cache: Option<usize>,
+        /// Bytes of changes the local journal holds before writers wait for the server.
+        #[arg(long, value_name = "BYTES")]
+        journal_max: Option<u64>,
+    },
+    /// Run a command in the session, in the directory matching the current one, once every
+    /// change made to the mount is on the server. The words are joined with spaces and run by
+    /// the remote user's shell, as ssh does. Exits with the command's code (128 + signal).
+    Exec {
+        /// The session's mount point (default: the mount holding the current directory, or the
+        /// only session).
+        #[arg(long = "mount", value_name = "MNT")]
+        mount: Option<PathBuf>,
+        /// Give the command a terminal (default: when stdin is one).
+        #[arg(short = 't', conflicts_with = "no_tty")]
+        tty: bool,
+        /// Never give the command a terminal.
+        #[arg(short = 'T')]
+        no_tty: bool,
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+        command: Vec<OsString>,
+    },
+    /// An interactive login shell in the session, in the directory matching the current one.
+    Ssh {
+        /// The session's mount point (default: as for exec).
+        mountpoint: Option<PathBuf>,
+        /// Give the shell a terminal (default: when stdin is one).
+        #[arg(short = 't', conflicts_with = "no_tty")]
+        tty: bool,
+        /// Never give the shell a terminal.
+        #[arg(short = 'T')]
+        no_tty: bool,
+    },
+    /// Wait until every change made to the mount so far is on the server.
+    Sync {
+        /// The mount point (default: as for exec).
+        mountpoint: Option<PathBuf>,
+    },
+    /// Each session: mount, target, connection, pending changes, caches, forwards.
+    Status,
+    /// End a session: send the pending changes, unmount, stop its forwards and server. Also
+    /// cleans up after a session whose daemon died.
+    Down {
+        /// The mount point (default: as for exec).
+        mountpoint: Option<PathBuf>,
+        /// Show how long each step takes.
+        #[arg(short, long)]
+        verbose: bool,
+    },
+    /// Write a commented devmount.yml in the current directory.
+    Init,
     /// Mount a directory of an SSH server (devmount-server, or any OpenSSH server) at MNT.
     Mount {
         /// ssh://USER@HOST:PORT/PATH
-        target: std::ffi::OsString,
+        target: OsString,
         /// An existing, empty directory.
         mountpoint: PathBuf,
         /// The private key to authenticate with (OpenSSH format, not encrypted).
@@ -45,11 +132,6 @@ enum Command {
         #[arg(long, value_name = "BYTES", default_value_t = 1 << 30)]
         journal_max: u64,
     },
-    /// Wait until every change made to the mount so far is on the server.
-    Sync {
-        /// The mount point.
-        mountpoint: PathBuf,
-    },
 }
 
 fn main() -> ExitCode {
@@ -61,8 +143,17 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // Usage errors are devmount's own failures too: 255, never a code a command could give.
+        Err(e) if e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::from(255);
+        }
+        Err(e) => e.exit(),
+    };
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("devmount: {e:#}");
             // As ssh does: the tool's own failures are 255, so they stand apart from a remote
@@ -72,9 +163,62 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs the command; the exit code on success (a remote command's own).
+fn run(cli: Cli) -> anyhow::Result<u8> {
+    let tty = |tty: bool, no_tty: bool| match (tty, no_tty) {
+        (true, _) => Some(true),
+        (_, true) => Some(false),
+        _ => None,
+    };
     match cli.command {
-        Command::Mount { target, mountpoint, identity, known_hosts, foreground, timeout, data_cache, journal_max } => {
+        Command::Up {
+            mountpoint,
+            local,
+            forward,
+            reverse,
+            manifest,
+            foreground,
+            server_bin,
+            verbose,
+            timeout,
+            data_cache,
+            journal_max,
+        } => {
+            let args = UpArgs {
+                mountpoint,
+                local,
+                forward,
+                reverse,
+                manifest,
+                foreground,
+                server_bin,
+                verbose,
+                timeout,
+                data_cache,
+                journal_max,
+            };
+            up::run(args).map(|()| 0)
+        }
+        Command::Exec { mount, tty: t, no_tty, command } => {
+            sessions::exec(ExecArgs { mount, tty: tty(t, no_tty), command: Some(command) })
+        }
+        Command::Ssh { mountpoint, tty: t, no_tty } => {
+            sessions::exec(ExecArgs { mount: mountpoint, tty: tty(t, no_tty), command: None })
+        }
+        Command::Sync { mountpoint } => sessions::sync(mountpoint.as_deref()).map(|()| 0),
+        Command::Status => sessions::status().map(|()| 0),
+        Command::Down { mountpoint, verbose } => sessions::down(mountpoint.as_deref(), verbose).map(|()| 0),
+        Command::Init => up::init().map(|()| 0),
+        Command::Mount {
+            target,
+            mountpoint,
+            identity,
+            known_hosts,
+            foreground,
+            timeout,
+            data_cache,
+            journal_max,
+        } => {
             let user = mount::local_user();
             let target = Target::parse(&target, &user.to_string_lossy())?;
             if !(timeout.is_finite() && timeout > 0.0) {
@@ -85,16 +229,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 data_bytes: data_cache,
                 ..CacheConfig::default()
             };
-            if journal_max < 1 << 20 {
-                anyhow::bail!("--journal-max {journal_max}: give at least 1 MiB, e.g. --journal-max 1073741824");
-            }
+            up::check_journal_max(journal_max)?;
             let journal = JournalConfig { max_bytes: journal_max, ..JournalConfig::default() };
-            mount::run(MountArgs { target, mountpoint, identity, known_hosts, foreground, cache, journal })
-        }
-        Command::Sync { mountpoint } => {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            runtime.block_on(devmount::control::request(&mountpoint, "sync"))?;
-            Ok(())
+            let args = MountArgs {
+                journal_key: String::from_utf8_lossy(&target.key()).into_owned(),
+                endpoint: Endpoint::Ssh { target, identity, known_hosts },
+                mountpoint,
+                foreground,
+                cache,
+                journal,
+                forwards: Vec::new(),
+                environment: Vec::new(),
+                name: None,
+            };
+            mount::run(args, &mut Spinner::new(false)).map(|()| 0)
         }
     }
 }

@@ -1,33 +1,45 @@
-//! `devmount mount`: connect, mount, serve until unmounted.
+//! `devmount mount` and `devmount up`: connect, mount, serve until unmounted.
 //!
 //! Without `--foreground` the process forks before any thread exists; the child (which keeps
-//! the command line, so `ps` shows the mount point) connects and mounts, and tells the parent
-//! through a pipe whether the mount is ready, so `devmount mount` returns only once `ls MNT`
-//! works, or fails with the child's one-line error.
+//! the command line, so `ps` shows the mount point) does everything else, and tells the parent
+//! through a pipe how its start goes: a line `step TEXT` as each step begins, `note TEXT` for the
+//! user, and last `ok` or `error TEXT`. So `devmount up` returns only once `ls MNT` works, or
+//! fails with the child's one-line error.
+//!
+//! The child is the session's daemon. With `--local` it starts the devmount-server itself, so
+//! the server never outlives it (see [`crate::local_server`]); then it connects, starts the port
+//! forwards over that connection (a busy local port fails the start before anything is
+//! mounted), mounts, and answers the control socket ([`crate::control`]). When the mount goes
+//! (`devmount down`, `umount`, SIGTERM) it drains the journal, stops the forwards, says goodbye
+//! to the server, stops the local server and removes its socket.
 
 use std::ffi::OsString;
-use std::io::{Read, Write};
-use std::os::fd::OwnedFd;
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context, Result};
 use fuser::{Config, MountOption, SessionACL};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::cache::CacheConfig;
+use crate::control::{self, Daemon};
 use crate::echo::Echo;
+use crate::forward::{ForwardSpec, Forwards};
 use crate::fs::apply::Applier;
 use crate::fs::remote::Remote;
-use crate::journal::{Config as JournalConfig, Journal, Sender, SenderConfig};
 use crate::fs::{Fs, IdMap};
 use crate::fuse::FuseFs;
+use crate::journal::{Config as JournalConfig, Journal, Sender, SenderConfig};
+use crate::local_server::{LocalServer, StartOptions};
 use crate::reconnect::Dial;
-use crate::session::{self, ConnectOptions, Target};
+use crate::session::{self, ConnectOptions, Session, Target};
 
 /// How long an unmount waits for the journal to reach the server before leaving the rest
 /// for the next mount.
-const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Where devmount keeps its journals: `$XDG_STATE_HOME/devmount`, else
 /// `~/.local/state/devmount`.
@@ -35,25 +47,53 @@ pub fn state_dir() -> Result<PathBuf> {
     let base = match std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
         Some(d) => PathBuf::from(d),
         None => {
-            let home = std::env::var_os("HOME").ok_or_else(|| anyhow!("neither XDG_STATE_HOME nor HOME is set"))?;
+            let home =
+                std::env::var_os("HOME").ok_or_else(|| anyhow!("neither XDG_STATE_HOME nor HOME is set"))?;
             PathBuf::from(home).join(".local/state")
         }
     };
     let dir = base.join("devmount");
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create the state directory {}", dir.display()))?;
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
     Ok(dir)
 }
 
-/// What `devmount mount` was asked to do.
+/// Where a mount's files come from.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    /// An SSH server (devmount-server or OpenSSH), with the files that reach it.
+    Ssh { target: Target, identity: PathBuf, known_hosts: PathBuf },
+    /// A devmount-server the daemon starts over `dir` (canonical) with fresh keys, and stops.
+    Local { dir: PathBuf, server: StartOptions },
+}
+
+/// What `devmount mount` or `devmount up` was asked to do.
 #[derive(Debug, Clone)]
 pub struct MountArgs {
-    pub target: Target,
+    pub endpoint: Endpoint,
+    /// Names the journal: what one mount leaves pending, the next mount with the same key
+    /// replays. It must not change with the connection (a local server's port does).
+    pub journal_key: String,
     pub mountpoint: PathBuf,
-    pub identity: PathBuf,
-    pub known_hosts: PathBuf,
     pub foreground: bool,
     pub cache: CacheConfig,
     pub journal: JournalConfig,
+    /// Port forwards over the mount's connection.
+    pub forwards: Vec<ForwardSpec>,
+    /// For `devmount exec` and `devmount ssh`, on top of the server's.
+    pub environment: Vec<(String, String)>,
+    /// The session's name (from the manifest), for `devmount status`.
+    pub name: Option<String>,
+}
+
+/// Hears how the start goes: a spinner on a terminal.
+pub trait Progress {
+    /// A step begins.
+    fn step(&mut self, what: &str);
+    /// Something the user should read, whatever the output is.
+    fn note(&mut self, text: &str);
+    /// The start is over (ready or failed): no more steps.
+    fn finish(&mut self);
 }
 
 /// Checks the mount point before anything else happens: it must be an existing directory that
@@ -69,31 +109,76 @@ pub fn check_mountpoint(path: &Path) -> Result<PathBuf> {
             path.display()
         ),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            bail!("mount point {} does not exist; create it with `mkdir -p {}`", path.display(), path.display())
+            bail!(
+                "mount point {} does not exist; create it with `mkdir -p {}`",
+                path.display(),
+                path.display()
+            )
         }
         Err(e) => return Err(e).with_context(|| format!("cannot use mount point {}", path.display())),
     }
     let abs = std::fs::canonicalize(path).with_context(|| format!("cannot resolve {}", path.display()))?;
     if is_mounted(&abs)? {
-        bail!("{} is already a mount point; unmount it first with `fusermount3 -u {}`", abs.display(), abs.display());
+        bail!(
+            "{} is already a mount point; unmount it first with `fusermount3 -u {}`",
+            abs.display(),
+            abs.display()
+        );
     }
     Ok(abs)
 }
 
 /// Whether something is mounted exactly at `abs`, per /proc/self/mountinfo.
-fn is_mounted(abs: &Path) -> Result<bool> {
+pub fn is_mounted(abs: &Path) -> Result<bool> {
+    Ok(mounted(abs)?.is_some())
+}
+
+/// Whether the mount exactly at `abs` is a devmount one (its source is `devmount:ADDRESS`).
+pub fn is_devmount(abs: &Path) -> Result<bool> {
+    Ok(mounted(abs)?
+        .is_some_and(|(fstype, source)| fstype.starts_with(b"fuse") && source.starts_with(b"devmount:")))
+}
+
+/// The file system type and source of the topmost mount exactly at `abs`, per
+/// /proc/self/mountinfo.
+fn mounted(abs: &Path) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
     let info = std::fs::read("/proc/self/mountinfo").context("cannot read /proc/self/mountinfo")?;
-    Ok(info.split(|&b| b == b'\n').any(|line| {
-        line.split(|&b| b == b' ').nth(4).is_some_and(|mp| unescape_mountinfo(mp) == abs.as_os_str().as_bytes())
-    }))
+    let mut found = None;
+    for line in info.split(|&b| b == b'\n') {
+        let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
+        if fields.get(4).is_some_and(|mp| unescape_mountinfo(mp) == abs.as_os_str().as_bytes()) {
+            // Optional fields end with a lone "-"; the type and the source follow it.
+            let mut rest = fields.iter().skip_while(|&&f| f != b"-").skip(1);
+            let fstype = rest.next().map(|t| t.to_vec()).unwrap_or_default();
+            let source = rest.next().map(|s| unescape_mountinfo(s)).unwrap_or_default();
+            found = Some((fstype, source));
+        }
+    }
+    Ok(found)
+}
+
+/// Writes space, tab, newline and backslash as `\ooo` octal escapes, as mountinfo does.
+pub(crate) fn escape_mountinfo(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    for &b in bytes {
+        if matches!(b, b' ' | b'\t' | b'\n' | b'\\') {
+            out.extend_from_slice(format!("\\{b:03o}").as_bytes());
+        } else {
+            out.push(b);
+        }
+    }
+    out
 }
 
 /// mountinfo writes space, tab, newline and backslash as `\ooo` octal escapes.
-fn unescape_mountinfo(field: &[u8]) -> Vec<u8> {
+pub(crate) fn unescape_mountinfo(field: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(field.len());
     let mut i = 0;
     while i < field.len() {
-        if field[i] == b'\\' && i + 4 <= field.len() && field[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if field[i] == b'\\'
+            && i + 4 <= field.len()
+            && field[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             out.push((field[i + 1] - b'0') * 64 + (field[i + 2] - b'0') * 8 + (field[i + 3] - b'0'));
             i += 4;
         } else {
@@ -104,30 +189,44 @@ fn unescape_mountinfo(field: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Runs `devmount mount`: in this process with `--foreground`, else in a forked daemon.
-pub fn run(mut args: MountArgs) -> Result<()> {
+/// Runs the mount: in this process with `--foreground`, else in a forked daemon; returns once
+/// it is ready (or, in the foreground, once it is unmounted).
+pub fn run(mut args: MountArgs, progress: &mut dyn Progress) -> Result<()> {
     args.mountpoint = check_mountpoint(&args.mountpoint)?;
-    if args.foreground {
-        return serve(args, None);
+    // The daemon leaves the caller's directory, and reconnects long after: paths must not
+    // depend on it.
+    match &mut args.endpoint {
+        Endpoint::Ssh { identity, known_hosts, .. } => {
+            *identity = absolute(identity)?;
+            *known_hosts = absolute(known_hosts)?;
+        }
+        Endpoint::Local { server, .. } => {
+            if let Some(bin) = &mut server.server_bin {
+                *bin = absolute(bin)?;
+            }
+        }
     }
-    let (read, write) = nix::unistd::pipe().context("cannot create a pipe")?;
+    if args.foreground {
+        return serve(args, Report::Here(Some(progress)));
+    }
+    // Close-on-exec: the local server and fusermount3, which the daemon starts, must not hold
+    // the parent's pipe open.
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("cannot create a pipe")?;
     // SAFETY: no thread has been started yet (the runtime starts in the child), so the child
     // may do anything the parent could.
     match unsafe { nix::unistd::fork() }.context("cannot fork the mount daemon")? {
         nix::unistd::ForkResult::Parent { .. } => {
             drop(write);
-            let mut status = String::new();
-            std::fs::File::from(read).read_to_string(&mut status).context("waiting for the mount daemon")?;
-            match status.strip_prefix("ok") {
-                Some(_) => Ok(()),
-                None if status.is_empty() => Err(anyhow!("the mount daemon died before the mount was ready")),
-                None => Err(anyhow!("{}", status.trim_end())),
-            }
+            let result = follow_start(std::fs::File::from(read), progress);
+            progress.finish();
+            result
         }
         nix::unistd::ForkResult::Child => {
             drop(read);
             let _ = nix::unistd::setsid();
-            let result = serve(args, Some(write));
+            // A daemon must not keep the caller's directory busy (it may be another mount).
+            let _ = std::env::set_current_dir("/");
+            let result = serve(args, Report::Pipe(Some(std::fs::File::from(write))));
             // The parent has been told already (ok, or the error): leave without running the
             // parent's exit handlers twice.
             std::process::exit(if result.is_ok() { 0 } else { 1 })
@@ -135,68 +234,113 @@ pub fn run(mut args: MountArgs) -> Result<()> {
     }
 }
 
-/// Connects, mounts, reports readiness on `ready` (closing it), and serves until unmounted.
-fn serve(args: MountArgs, ready: Option<OwnedFd>) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("devmount-io")
-        .build()
-        .context("cannot start the async runtime")?;
-    let dial = Dial {
-        target: args.target.clone(),
-        identity: args.identity.clone(),
-        known_hosts: args.known_hosts.clone(),
-        options: ConnectOptions::default(),
-    };
-    let mounted = runtime.block_on(setup(&args, &dial));
-    let (fs, feed, ssh) = match mounted {
-        Ok(m) => m,
-        Err(e) => {
-            if let Some(fd) = ready {
-                let _ = std::fs::File::from(fd).write_all(format!("{e:#}").as_bytes());
+fn absolute(path: &Path) -> Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("cannot resolve {}", path.display()))
+}
+
+/// The parent's side of the pipe: shows the steps, and returns how the start ended.
+fn follow_start(pipe: std::fs::File, progress: &mut dyn Progress) -> Result<()> {
+    let mut reader = BufReader::new(pipe);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line).context("waiting for the mount daemon")? == 0 {
+            bail!("the mount daemon died before the mount was ready");
+        }
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim_end_matches('\n');
+        if let Some(step) = text.strip_prefix("step ") {
+            progress.step(step);
+        } else if let Some(note) = text.strip_prefix("note ") {
+            progress.note(note);
+        } else if text == "ok" {
+            return Ok(());
+        } else if let Some(first) = text.strip_prefix("error ") {
+            let mut rest = String::new();
+            // An error's text may run over several lines; it is the last thing sent.
+            let _ = std::io::Read::read_to_string(&mut reader, &mut rest);
+            let message = format!("{first}\n{rest}");
+            bail!("{}", message.trim_end());
+        }
+    }
+}
+
+/// How the start is told: to the waiting parent, or to the caller in the foreground.
+enum Report<'a> {
+    /// `None` once the parent has been told how it ended.
+    Pipe(Option<std::fs::File>),
+    Here(Option<&'a mut dyn Progress>),
+}
+
+impl Report<'_> {
+    fn send(&mut self, line: &str) {
+        if let Report::Pipe(Some(pipe)) = self {
+            // A parent that is gone (killed) has nobody to show it to.
+            let _ = pipe.write_all(format!("{line}\n").as_bytes());
+        }
+    }
+
+    fn step(&mut self, what: &str) {
+        match self {
+            Report::Here(Some(progress)) => progress.step(what),
+            _ => self.send(&format!("step {what}")),
+        }
+    }
+
+    fn note(&mut self, text: &str) {
+        match self {
+            Report::Here(Some(progress)) => progress.note(text),
+            _ => self.send(&format!("note {text}")),
+        }
+    }
+
+    /// Ends the start; true if a parent was waiting (so this is the daemon).
+    fn end(&mut self, outcome: std::result::Result<(), &anyhow::Error>) -> bool {
+        match outcome {
+            Ok(()) => self.send("ok"),
+            Err(e) => self.send(&format!("error {e:#}")),
+        }
+        match self {
+            Report::Pipe(pipe) => pipe.take().is_some(),
+            Report::Here(progress) => {
+                if let Some(progress) = progress.take() {
+                    progress.finish();
+                }
+                false
             }
+        }
+    }
+}
+
+/// A started session: what serving and shutting down need.
+struct Running {
+    runtime: tokio::runtime::Runtime,
+    started: Started,
+}
+
+/// What runs on the runtime.
+struct Started {
+    fuse: fuser::BackgroundSession,
+    daemon: Arc<Daemon>,
+    keeper: JoinHandle<()>,
+    stop: watch::Sender<bool>,
+}
+
+/// Starts everything, reports readiness, and serves until unmounted.
+fn serve(args: MountArgs, mut report: Report) -> Result<()> {
+    let running = match start(&args, &mut report) {
+        Ok(running) => running,
+        Err(e) => {
+            report.end(Err(&e));
             return Err(e);
         }
     };
-    let echo = Arc::new(Echo::default());
-    let fuse = FuseFs::new(fs.clone(), echo.clone(), runtime.handle().clone());
-    let config = mount_config(&args);
-    let session = fuser::Session::new(fuse, &args.mountpoint, &config)
-        .with_context(|| format!("cannot mount on {}", args.mountpoint.display()));
-    let session = match session.and_then(|s| s.spawn().context("cannot start the FUSE session")) {
-        Ok(s) => s,
-        Err(e) => {
-            if let Some(fd) = ready {
-                let _ = std::fs::File::from(fd).write_all(format!("{e:#}").as_bytes());
-            }
-            return Err(e);
-        }
-    };
-    let notices = match feed {
-        Some(_) => {
-            Some(echo.start(args.mountpoint.clone(), session.notifier()).context("cannot start the echo thread")?)
-        }
-        None => None,
-    };
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let keeper = runtime.spawn(crate::reconnect::keep(dial, fs.clone(), ssh, feed, notices, stopped));
-    let control = match runtime.block_on(async { crate::control::bind(&args.mountpoint) }) {
-        Ok(l) => l,
-        Err(e) => {
-            unmount(&args.mountpoint);
-            if let Some(fd) = ready {
-                let _ = std::fs::File::from(fd).write_all(format!("{e:#}").as_bytes());
-            }
-            return Err(e);
-        }
-    };
-    runtime.spawn(crate::control::serve(control, fs.clone()));
-    if let Some(fd) = ready {
-        let _ = std::fs::File::from(fd).write_all(b"ok");
+    if report.end(Ok(())) {
         // From here on the daemon has no terminal to talk to: its log goes to a file, and it
-        // holds no pipe of the caller's open (`devmount mount ... | cat` must end).
+        // holds no pipe of the caller's open (`devmount up ... | cat` must end).
         detach_stdio(&args.mountpoint);
     }
+    let Running { runtime, started: Started { fuse, daemon, keeper, stop } } = running;
     let mountpoint = args.mountpoint.clone();
     runtime.spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -208,25 +352,17 @@ fn serve(args: MountArgs, ready: Option<OwnedFd>) -> Result<()> {
         tracing::info!("signal: unmounting {}", mountpoint.display());
         unmount(&mountpoint);
     });
-    // Returns once the kernel has detached the mount (umount, fusermount3 -u, or a signal).
-    let joined = session.join();
-    runtime.block_on(async {
-        // Everything saved goes to the server before the daemon leaves; what cannot (the
-        // connection is gone) stays in the journal for the next mount of this target.
-        match tokio::time::timeout(DRAIN_TIMEOUT, fs.sync()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!("{e}"),
-            Err(_) => tracing::warn!(
-                "{} change(s) could not reach the server; they are kept and replayed at the next mount",
-                fs.journal().stats().pending_ops
-            ),
+    // Returns once the kernel has detached the mount (umount, fusermount3 -u, `devmount down`,
+    // or a signal).
+    let joined = fuse.join();
+    runtime.block_on(shutdown(&daemon, stop, keeper));
+    if let Some(server) = &daemon.server {
+        let stopped = server.lock().unwrap_or_else(std::sync::PoisonError::into_inner).stop();
+        if let Err(e) = stopped {
+            tracing::warn!("{e:#}");
         }
-        let _ = stop.send(true);
-        let _ = keeper.await;
-    });
-    if let Ok(socket) = crate::control::socket_path(&args.mountpoint) {
-        let _ = std::fs::remove_file(socket);
     }
+    control::remove(&args.mountpoint);
     match joined {
         Ok(()) => Ok(()),
         // The mount was already taken away from under the session.
@@ -235,16 +371,158 @@ fn serve(args: MountArgs, ready: Option<OwnedFd>) -> Result<()> {
     }
 }
 
+/// Starts the local server (if any), connects, starts the forwards, mounts, and answers the
+/// control socket.
+fn start(args: &MountArgs, report: &mut Report) -> Result<Running> {
+    let options = ConnectOptions::default();
+    let (dial, server) = match &args.endpoint {
+        Endpoint::Ssh { target, identity, known_hosts } => (
+            Dial {
+                target: target.clone(),
+                identity: identity.clone(),
+                known_hosts: known_hosts.clone(),
+                options,
+            },
+            None,
+        ),
+        Endpoint::Local { dir, server } => {
+            report.step("starting devmount-server");
+            let server = LocalServer::start(dir, &state_dir()?, server)?;
+            let dial = Dial {
+                target: server.target(),
+                identity: server.identity().to_owned(),
+                known_hosts: server.known_hosts().to_owned(),
+                options,
+            };
+            (dial, Some(server))
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("devmount-io")
+        .build()
+        .context("cannot start the async runtime")?;
+    let started = {
+        // What a failed start drops (channels of the connection) needs the runtime to close.
+        let _context = runtime.enter();
+        start_on(&runtime, args, report, dial, server)?
+    };
+    Ok(Running { runtime, started })
+}
+
+/// [`start`]'s part on the runtime: the connection, forwards, mount and control socket.
+fn start_on(
+    runtime: &tokio::runtime::Runtime,
+    args: &MountArgs,
+    report: &mut Report,
+    dial: Dial,
+    server: Option<LocalServer>,
+) -> Result<Started> {
+    report.step(&format!("connecting to {}", dial.target.address()));
+    let (fs, feed, ssh) = runtime.block_on(setup(args, &dial, report))?;
+    let ssh = Arc::new(ssh);
+    let (current, sessions) = watch::channel(Some(ssh.clone()));
+    let forwards = if args.forwards.is_empty() {
+        None
+    } else {
+        report.step("starting the port forwards");
+        Some(runtime.block_on(Forwards::follow(sessions.clone(), &args.forwards))?)
+    };
+
+    report.step(&format!("mounting {}", args.mountpoint.display()));
+    let echo = Arc::new(Echo::default());
+    let fuse = FuseFs::new(fs.clone(), echo.clone(), runtime.handle().clone());
+    let config = mount_config(&dial.target);
+    let fuse = fuser::Session::new(fuse, &args.mountpoint, &config)
+        .with_context(|| format!("cannot mount on {}", args.mountpoint.display()))?
+        .spawn()
+        .context("cannot start the FUSE session")?;
+    let mut notices = None;
+    if feed.is_some() {
+        match echo.start(args.mountpoint.clone(), fuse.notifier()) {
+            Ok(n) => notices = Some(n),
+            Err(e) => {
+                unmount(&args.mountpoint);
+                return Err(e).context("cannot start the echo thread");
+            }
+        }
+    }
+    let target = dial.target.clone();
+    let (stop, stopped) = watch::channel(false);
+    let keeper =
+        runtime.spawn(crate::reconnect::keep(dial, fs.clone(), ssh, feed, notices, current, stopped));
+    let daemon = Arc::new(Daemon {
+        mountpoint: args.mountpoint.clone(),
+        name: args.name.clone(),
+        target,
+        fs,
+        sessions,
+        forwards: Mutex::new(forwards),
+        server: server.map(|s| Arc::new(Mutex::new(s))),
+        environment: args.environment.clone(),
+        gave_up: Default::default(),
+    });
+    let control = runtime.block_on(async { control::bind(&daemon) });
+    match control {
+        Ok(listener) => {
+            runtime.spawn(control::serve(listener, daemon.clone()));
+            Ok(Started { fuse, daemon, keeper, stop })
+        }
+        Err(e) => {
+            unmount(&args.mountpoint);
+            let _ = fuse.join();
+            runtime.block_on(shutdown(&daemon, stop, keeper));
+            Err(e)
+        }
+    }
+}
+
+/// After the unmount: the journal goes to the server (what cannot stays for the next mount),
+/// the forwards stop, and the connection says goodbye.
+async fn shutdown(daemon: &Daemon, stop: watch::Sender<bool>, keeper: JoinHandle<()>) {
+    let fs = &daemon.fs;
+    if let Some(reason) = daemon.server_gone() {
+        let pending = fs.journal().stats().pending_ops;
+        if pending > 0 {
+            tracing::warn!("{reason}: {pending} change(s) are kept and replayed at the next mount");
+        }
+    } else if daemon.gave_up.load(std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            "{} change(s) could not reach the server; they are kept and replayed at the next mount",
+            fs.journal().stats().pending_ops
+        );
+    } else {
+        match tokio::time::timeout(DRAIN_TIMEOUT, fs.sync()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("{e}"),
+            Err(_) => tracing::warn!(
+                "{} change(s) could not reach the server; they are kept and replayed at the next mount",
+                fs.journal().stats().pending_ops
+            ),
+        }
+    }
+    let forwards = daemon.forwards.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+    if let Some(forwards) = forwards {
+        forwards.stop().await;
+    }
+    let _ = stop.send(true);
+    let _ = keeper.await;
+}
+
 /// The connection, the file system over it, and its feed (devmount-server only).
-async fn setup(args: &MountArgs, dial: &Dial) -> Result<(Arc<Fs>, Option<session::FeedStream>, session::Session)> {
+async fn setup(
+    args: &MountArgs,
+    dial: &Dial,
+    report: &mut Report<'_>,
+) -> Result<(Arc<Fs>, Option<session::FeedStream>, Session)> {
     let session = session::connect(&dial.target, &dial.identity, &dial.known_hosts, &dial.options).await?;
     let (sftp, info) = session.open_sftp().await?;
-    let base = args.target.path.clone();
+    let base = dial.target.path.clone();
     let root = sftp.stat(&base).await.map_err(|e| {
         anyhow!(
             "remote path {} on {}: {}; check the path in the target",
             String::from_utf8_lossy(&base),
-            args.target.address(),
+            dial.target.address(),
             nix::errno::Errno::from_raw(e.errno()).desc()
         )
     })?;
@@ -253,15 +531,15 @@ async fn setup(args: &MountArgs, dial: &Dial) -> Result<(Arc<Fs>, Option<session
     }
     let remote = Arc::new(Remote::new(sftp, info, &base));
     let feed = if remote.is_devmount() { Some(session.open_feed().await?) } else { None };
-    let key = String::from_utf8_lossy(&args.target.key()).into_owned();
-    let (journal, recovered) = Journal::open(&state_dir()?, &key, args.journal.clone())
+    let key = &args.journal_key;
+    let (journal, recovered) = Journal::open(&state_dir()?, key, args.journal.clone())
         .map_err(|e| anyhow!("{e}; is another devmount mounting {key}?"))?;
     if !recovered.ops.is_empty() {
-        eprintln!(
-            "devmount: replaying {} change(s) ({} bytes) left pending by an earlier mount of {key}",
+        report.note(&format!(
+            "replaying {} change(s) ({} bytes) left pending by an earlier mount of {key}",
             recovered.ops.len(),
             recovered.data_bytes
-        );
+        ));
     }
     let applier = Arc::new(Applier::new(remote.clone()));
     let config = SenderConfig {
@@ -295,10 +573,10 @@ async fn setup(args: &MountArgs, dial: &Dial) -> Result<(Arc<Fs>, Option<session
     Ok((fs, feed, session))
 }
 
-fn mount_config(args: &MountArgs) -> Config {
+fn mount_config(target: &Target) -> Config {
     let mut config = Config::default();
     config.mount_options = vec![
-        MountOption::FSName(format!("devmount:{}", args.target.address())),
+        MountOption::FSName(format!("devmount:{}", target.address())),
         MountOption::Subtype("devmount".into()),
         MountOption::DefaultPermissions,
     ];
@@ -340,6 +618,39 @@ pub fn unmount(path: &Path) {
     }
 }
 
+/// Detaches the mount at `path` unless a program uses it: `devmount down` must not leave a
+/// session half-gone behind a shell that sits in it.
+pub fn unmount_unless_busy(path: &Path) -> Result<()> {
+    let busy = || {
+        anyhow!(
+            "{} is busy: a program has a file or its working directory in it; leave it (`fuser -vm {}` lists them) and try again",
+            path.display(),
+            path.display()
+        )
+    };
+    if nix::unistd::geteuid().is_root() {
+        return match nix::mount::umount2(path, nix::mount::MntFlags::empty()) {
+            Ok(()) => Ok(()),
+            Err(nix::errno::Errno::EBUSY) => Err(busy()),
+            Err(e) => Err(anyhow!("cannot unmount {}: {}", path.display(), e.desc())),
+        };
+    }
+    let out = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg(path)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("cannot run fusermount3")?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let why = String::from_utf8_lossy(&out.stderr);
+    if why.contains("busy") {
+        return Err(busy());
+    }
+    Err(anyhow!("cannot unmount {}: {}", path.display(), why.trim()))
+}
+
 /// The local user's name, the default user of a target.
 pub fn local_user() -> OsString {
     std::env::var_os("USER").unwrap_or_else(|| "root".into())
@@ -353,6 +664,9 @@ mod tests {
     fn mountinfo_escapes() {
         assert_eq!(unescape_mountinfo(br"/a\040b\134c"), b"/a b\\c");
         assert_eq!(unescape_mountinfo(b"/plain"), b"/plain");
+        assert_eq!(escape_mountinfo(b"/a b\\c\n"), br"/a\040b\134c\012");
+        let odd = b"/x\ty \xff\\";
+        assert_eq!(unescape_mountinfo(&escape_mountinfo(odd)), odd);
     }
 
     #[test]

@@ -7,6 +7,10 @@
 //! connection. On reconnect the remote sends over the new connection, the sender resumes with a
 //! new applier (re-sending what was in flight), and a new feed starts: its `hello` drops every
 //! cache entry, since events were missed while it was down.
+//!
+//! The current connection is published in a `watch` ([`crate::forward::SessionWatch`]): `None`
+//! while there is none. Port forwards and `devmount exec` use whatever it holds, so everything
+//! rides the mount's one connection.
 
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc};
@@ -35,24 +39,28 @@ pub struct Dial {
 impl Dial {
     /// A connection, its SFTP client, and (with devmount-server) its feed.
     pub async fn connect(&self, with_feed: bool) -> Result<(Session, SftpClient, Option<FeedStream>)> {
-        let session = session::connect(&self.target, &self.identity, &self.known_hosts, &self.options).await?;
+        let session =
+            session::connect(&self.target, &self.identity, &self.known_hosts, &self.options).await?;
         let (sftp, _) = session.open_sftp().await?;
         let feed = if with_feed { Some(session.open_feed().await?) } else { None };
         Ok((session, sftp, feed))
     }
 }
 
-/// Serves the connection until `stop` turns true, then says goodbye to the server.
+/// Serves the connection until `stop` turns true, then says goodbye to the server. Each
+/// connection is published in `current` while it lasts.
 pub async fn keep(
     dial: Dial,
     fs: Arc<Fs>,
-    mut session: Session,
+    mut session: Arc<Session>,
     mut feed: Option<FeedStream>,
     notices: Option<mpsc::Sender<Work>>,
+    current: watch::Sender<Option<Arc<Session>>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let address = dial.target.address();
     loop {
+        current.send_replace(Some(session.clone()));
         let mut feed_task = None;
         if let (Some(feed), Some(notices)) = (feed.take(), notices.clone()) {
             let fs = fs.clone();
@@ -66,10 +74,12 @@ pub async fn keep(
         tokio::select! {
             why = session.closed() => tracing::warn!("connection to {address} lost: {why}; reconnecting"),
             () = stopped(&mut stop) => {
-                session.disconnect().await;
+                current.send_replace(None);
+                goodbye(session).await;
                 return;
             }
         }
+        current.send_replace(None);
         if let Some(task) = feed_task {
             // It ends with its connection; the next feed must not be marked down by it.
             let _ = task.await;
@@ -91,8 +101,21 @@ pub async fn keep(
         };
         fs.reconnected(sftp);
         tracing::warn!("reconnected to {address}");
-        session = new_session;
+        session = Arc::new(new_session);
         feed = new_feed;
+    }
+}
+
+/// Says goodbye to the server, if nothing else holds the connection any more.
+async fn goodbye(session: Arc<Session>) {
+    match Arc::try_unwrap(session) {
+        Ok(session) => session.disconnect().await,
+        // A command still running holds it: the connection closes when that lets go.
+        Err(session) => tracing::debug!(
+            "{} other user(s) of the connection to {} remain; not saying goodbye",
+            Arc::strong_count(&session) - 1,
+            session.target().address()
+        ),
     }
 }
 
