@@ -25,42 +25,7 @@ struct Cli {
 enum Command {
     /// Start a session: serve a directory with a devmount-server of its own, mount it at MNT, and
     /// forward ports, all over one SSH connection. Settings not given come from ./devmount.yml.
-    Up {
-        /// An existing directory outside the served one.
-        mountpoint: PathBuf,
-        /// The directory to serve (default: the manifest's `target.local`).
-        #[arg(long, value_name = "DIR")]
-        local: Option<PathBuf>,
-        /// Listen on 127.0.0.1:LOCAL here and connect to the server's 127.0.0.1:REMOTE; replaces
-        /// the manifest's `forward`.
-        #[arg(short = 'L', value_name = "LOCAL:REMOTE")]
-        forward: Vec<String>,
-        /// Listen on the server's 127.0.0.1:REMOTE and connect to 127.0.0.1:LOCAL here; replaces
-        /// the manifest's `reverse`.
-        #[arg(short = 'R', value_name = "REMOTE:LOCAL")]
-        reverse: Vec<String>,
-        /// The manifest (default: ./devmount.yml, if there is one).
-        #[arg(short = 'm', long = "manifest", value_name = "FILE")]
-        manifest: Option<PathBuf>,
-        /// Serve in this process instead of a background daemon.
-        #[arg(long)]
-        foreground: bool,
-        /// The devmount-server binary (default: the one next to devmount).
-        #[arg(long, value_name = "PATH")]
-        server_bin: Option<PathBuf>,
-        /// Show how long each step of the start takes.
-        #[arg(short, long)]
-        verbose: bool,
-        /// How long attributes and listings are trusted where no change feed vouches for them.
-        #[arg(long, value_name = "SECONDS")]
-        timeout: Option<f64>,
-        /// Bytes of file contents to cache.
-        #[arg(long, value_name = "BYTES")]
-        data_cache: Option<usize>,
-        /// Bytes of changes the local journal holds before writers wait for the server.
-        #[arg(long, value_name = "BYTES")]
-        journal_max: Option<u64>,
-    },
+    Up(UpArgs),
     /// Run a command in the session, in the directory matching the current one, once every
     /// change made to the mount is on the server. The words are joined with spaces and run by
     /// the remote user's shell, as ssh does. Exits with the command's code (128 + signal).
@@ -171,34 +136,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         _ => None,
     };
     match cli.command {
-        Command::Up {
-            mountpoint,
-            local,
-            forward,
-            reverse,
-            manifest,
-            foreground,
-            server_bin,
-            verbose,
-            timeout,
-            data_cache,
-            journal_max,
-        } => {
-            let args = UpArgs {
-                mountpoint,
-                local,
-                forward,
-                reverse,
-                manifest,
-                foreground,
-                server_bin,
-                verbose,
-                timeout,
-                data_cache,
-                journal_max,
-            };
-            up::run(args).map(|()| 0)
-        }
+        Command::Up(args) => up::run(args).map(|()| 0),
         Command::Exec { mount, tty: t, no_tty, command } => {
             sessions::exec(ExecArgs { mount, tty: tty(t, no_tty), command: Some(command) })
         }

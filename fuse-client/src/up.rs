@@ -20,20 +20,41 @@ use crate::mount::{self, Endpoint, MountArgs, Progress};
 pub const MIN_JOURNAL: u64 = 1 << 20;
 
 /// `devmount up` as given on the command line; `None` leaves the manifest's setting.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct UpArgs {
+    /// An existing directory outside the served one.
     pub mountpoint: PathBuf,
+    /// The directory to serve (default: the manifest's `target.local`).
+    #[arg(long, value_name = "DIR")]
     pub local: Option<PathBuf>,
-    /// `-L LOCAL:REMOTE`, as given: they replace the manifest's `forward`.
+    /// Listen on 127.0.0.1:LOCAL here and connect to the server's 127.0.0.1:REMOTE; replaces
+    /// the manifest's `forward`.
+    #[arg(short = 'L', value_name = "LOCAL:REMOTE")]
     pub forward: Vec<String>,
-    /// `-R REMOTE:LOCAL`, as given: they replace the manifest's `reverse`.
+    /// Listen on the server's 127.0.0.1:REMOTE and connect to 127.0.0.1:LOCAL here; replaces
+    /// the manifest's `reverse`.
+    #[arg(short = 'R', value_name = "REMOTE:LOCAL")]
     pub reverse: Vec<String>,
+    /// The manifest (default: ./devmount.yml, if there is one).
+    #[arg(short = 'm', long = "manifest", value_name = "FILE")]
     pub manifest: Option<PathBuf>,
+    /// Serve in this process instead of a background daemon.
+    #[arg(long)]
     pub foreground: bool,
+    /// The devmount-server binary (default: the one next to devmount).
+    #[arg(long, value_name = "PATH")]
     pub server_bin: Option<PathBuf>,
+    /// Show how long each step of the start takes.
+    #[arg(short, long)]
     pub verbose: bool,
+    /// How long attributes and listings are trusted where no change feed vouches for them.
+    #[arg(long, value_name = "SECONDS")]
     pub timeout: Option<f64>,
+    /// Bytes of file contents to cache.
+    #[arg(long, value_name = "BYTES")]
     pub data_cache: Option<usize>,
+    /// Bytes of changes the local journal holds before writers wait for the server.
+    #[arg(long, value_name = "BYTES")]
     pub journal_max: Option<u64>,
 }
 
