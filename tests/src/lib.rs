@@ -1242,7 +1242,7 @@ impl DevMount {
     /// left at `mountpoint`.
     fn adopt_daemon(bin: &Path, mountpoint: PathBuf, log: PathBuf) -> Result<DevMount> {
         let path = canonical_mountpoint(&mountpoint)?;
-        let pid = find_daemon(bin, mountpoint.as_os_str());
+        let pid = find_daemon(bin, "mount", mountpoint.as_os_str());
         // Even without its daemon, a mount must not outlive the test.
         let mounted = is_mount_point(&path)?;
         let pid = match pid {
@@ -1407,9 +1407,9 @@ fn process_alive(pid: i32) -> bool {
     !matches!(stat.get(close + 2), Some(b'Z' | b'X') | None)
 }
 
-/// The pid of the running `BIN mount ... MOUNTPOINT ...` process: the daemon a background
-/// `devmount mount` forked, which keeps its command line.
-fn find_daemon(bin: &Path, mountpoint: &OsStr) -> Result<i32> {
+/// The pid of the running `BIN SUBCOMMAND ... MOUNTPOINT ...` process: the daemon a background
+/// `devmount mount` or `devmount up` forked, which keeps its command line.
+pub fn find_daemon(bin: &Path, subcommand: &str, mountpoint: &OsStr) -> Result<i32> {
     let bin = bin.as_os_str().as_encoded_bytes();
     let mountpoint = mountpoint.as_encoded_bytes();
     let mut found = Vec::new();
@@ -1422,9 +1422,11 @@ fn find_daemon(bin: &Path, mountpoint: &OsStr) -> Result<i32> {
         let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else { continue };
         let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
         if args.first() == Some(&bin)
-            && args.get(1) == Some(&&b"mount"[..])
+            && args.get(1) == Some(&subcommand.as_bytes())
             && args.contains(&mountpoint)
             && process_alive(pid)
+            // The daemon's watchdog child has the same command line.
+            && fs::read(entry.path().join("comm")).map_or(true, |comm| comm != b"devmount-guard\n")
         {
             found.push(pid);
         }
