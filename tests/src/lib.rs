@@ -1425,17 +1425,30 @@ pub fn find_daemon(bin: &Path, subcommand: &str, mountpoint: &OsStr) -> Result<i
             && args.get(1) == Some(&subcommand.as_bytes())
             && args.contains(&mountpoint)
             && process_alive(pid)
-            // The daemon's watchdog child has the same command line.
-            && fs::read(entry.path().join("comm")).map_or(true, |comm| comm != b"devmount-guard\n")
         {
-            found.push(pid);
+            found.push((pid, parent_pid(pid)));
         }
     }
+    // The daemon's watchdog is a child with the same command line.
+    let pids: Vec<i32> = found.iter().map(|&(pid, _)| pid).collect();
+    let found: Vec<i32> = found
+        .iter()
+        .filter(|(_, parent)| !parent.is_some_and(|p| pids.contains(&p)))
+        .map(|&(pid, _)| pid)
+        .collect();
     match found[..] {
         [pid] => Ok(pid),
         [] => bail!("no devmount daemon for {} is running", String::from_utf8_lossy(mountpoint)),
         _ => bail!("several devmount daemons for {}: {found:?}", String::from_utf8_lossy(mountpoint)),
     }
+}
+
+/// The parent of `pid`, from /proc/PID/stat (after the parenthesised name, the state, then it).
+fn parent_pid(pid: i32) -> Option<i32> {
+    let stat = fs::read(format!("/proc/{pid}/stat")).ok()?;
+    let close = stat.iter().rposition(|&b| b == b')')?;
+    let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
+    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// The local user's name: the user OpenSSH's sshd must log in as.
