@@ -93,7 +93,6 @@ struct OpenFile {
     id: u64,
     /// The path at open; reads and writes use the node's current path.
     path: RelPath,
-    version: DataVersion,
     writable: bool,
     /// Opened with O_APPEND. Without the kernel's writeback cache the file system, not the
     /// kernel, must put each write at the end: the kernel's offset comes from a size it may
@@ -545,9 +544,14 @@ impl Fs {
         if let Some(entry) = local {
             return self.read_dirty(&file, &path, entry, offset, size).await;
         }
-        // The file's version now (the feed may have changed it since open), else the one at
-        // open.
-        let version = self.cache().attr(&path, Instant::now()).map_or(file.version, |f| DataVersion::from(&f.value));
+        // The file's version now: the cache's (the feed may have changed it since open), else
+        // the server's. Not the one at open: writes through this descriptor have since left the
+        // local state once the server acknowledged them.
+        let cached = self.cache().attr(&path, Instant::now()).map(|f| DataVersion::from(&f.value));
+        let version = match cached {
+            Some(version) => version,
+            None => DataVersion::from(&self.fetch_stat(&path).await?.0),
+        };
         let end = offset.saturating_add(u64::from(size)).min(version.size);
         if offset >= end {
             return Ok(Bytes::new());

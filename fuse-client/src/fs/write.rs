@@ -17,7 +17,7 @@ use nix::errno::Errno;
 
 use super::remote::Result;
 use super::{lock, Entry, Fs, OpenFile};
-use crate::cache::{DataVersion, LocalChange, Lookup, RelPath};
+use crate::cache::{LocalChange, Lookup, RelPath};
 use crate::journal::{Op, Seq};
 
 /// A time to set, as `setattr` gives it.
@@ -128,11 +128,10 @@ impl Fs {
     }
 
     /// A new open file for the kernel, with the access mode and O_APPEND of `flags`.
-    fn open_file(&self, id: u64, path: RelPath, stat: &FullStat, flags: i32) -> u64 {
+    fn open_file(&self, id: u64, path: RelPath, flags: i32) -> u64 {
         let file = OpenFile {
             id,
             path,
-            version: DataVersion::from(stat),
             writable: writable(flags),
             append: flags & libc::O_APPEND != 0,
             remote: tokio::sync::Mutex::new(None),
@@ -159,7 +158,7 @@ impl Fs {
         let stat = self.new_stat(libc::S_IFREG | perm, 0);
         self.set_local(&path, seq, Some(stat), |_| {});
         let entry = self.made(&path, stat);
-        let fh = self.open_file(entry.attr.id, path, &stat, flags);
+        let fh = self.open_file(entry.attr.id, path, flags);
         Ok((entry, fh))
     }
 
@@ -379,12 +378,11 @@ impl Fs {
         if stat.is_dir() {
             return Err(Errno::EISDIR);
         }
-        let mut stat = stat;
         if writable && flags & libc::O_TRUNC != 0 && stat.size != 0 {
             let cond = self.condition(&path, &stat);
             let seq = self.append(Op::Truncate { path: bytes(&path), size: 0, cond }).await?;
             let t = now();
-            stat = self.set_local(&path, seq, Some(stat), |st| {
+            self.set_local(&path, seq, Some(stat), |st| {
                 st.size = 0;
                 st.blocks = 0;
                 st.mtime = t;
@@ -393,7 +391,7 @@ impl Fs {
             self.cache().local_change(LocalChange::Modified(&path));
         }
         let keep = self.remote.is_devmount();
-        Ok((self.open_file(id, path, &stat, flags), keep))
+        Ok((self.open_file(id, path, flags), keep))
     }
 
     /// write: journaled, then answered.
