@@ -344,7 +344,11 @@ fn check_save_patterns(e: &Endpoint, mnt: &Path) -> Result<()> {
         for (name, data, mode) in &want {
             expect_file(&base.join(name), data, *mode).with_context(|| format!("{name} {where_}"))?;
         }
-        expect_names(base, &listed).with_context(|| format!("temporary files left {where_}"))?;
+        // The kernel sends a file's release after close(2) has returned, so a temporary file
+        // unlinked while its last descriptor was closing keeps its hidden name a moment longer.
+        retry(&format!("temporary files to go {where_}"), Duration::from_secs(10), || {
+            expect_names(base, &listed).with_context(|| format!("temporary files left {where_}"))
+        })?;
     }
     Ok(())
 }
