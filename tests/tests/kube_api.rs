@@ -11,6 +11,7 @@ use devmount_tests::kube_api::{FakeKube, PodFault, NAMESPACE};
 use devmount_tests::EchoServer;
 use futures_util::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{Event, PersistentVolumeClaim, Pod, Secret};
 use kube::api::{
     AttachParams, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
@@ -257,6 +258,11 @@ async fn exec_streams_stdin_and_stdout_and_returns_the_exit_code() -> Result<()>
     let status =
         within("exec status", ok.take_status().context("no status")?).await?.context("no status sent")?;
     ensure!(status.status.as_deref() == Some("Success"), "{status:?}");
+    let mut missing = c.pods().exec(&name(&pod), ["no-such-program"], &AttachParams::default()).await?;
+    let status =
+        within("exec status", missing.take_status().context("no status")?).await?.context("no status")?;
+    let message = status.message.unwrap_or_default();
+    ensure!(message.contains("executable file not found in $PATH"), "{message}");
     Ok(())
 }
 
@@ -522,6 +528,14 @@ async fn discovery_and_authentication() -> Result<()> {
     ensure!(version.major == "1", "{version:?}");
     let discovery = kube::Discovery::new(c.client.clone()).run().await?;
     ensure!(discovery.groups().any(|g| g.name() == "apps"), "no apps group");
+    // Objects a test puts in directly are served like any other.
+    c.fake.create(json!({
+        "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": { "name": "web" },
+        "spec": { "scaleTargetRef": { "apiVersion": "apps/v1", "kind": "Deployment", "name": "web" }, "maxReplicas": 3 },
+    }))?;
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(c.client.clone(), NAMESPACE);
+    let listed = hpas.list(&ListParams::default()).await?.items;
+    ensure!(listed.len() == 1 && listed[0].spec.max_replicas == 3, "{listed:?}");
 
     let mut config: Value = serde_json::from_str(&c.fake.kubeconfig())?;
     config["users"][0]["user"]["token"] = json!("wrong");

@@ -89,9 +89,7 @@ impl Resource {
     /// Whether a write through the main resource keeps the stored `status` (it belongs to the
     /// `status` subresource).
     pub fn has_status(&self) -> bool {
-        matches!(self.plural, "deployments" | "replicasets" | "pods" | "persistentvolumeclaims")
-            || self == HPAS
-            || self == NAMESPACES
+        !matches!(self.plural, "secrets" | "configmaps" | "events")
     }
 }
 

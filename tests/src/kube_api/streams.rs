@@ -285,9 +285,15 @@ async fn run_exec(ws: Ws, spec: ExecSpec, mut gone: watch::Receiver<()>) {
     let mut child = match cmd.spawn() {
         Ok(child) => child,
         Err(e) => {
+            // containerd's wording, which clients match on to tell a missing program apart.
+            let why = if e.kind() == std::io::ErrorKind::NotFound {
+                "executable file not found in $PATH".to_owned()
+            } else {
+                e.to_string()
+            };
             let message = format!(
                 "Internal error occurred: error executing command in container: failed to exec in container: \
-                 OCI runtime exec failed: exec failed: unable to start container process: exec: \"{}\": {e}: unknown",
+                 OCI runtime exec failed: exec failed: unable to start container process: exec: \"{}\": {why}: unknown",
                 spec.command[0]
             );
             let status = json!({ "metadata": {}, "status": "Failure", "message": message, "reason": "InternalError", "code": 500 });
