@@ -16,6 +16,8 @@
 //! directory next to the test executable (`target/debug`), or from `DEVMOUNT_BIN_DIR`; build them
 //! first with `cargo build --workspace --bins` (scripts/test does).
 
+pub mod kube_api;
+
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::fs;
