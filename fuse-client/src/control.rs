@@ -1,5 +1,6 @@
-//! The session daemon's control socket: how `devmount sync`, `status`, `exec`, `ssh` and `down`
-//! reach the process serving a mount, so that commands ride the mount's one SSH connection.
+//! The session daemon's control socket: how `devmount sync`, `status`, `exec`, `ssh`, `down`,
+//! `ssh-config` and `proxy` reach the process serving a mount, so that commands ride the mount's
+//! one SSH connection.
 //!
 //! One Unix socket per mount, mode 0600 in a 0700 directory: `$XDG_RUNTIME_DIR/devmount/`, else
 //! `<state dir>/run/`. Its name is a hash of the mount point's absolute path, so the path stays
@@ -18,6 +19,13 @@
 //! - `down`: while the journal drains, lines `pending OPS BYTES`; `note TEXT` for the user;
 //!   then `error: MESSAGE` (the session goes on) or `ok`, after which the daemon unmounts, stops
 //!   everything, and the socket closes when it exits.
+//! - `ssh-config`: `error: MESSAGE`, or `ok` and lines `name NAME`, `user USER`, `identity PATH`,
+//!   `known-hosts PATH` (values escaped as in mountinfo), once the daemon has written the
+//!   known_hosts file that pins the host key under the session's `Host` alias
+//!   ([`crate::proxy`]).
+//! - `proxy`: `error: MESSAGE`, or `ok` once a `direct-tcpip` channel to the server's own SSH
+//!   port is open on the session's connection; then the socket carries the channel's bytes both
+//!   ways, each side's end passed on, until the channel closes.
 //! - `exec`: then frames both ways until the command's end. A frame is `uint32 length`, a type
 //!   byte and its fields, in RFC 4251 encoding ([`devmount_server::proto::wire`]); at most
 //!   [`MAX_FRAME`] bytes.
@@ -61,8 +69,9 @@ use tokio::sync::{mpsc, watch};
 use crate::exec::{self, Event, ExecRequest, ExitStatus, PtyRequest, WindowSize};
 use crate::forward::{Forwards, SessionWatch, SESSION_WAIT};
 use crate::fs::Fs;
-use crate::local_server::LocalServer;
+use crate::local_server::{Health, LocalServer, ServerState, EXIT_WINDOW, MAX_EXITS};
 use crate::mount::{escape_mountinfo, unescape_mountinfo, DRAIN_TIMEOUT};
+use crate::proxy::{HostConfig, SshAccess};
 use crate::session::{Session, Target};
 
 /// The longest request line.
@@ -81,8 +90,6 @@ const PIPE_SIZE: usize = 64 << 10;
 const EVENT_QUEUE: usize = 16;
 /// How often `down` tells how the drain goes.
 const DRAIN_TICK: Duration = Duration::from_millis(250);
-/// Log lines of a dead local server that errors quote.
-const SERVER_LOG_LINES: usize = 5;
 
 /// The directory of control sockets.
 pub fn socket_dir() -> Result<PathBuf> {
@@ -211,6 +218,9 @@ pub struct Daemon {
     pub forwards: Mutex<Option<Forwards>>,
     /// The session's own devmount-server (`devmount up --local`).
     pub server: Option<Arc<Mutex<LocalServer>>>,
+    /// How OpenSSH clients reach the server through this session (`devmount ssh-config`,
+    /// `devmount proxy`); `None` when the target does not say which port the server listens on.
+    pub ssh: Option<SshAccess>,
     /// For every command, on top of what the client sends.
     pub environment: Vec<(String, String)>,
     /// `down` waited for the journal in vain: the last drain does not wait again.
@@ -222,18 +232,56 @@ impl Daemon {
         self.server.as_ref().map(|s| s.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
-    /// Why the session's local server is gone, with the end of its log; `None` while it runs
-    /// (or when there is none).
+    /// Why the session's local server is gone for good, in one line; `None` while it runs or
+    /// is being restarted (or when there is none).
     pub fn server_gone(&self) -> Option<String> {
-        let server = self.local_server()?;
-        let reason = server.exit_reason()?;
-        let lines = server.last_log_lines(SERVER_LOG_LINES);
-        let log = if lines.is_empty() {
-            "its log is empty".to_owned()
-        } else {
-            format!("its log ends: {}", lines.join(" | "))
+        ServerLost::of(&self.local_server()?.state()).map(|lost| lost.summary)
+    }
+
+    /// Resolves once the session's local server is gone for good; never without one.
+    async fn server_lost(&self) -> ServerLost {
+        let Some(mut states) = self.local_server().map(|s| s.subscribe()) else {
+            return std::future::pending().await;
         };
-        Some(format!("the session's devmount-server exited ({reason}); {log}"))
+        let lost = match states.wait_for(|s| ServerLost::of(s).is_some()).await {
+            Ok(state) => ServerLost::of(&state),
+            Err(_) => None,
+        };
+        lost.unwrap_or_else(ServerLost::stopped)
+    }
+
+    /// Everything written to the mount before, on the server; then the connection. Fails at
+    /// once when the local server is gone for good.
+    async fn synced_session(&self) -> Result<Arc<Session>, ServerLost> {
+        let ready = async {
+            self.fs.sync().await.map_err(|e| {
+                format!("the changes made before the command could not reach the server: {e}")
+            })?;
+            self.live_session().await
+        };
+        tokio::select! {
+            biased;
+            lost = self.server_lost() => Err(lost),
+            ready = ready => ready.map_err(|summary| ServerLost { summary, log: Vec::new() }),
+        }
+    }
+
+    fn ssh_access(&self) -> Result<&SshAccess, String> {
+        self.ssh.as_ref().ok_or_else(|| {
+            format!(
+                "the session at {} has no SSH server that OpenSSH can reach through it; only sessions of `devmount up` have",
+                self.mountpoint.display()
+            )
+        })
+    }
+
+    /// What `devmount ssh-config` needs, its known_hosts file written.
+    fn host_config(&self) -> Result<HostConfig> {
+        let ssh = self.ssh_access().map_err(|e| anyhow!(e))?;
+        let name = self.name.as_deref().with_context(|| {
+            format!("the session at {} has no name for its `Host` block", self.mountpoint.display())
+        })?;
+        ssh.host_config(name)
     }
 
     /// The connection, waiting up to [`SESSION_WAIT`] while it is being made again.
@@ -272,19 +320,24 @@ impl Daemon {
         if let Some(name) = &self.name {
             out.push_str(&format!("  name:     {name}\n"));
         }
-        let target = match self.local_server() {
-            Some(server) => format!(
-                "local {} (devmount-server pid {} on 127.0.0.1:{})",
-                server.root().display(),
-                server.pid(),
-                server.port()
-            ),
+        let server = self.local_server().map(|s| (s.root().to_owned(), s.port(), s.state()));
+        let target = match &server {
+            Some((root, port, state)) => match state.pid() {
+                Some(pid) => {
+                    format!("local {} (devmount-server pid {pid} on 127.0.0.1:{port})", root.display())
+                }
+                None => {
+                    format!("local {} (devmount-server on 127.0.0.1:{port}, not running)", root.display())
+                }
+            },
             None => self.target.to_string(),
         };
         out.push_str(&format!("  target:   {target}\n"));
+        let server = server.map(|(_, _, state)| state);
         let session = self.sessions.borrow().clone().filter(|s| !s.is_closed());
-        let state = match (session, self.server_gone()) {
-            (_, Some(gone)) => gone,
+        let down = server.as_ref().and_then(server_down);
+        let state = match (session, down) {
+            (_, Some(down)) => down,
             (Some(session), None) => match session.rtt().await {
                 Ok(rtt) => format!("connected, round trip {:.1} ms", rtt.as_secs_f64() * 1000.0),
                 Err(e) => format!("connected, but {e}"),
@@ -292,6 +345,9 @@ impl Daemon {
             (None, None) => "reconnecting".to_owned(),
         };
         out.push_str(&format!("  state:    {state}\n"));
+        if let Some(state) = &server {
+            out.push_str(&server_history(state));
+        }
         let journal = self.fs.journal().stats();
         out.push_str(&format!(
             "  pending:  {} change(s), {}\n",
@@ -315,6 +371,74 @@ impl Daemon {
         }
         out
     }
+}
+
+/// The local server is gone for good: what to tell the user.
+struct ServerLost {
+    /// One line.
+    summary: String,
+    /// The log's last lines when it exited.
+    log: Vec<String>,
+}
+
+impl ServerLost {
+    fn of(state: &ServerState) -> Option<ServerLost> {
+        match state.health {
+            Health::GaveUp => Some(ServerLost {
+                summary: format!("the session's {}", server_down(state)?),
+                log: state.last_exit.as_ref().map(|e| e.log.clone()).unwrap_or_default(),
+            }),
+            Health::Stopped => Some(ServerLost::stopped()),
+            Health::Running { .. } | Health::Restarting => None,
+        }
+    }
+
+    fn stopped() -> ServerLost {
+        ServerLost { summary: "the session's devmount-server was stopped".into(), log: Vec::new() }
+    }
+
+    /// The summary, then the log's last lines, indented.
+    fn full(&self) -> String {
+        let mut text = self.summary.clone();
+        if !self.log.is_empty() {
+            text.push_str(". Its log ended with:");
+            for line in &self.log {
+                text.push_str(&format!("\n  {line}"));
+            }
+        }
+        text
+    }
+}
+
+/// The state line of a local server that is not running.
+fn server_down(state: &ServerState) -> Option<String> {
+    let exit = state.last_exit.as_ref()?;
+    match state.health {
+        Health::Restarting => Some(format!("devmount-server {exit}; restarting it")),
+        Health::GaveUp => Some(format!(
+            "devmount-server {exit}; not restarted: it exited {MAX_EXITS} times within {EXIT_WINDOW:?}; `devmount down` ends the session"
+        )),
+        Health::Running { .. } | Health::Stopped => None,
+    }
+}
+
+/// The status lines on a local server that has exited before: its restarts and the log's
+/// last lines at its latest exit.
+fn server_history(state: &ServerState) -> String {
+    let Some(exit) = &state.last_exit else { return String::new() };
+    let mut out = String::new();
+    if let (Health::Running { .. }, Some(at)) = (&state.health, state.restarted_at) {
+        let times = match state.restarts {
+            1 => "restarted".to_owned(),
+            n => format!("restarted {n} times, the latest"),
+        };
+        out.push_str(&format!("  server:   {times} at {} after it {exit}\n", at.format("%H:%M:%S")));
+    }
+    for (i, line) in exit.log.iter().enumerate() {
+        let label = if i == 0 { "exit log:" } else { "" };
+        out.push_str(&format!("  {label:<10}{line}\n"));
+    }
+    out
 }
 
 fn hit_rate(hits: u64, misses: u64) -> String {
@@ -405,6 +529,14 @@ async fn answer(stream: UnixStream, daemon: &Daemon) -> io::Result<()> {
         }
         "down" => return serve_down(daemon, write).await,
         "exec" => return serve_exec(read, write, daemon).await,
+        "ssh-config" => {
+            let reply = match daemon.host_config() {
+                Ok(config) => [&b"ok\n"[..], &encode_host_config(&config)].concat(),
+                Err(e) => format!("error: {e:#}\n").into_bytes(),
+            };
+            write.write_all(&reply).await?;
+        }
+        "proxy" => return serve_proxy(read, write, daemon).await,
         other => write.write_all(format!("error: unknown request {other:?}\n").as_bytes()).await?,
     }
     write.shutdown().await
@@ -413,39 +545,39 @@ async fn answer(stream: UnixStream, daemon: &Daemon) -> io::Result<()> {
 /// Drains the journal (telling how it goes), then unmounts; the daemon's shutdown follows.
 async fn serve_down(daemon: &Daemon, mut write: OwnedWriteHalf) -> io::Result<()> {
     let fs = &daemon.fs;
-    if let Some(gone) = daemon.server_gone() {
-        let pending = fs.journal().stats().pending_ops;
-        if pending > 0 {
-            let note = format!("note {gone}; {pending} change(s) are kept for the next `devmount up`\n");
-            write.write_all(note.as_bytes()).await?;
-        }
-    } else {
-        let drain = tokio::time::timeout(DRAIN_TIMEOUT, fs.sync());
-        tokio::pin!(drain);
-        let mut tick = tokio::time::interval(DRAIN_TICK);
-        let drained = loop {
-            tokio::select! {
-                drained = &mut drain => break drained,
-                _ = tick.tick() => {
-                    let stats = fs.journal().stats();
-                    write.write_all(format!("pending {} {}\n", stats.pending_ops, stats.pending_bytes).as_bytes()).await?;
+    let drain = tokio::time::timeout(DRAIN_TIMEOUT, fs.sync());
+    tokio::pin!(drain);
+    let lost = daemon.server_lost();
+    tokio::pin!(lost);
+    let mut tick = tokio::time::interval(DRAIN_TICK);
+    let note = loop {
+        tokio::select! {
+            biased;
+            lost = &mut lost => {
+                let pending = fs.journal().stats().pending_ops;
+                break (pending > 0).then(|| {
+                    format!("{}; {pending} change(s) are kept for the next `devmount up`", lost.summary)
+                });
+            }
+            drained = &mut drain => break match drained {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => {
+                    daemon.gave_up.store(true, Ordering::Relaxed);
+                    Some(format!(
+                        "{} change(s) could not reach the server within {DRAIN_TIMEOUT:?}; they are kept and replayed at the next mount",
+                        fs.journal().stats().pending_ops
+                    ))
                 }
+            },
+            _ = tick.tick() => {
+                let stats = fs.journal().stats();
+                write.write_all(format!("pending {} {}\n", stats.pending_ops, stats.pending_bytes).as_bytes()).await?;
             }
-        };
-        let note = match drained {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(_) => {
-                daemon.gave_up.store(true, Ordering::Relaxed);
-                Some(format!(
-                    "{} change(s) could not reach the server within {DRAIN_TIMEOUT:?}; they are kept and replayed at the next mount",
-                    fs.journal().stats().pending_ops
-                ))
-            }
-        };
-        if let Some(note) = note {
-            write.write_all(format!("note {note}\n").as_bytes()).await?;
         }
+    };
+    if let Some(note) = note {
+        write.write_all(format!("note {note}\n").as_bytes()).await?;
     }
     let mountpoint = daemon.mountpoint.clone();
     let unmounted = tokio::task::spawn_blocking(move || crate::mount::unmount_unless_busy(&mountpoint)).await;
@@ -459,6 +591,68 @@ async fn serve_down(daemon: &Daemon, mut write: OwnedWriteHalf) -> io::Result<()
         Ok(Err(e)) => write.write_all(format!("error: {e:#}\n").as_bytes()).await,
         Err(e) => write.write_all(format!("error: cannot unmount: {e}\n").as_bytes()).await,
     }
+}
+
+/// The daemon's side of `proxy`: a channel to the server's own SSH port, spliced to the socket.
+async fn serve_proxy(
+    read: BufReader<OwnedReadHalf>,
+    mut write: OwnedWriteHalf,
+    daemon: &Daemon,
+) -> io::Result<()> {
+    let opened = async {
+        let ssh = daemon.ssh_access()?;
+        let session = tokio::select! {
+            biased;
+            lost = daemon.server_lost() => return Err(lost.summary),
+            session = daemon.live_session() => session?,
+        };
+        let originator = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0));
+        session.direct_tcpip(ssh.port, originator).await.map_err(|e| e.to_string())
+    };
+    match opened.await {
+        Ok(channel) => {
+            write.write_all(b"ok\n").await?;
+            crate::forward::pump(channel, read, write).await
+        }
+        Err(message) => {
+            write.write_all(format!("error: {message}\n").as_bytes()).await?;
+            write.shutdown().await
+        }
+    }
+}
+
+fn encode_host_config(config: &HostConfig) -> Vec<u8> {
+    let mut out = Vec::new();
+    let fields: [(&str, &[u8]); 4] = [
+        ("name", config.name.as_bytes()),
+        ("user", config.user.as_bytes()),
+        ("identity", config.identity.as_os_str().as_encoded_bytes()),
+        ("known-hosts", config.known_hosts.as_os_str().as_encoded_bytes()),
+    ];
+    for (key, value) in fields {
+        out.extend_from_slice(key.as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(&escape_mountinfo(value));
+        out.push(b'\n');
+    }
+    out
+}
+
+fn decode_host_config(text: &[u8]) -> Option<HostConfig> {
+    use std::os::unix::ffi::OsStringExt;
+    let (mut name, mut user, mut identity, mut known_hosts) = (None, None, None, None);
+    for line in text.split(|&b| b == b'\n') {
+        let Some(space) = line.iter().position(|&b| b == b' ') else { continue };
+        let value = unescape_mountinfo(&line[space + 1..]);
+        match &line[..space] {
+            b"name" => name = String::from_utf8(value).ok(),
+            b"user" => user = String::from_utf8(value).ok(),
+            b"identity" => identity = Some(PathBuf::from(std::ffi::OsString::from_vec(value))),
+            b"known-hosts" => known_hosts = Some(PathBuf::from(std::ffi::OsString::from_vec(value))),
+            _ => {}
+        }
+    }
+    Some(HostConfig { name: name?, user: user?, identity: identity?, known_hosts: known_hosts? })
 }
 
 // ---- exec frames ---------------------------------------------------------------------------
@@ -696,15 +890,7 @@ async fn run_exec(
     daemon: &Daemon,
     frames: &mpsc::Sender<Frame>,
 ) -> Result<ExitStatus, String> {
-    if let Some(gone) = daemon.server_gone() {
-        return Err(gone);
-    }
-    daemon
-        .fs
-        .sync()
-        .await
-        .map_err(|e| format!("the changes made before the command could not reach the server: {e}"))?;
-    let session = daemon.live_session().await?;
+    let session = daemon.synced_session().await.map_err(|lost| lost.full())?;
     req.cwd = Some(daemon.remote_dir(req.cwd.as_deref()));
     // The session's own variables come last, so they win over what the client sends.
     req.env.extend(daemon.environment.iter().cloned());
@@ -849,12 +1035,16 @@ pub enum ConnectError {
 
 /// Connects to the daemon of `session`.
 pub async fn connect(session: &Info) -> Result<UnixStream, ConnectError> {
-    UnixStream::connect(&session.socket).await.map_err(|e| match e.kind() {
+    UnixStream::connect(&session.socket).await.map_err(|e| connect_error(session, e))
+}
+
+fn connect_error(session: &Info, e: io::Error) -> ConnectError {
+    match e.kind() {
         io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
             ConnectError::NotRunning(session.mountpoint.clone())
         }
         _ => ConnectError::Other { mountpoint: session.mountpoint.clone(), source: e },
-    })
+    }
 }
 
 fn gone(session: &Info) -> anyhow::Error {
@@ -884,6 +1074,47 @@ pub async fn status(session: &Info) -> Result<String> {
         Some(status) => Ok(status.to_owned()),
         None if answer.is_empty() => Err(gone(session)),
         None => Err(anyhow!("{}", answer.trim_end().strip_prefix("error: ").unwrap_or(answer.trim_end()))),
+    }
+}
+
+/// `ssh-config`: what the session's `Host` block needs; the daemon has written its known_hosts
+/// file.
+pub async fn ssh_config(session: &Info) -> Result<HostConfig> {
+    let mut stream = connect(session).await?;
+    stream.write_all(b"ssh-config\n").await?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await?;
+    match answer.strip_prefix(b"ok\n") {
+        Some(fields) => decode_host_config(fields).ok_or_else(|| {
+            anyhow!("the devmount serving {} gave an incomplete answer", session.mountpoint.display())
+        }),
+        None if answer.is_empty() => Err(gone(session)),
+        None => {
+            let text = String::from_utf8_lossy(&answer);
+            let text = text.trim_end();
+            Err(anyhow!("{}", text.strip_prefix("error: ").unwrap_or(text)))
+        }
+    }
+}
+
+/// `proxy`: the socket, once the daemon has opened the channel to the server's SSH port.
+/// Blocking: the caller splices it to stdin and stdout with plain threads.
+pub fn proxy(session: &Info) -> Result<std::os::unix::net::UnixStream> {
+    use std::io::{Read, Write};
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(&session.socket).map_err(|e| connect_error(session, e))?;
+    stream.write_all(b"proxy\n")?;
+    // A byte at a time, so that nothing after the answer line is read here: the channel's
+    // bytes may follow it at once.
+    let mut answer = Vec::new();
+    let mut byte = [0u8];
+    while answer.len() < MAX_LINE as usize && stream.read(&mut byte)? == 1 && byte[0] != b'\n' {
+        answer.push(byte[0]);
+    }
+    match String::from_utf8_lossy(&answer).trim_end() {
+        "ok" => Ok(stream),
+        "" => Err(gone(session)),
+        other => Err(anyhow!("{}", other.strip_prefix("error: ").unwrap_or(other))),
     }
 }
 
@@ -924,7 +1155,11 @@ pub async fn down(session: &Info, mut events: impl FnMut(DownEvent)) -> Result<(
         }
     }
     if !unmounted {
-        return Err(gone(session));
+        // A daemon with little left to do after the unmount may exit before its `ok` is out.
+        if crate::mount::is_mounted(&session.mountpoint)? {
+            return Err(gone(session));
+        }
+        events(DownEvent::Unmounted);
     }
     Ok(())
 }
@@ -1167,6 +1402,18 @@ mod tests {
         assert_eq!(Info::decode(&bare.encode(), bare.socket.clone()), Some(bare.clone()));
         assert_eq!(Info::decode(b"pid 1\n", bare.socket.clone()), None);
         assert_eq!(Info::decode(b"mountpoint relative\n", bare.socket), None);
+    }
+
+    #[test]
+    fn host_configs_round_trip() {
+        let config = HostConfig {
+            name: "api".into(),
+            user: "dev".into(),
+            identity: PathBuf::from("/state dir/id\n"),
+            known_hosts: PathBuf::from("/state/ssh_known_hosts"),
+        };
+        assert_eq!(decode_host_config(&encode_host_config(&config)), Some(config));
+        assert_eq!(decode_host_config(b"name api\nuser dev\n"), None);
     }
 
     #[test]

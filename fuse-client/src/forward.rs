@@ -27,7 +27,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use russh::client::Msg;
 use russh::{Channel, ChannelMsg, ChannelOpenFailure};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
@@ -451,7 +451,8 @@ async fn local_connection(tcp: TcpStream, peer: SocketAddr, entry: Arc<Entry>, m
     };
     match session.direct_tcpip(entry.spec.connect, peer).await {
         Ok(channel) => {
-            if let Err(e) = pump(channel, tcp).await {
+            let (tcp_rx, tcp_tx) = tcp.into_split();
+            if let Err(e) = pump(channel, tcp_rx, tcp_tx).await {
                 tracing::debug!("{}: connection from {peer} ended: {e}", entry.spec);
             }
         }
@@ -556,7 +557,8 @@ async fn remote_connection(entry: Arc<Entry>, forwarded: ForwardedTcpip) {
         Ok(tcp) => {
             let _ = tcp.set_nodelay(true);
             reply.accept().await;
-            if let Err(e) = pump(channel, tcp).await {
+            let (tcp_rx, tcp_tx) = tcp.into_split();
+            if let Err(e) = pump(channel, tcp_rx, tcp_tx).await {
                 tracing::debug!("{}: connection from the pod's {originator} ended: {e}", entry.spec);
             }
         }
@@ -573,11 +575,15 @@ async fn remote_connection(entry: Arc<Entry>, forwarded: ForwardedTcpip) {
 
 // ---- bytes -----------------------------------------------------------------------------------
 
-/// Carries bytes both ways between `channel` and `tcp`, each end's EOF passed to the other,
-/// until the channel closes (after its last bytes are written to `tcp`) or either side fails.
-pub async fn pump(channel: Channel<Msg>, tcp: TcpStream) -> io::Result<()> {
+/// Carries bytes both ways between `channel` and a socket's two halves, each end's EOF passed
+/// to the other, until the channel closes (after its last bytes are written to the socket) or
+/// either side fails.
+pub async fn pump(
+    channel: Channel<Msg>,
+    mut tcp_rx: impl AsyncRead + Unpin,
+    mut tcp_tx: impl AsyncWrite + Unpin,
+) -> io::Result<()> {
     let (mut rx, tx) = channel.split();
-    let (mut tcp_rx, mut tcp_tx) = tcp.into_split();
     let (queue_tx, mut queue_rx) = mpsc::channel::<Bytes>(CONNECTION_QUEUE);
     // Reads the channel to its end, whatever the socket does.
     let drain = async move {

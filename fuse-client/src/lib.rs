@@ -13,6 +13,7 @@ pub mod journal;
 pub mod local_server;
 pub mod manifest;
 pub mod mount;
+pub mod proxy;
 pub mod reconnect;
 pub mod session;
 pub mod sessions;

@@ -13,7 +13,15 @@
 //! when the *thread* that forked the child ends, not the process, so the child is forked by a
 //! keeper thread of ours that lives exactly as long as the child (it also reaps it); a caller
 //! may start the server from any thread, a short-lived one included.
+//!
+//! A server that exits on its own is started again by a supervisor thread, on the same port with
+//! the same keys and log, so the pinned host key stays valid and the session's reconnect finds it
+//! where it was: after [`RESTART_DELAY`], doubling with each exit, until it has exited
+//! [`MAX_EXITS`] times within [`EXIT_WINDOW`] (a restart that fails counts as an exit); then it
+//! stays down. [`LocalServer::subscribe`] follows all of it, each exit with the log's last lines
+//! at that moment.
 
+use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -21,13 +29,14 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
-use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
+use chrono::{DateTime, Local};
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitid, Id, WaitPidFlag};
@@ -35,11 +44,20 @@ use nix::unistd::Pid;
 use russh::keys::ssh_key::private::Ed25519Keypair;
 use russh::keys::ssh_key::LineEnding;
 use russh::keys::PrivateKey;
+use tokio::sync::watch;
 
 use crate::session::{fingerprint, Target};
 
 /// The server's file name, looked for next to devmount's own executable.
 pub const SERVER_NAME: &str = "devmount-server";
+/// The wait before the first restart; it doubles with each exit within [`EXIT_WINDOW`].
+const RESTART_DELAY: Duration = Duration::from_millis(500);
+/// This many exits within [`EXIT_WINDOW`] and the server is not started again.
+pub const MAX_EXITS: usize = 3;
+/// The window of [`MAX_EXITS`].
+pub const EXIT_WINDOW: Duration = Duration::from_secs(60);
+/// Log lines kept with each exit.
+const EXIT_LOG_LINES: usize = 5;
 
 /// How long SIGTERM has before SIGKILL: the server gives its commands 5 s to end.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -51,8 +69,6 @@ const EXIT_WAIT: Duration = Duration::from_secs(5);
 const MAX_LINE: u64 = 64 << 10;
 /// How much of the log's end is read for its last lines.
 const LOG_TAIL: u64 = 64 << 10;
-/// Log lines quoted in an error.
-const ERROR_LOG_LINES: usize = 5;
 
 /// How to start the server.
 #[derive(Debug, Clone)]
@@ -79,6 +95,56 @@ impl Default for StartOptions {
     }
 }
 
+/// Whether the server runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// Serving, as process `pid`.
+    Running { pid: u32 },
+    /// It exited; another starts on the same port after a short wait.
+    Restarting,
+    /// It exited [`MAX_EXITS`] times within [`EXIT_WINDOW`]: it is not started again.
+    GaveUp,
+    /// [`LocalServer::stop`] stopped it (or it never started).
+    Stopped,
+}
+
+/// One end of the server, or a restart that failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exit {
+    /// `exited (signal 9, SIGKILL)`, `exited (exit status 1)`, `could not be restarted (...)`.
+    pub what: String,
+    pub at: DateTime<Local>,
+    /// The log's last lines (at most [`EXIT_LOG_LINES`]) at that moment, oldest first.
+    pub log: Vec<String>,
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} at {}", self.what, self.at.format("%H:%M:%S"))
+    }
+}
+
+/// What [`LocalServer::subscribe`] follows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerState {
+    pub health: Health,
+    /// The latest exit, if there was one.
+    pub last_exit: Option<Exit>,
+    /// Restarts that succeeded, and when the latest one did.
+    pub restarts: u32,
+    pub restarted_at: Option<DateTime<Local>>,
+}
+
+impl ServerState {
+    /// The running server's process id; its process group has the same id.
+    pub fn pid(&self) -> Option<u32> {
+        match self.health {
+            Health::Running { pid } => Some(pid),
+            _ => None,
+        }
+    }
+}
+
 /// A running local devmount-server. Dropping it stops the server and removes its session
 /// directory, keys and log included.
 pub struct LocalServer {
@@ -87,124 +153,101 @@ pub struct LocalServer {
     session_dir: PathBuf,
     identity: PathBuf,
     known_hosts: PathBuf,
+    /// `ssh-ed25519 AAAA...`
+    host_public: String,
     log: PathBuf,
-    pid: u32,
     port: u16,
     user: String,
     /// `None` once stopped.
-    process: Option<Process>,
+    supervisor: Option<Supervisor>,
+    state: watch::Receiver<ServerState>,
 }
 
 impl LocalServer {
     /// Makes a session directory under `state_dir` with fresh keys, starts the server over
     /// `dir` on 127.0.0.1 and returns once it listens with the expected host key. Call it in
-    /// the process that will own the server, after any fork: threads, the keeper among them,
-    /// do not survive a fork.
+    /// the process that will own the server, after any fork: threads, the keeper and the
+    /// supervisor among them, do not survive a fork.
     pub fn start(dir: &Path, state_dir: &Path, options: &StartOptions) -> Result<LocalServer> {
         let root = served_dir(dir)?;
         let bin = server_binary(options.server_bin.as_deref())?;
         let session_dir = new_session_dir(state_dir)?;
         let keys = SessionKeys::write(&session_dir)?;
         let log = session_dir.join("server.log");
-        let log_file = OpenOptions::new()
+        OpenOptions::new()
             .create_new(true)
             .append(true)
             .mode(0o600)
             .open(&log)
             .with_context(|| format!("cannot create the server log {}", log.display()))?;
-
-        let mut command = Command::new(&bin);
-        command
-            .arg("--root")
-            .arg(&root)
-            .arg("--listen")
-            .arg(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).to_string())
-            .arg("--host-key")
-            .arg(&keys.host_key)
-            .arg("--authorized-keys")
-            .arg(&keys.authorized_keys);
-        for port in &options.allow_forward {
-            command.arg("--allow-forward").arg(port.to_string());
+        let launch = Launch {
+            bin,
+            root: root.clone(),
+            host_key: keys.host_key.clone(),
+            authorized_keys: keys.authorized_keys.clone(),
+            allow_forward: options.allow_forward.clone(),
+            allow_reverse: options.allow_reverse.clone(),
+            log: log.clone(),
+            fingerprint: keys.host_fingerprint.clone(),
+            start_timeout: options.start_timeout,
+        };
+        let (state_tx, state) = watch::channel(ServerState {
+            health: Health::Stopped,
+            last_exit: None,
+            restarts: 0,
+            restarted_at: None,
+        });
+        let shared = Arc::new(Supervised {
+            control: Mutex::new(Control { process: None, stopping: false }),
+            wake: Condvar::new(),
+            state: state_tx,
+        });
+        let abandon = |e: anyhow::Error| {
+            // The keys are never used again; the log stays for the error that names it.
+            for file in [&keys.identity, &keys.host_key, &keys.authorized_keys] {
+                let _ = fs::remove_file(file);
+            }
+            e
+        };
+        let (process, port) = launch.run(0, &shared).map_err(abandon)?;
+        let line = format!("[{}]:{port} {}\n", Ipv4Addr::LOCALHOST, keys.host_public);
+        if let Err(e) = write_private(&keys.known_hosts, &line) {
+            process.stop();
+            return Err(abandon(e));
         }
-        for port in &options.allow_reverse {
-            command.arg("--allow-reverse").arg(port.to_string());
-        }
-        command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log_file.try_clone().with_context(|| format!("cannot open {}", log.display()))?)
-            // Its own process group: a Ctrl-C at the terminal goes to devmount, which drains
-            // the journal before it stops the server.
-            .process_group(0);
-        die_with_parent(&mut command);
-
-        let (process, stdout) =
-            Process::spawn(command).with_context(|| format!("cannot start {}", bin.display()))?;
-        let mut server = LocalServer {
+        let pid = process.pid();
+        shared.lock().process = Some(process);
+        shared.state.send_modify(|s| s.health = Health::Running { pid });
+        let supervised = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("local-server-supervisor".into())
+            .spawn(move || supervise(&supervised, &launch, port));
+        let thread = match thread {
+            Ok(thread) => thread,
+            Err(e) => {
+                // Taken first: its keeper takes the lock when the process ends.
+                let process = shared.lock().process.take();
+                if let Some(process) = process {
+                    process.stop();
+                }
+                return Err(abandon(anyhow!("cannot start a thread to watch the server: {e}")));
+            }
+        };
+        Ok(LocalServer {
             root,
             session_dir,
             identity: keys.identity,
             known_hosts: keys.known_hosts,
+            host_public: keys.host_public,
             log,
-            pid: process.shared.pid.as_raw() as u32,
-            port: 0,
+            port,
             user: crate::mount::local_user().to_string_lossy().into_owned(),
-            process: Some(process),
-        };
-        let (ready_tx, ready_rx) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("local-server-out".into())
-            .spawn(move || read_stdout(stdout, log_file, ready_tx))
-            .context("cannot start a thread to read the server's output")?;
-
-        let failed = |server: &mut LocalServer, problem: String| {
-            server.abandon();
-            anyhow!("{problem}; {}", server.log_summary())
-        };
-        let ready = match ready_rx.recv_timeout(options.start_timeout) {
-            Ok(ready) => ready,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                let problem =
-                    format!("{} did not report its port within {:?}", bin.display(), options.start_timeout);
-                return Err(failed(&mut server, problem));
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                let how = server.wait_exit(EXIT_WAIT).unwrap_or_else(|| "closed its output".into());
-                let problem = format!("{} stopped before it was ready ({how})", bin.display());
-                return Err(failed(&mut server, problem));
-            }
-        };
-        if ready.fingerprint != keys.host_fingerprint {
-            let problem = format!(
-                "{} reports the host key {}, not the key {} made for it",
-                bin.display(),
-                ready.fingerprint,
-                keys.host_fingerprint
-            );
-            return Err(failed(&mut server, problem));
-        }
-        match ready.listening.parse::<SocketAddr>() {
-            Ok(addr) if addr.ip() == Ipv4Addr::LOCALHOST => server.port = addr.port(),
-            _ => {
-                let problem =
-                    format!("{} reports listening on {:?}, not on 127.0.0.1", bin.display(), ready.listening);
-                return Err(failed(&mut server, problem));
-            }
-        }
-        let line = format!("[{}]:{} {}\n", Ipv4Addr::LOCALHOST, server.port, keys.host_public);
-        if let Err(e) = write_private(&server.known_hosts, &line) {
-            server.abandon();
-            return Err(e);
-        }
-        Ok(server)
+            supervisor: Some(Supervisor { shared, thread }),
+            state,
+        })
     }
 
-    /// The server's process id; its process group has the same id.
-    pub fn pid(&self) -> u32 {
-        self.pid
-    }
-
-    /// The port the server listens on, on 127.0.0.1.
+    /// The port the server listens on, on 127.0.0.1; restarts keep it.
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -219,12 +262,22 @@ impl LocalServer {
         &self.known_hosts
     }
 
+    /// The server's host key as a public key line, `ssh-ed25519 AAAA...`.
+    pub fn host_public_key(&self) -> &str {
+        &self.host_public
+    }
+
+    /// The user name a client gives (the server ignores it).
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
     /// The session directory: keys, known_hosts, authorized_keys and the server's log.
     pub fn session_dir(&self) -> &Path {
         &self.session_dir
     }
 
-    /// The server's log (its stderr).
+    /// The server's log (its stderr and stdout, across restarts).
     pub fn log(&self) -> &Path {
         &self.log
     }
@@ -251,62 +304,26 @@ impl LocalServer {
         format!("local:{}", self.root.to_string_lossy())
     }
 
-    /// Whether the server is still running.
-    pub fn is_alive(&self) -> bool {
-        self.exit_reason().is_none()
+    /// How the server is doing now.
+    pub fn state(&self) -> ServerState {
+        self.state.borrow().clone()
     }
 
-    /// How the server ended (`exit status: 1`, `signal: 9 (SIGKILL)`), once it has.
-    pub fn exit_reason(&self) -> Option<String> {
-        match &self.process {
-            Some(process) => process.exit_reason(),
-            None => Some("stopped".into()),
-        }
+    /// Follows how the server is doing, from any runtime or thread.
+    pub fn subscribe(&self) -> watch::Receiver<ServerState> {
+        self.state.clone()
     }
 
-    /// The last `n` lines of the server's log, oldest first.
-    pub fn last_log_lines(&self, n: usize) -> Vec<String> {
-        last_lines(&self.log, n)
-    }
-
-    /// Stops the server (SIGTERM, then SIGKILL after a grace period) and removes the session
-    /// directory. Stopping again does nothing.
+    /// Stops the server (SIGTERM, then SIGKILL after a grace period) and its restarts, and
+    /// removes the session directory. Stopping again does nothing.
     pub fn stop(&mut self) -> Result<()> {
-        let Some(process) = self.process.take() else { return Ok(()) };
-        process.stop();
+        let Some(supervisor) = self.supervisor.take() else { return Ok(()) };
+        supervisor.stop();
         match fs::remove_dir_all(&self.session_dir) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e).with_context(|| {
                 format!("cannot remove the session directory {}", self.session_dir.display())
             }),
             _ => Ok(()),
-        }
-    }
-
-    /// After a failed start: stops the server and removes the keys, but keeps the directory
-    /// and the log that the error names.
-    fn abandon(&mut self) {
-        if let Some(process) = self.process.take() {
-            process.stop();
-        }
-        for entry in fs::read_dir(&self.session_dir).into_iter().flatten().flatten() {
-            if entry.path() != self.log {
-                // A leftover file is only clutter: the keys are never used again.
-                let _ = fs::remove_file(entry.path());
-            }
-        }
-    }
-
-    fn wait_exit(&self, timeout: Duration) -> Option<String> {
-        self.process.as_ref().and_then(|p| p.wait_exit(Instant::now() + timeout))
-    }
-
-    /// "its log FILE ends: LINE | LINE", for errors.
-    fn log_summary(&self) -> String {
-        let lines = self.last_log_lines(ERROR_LOG_LINES);
-        if lines.is_empty() {
-            format!("its log {} is empty", self.log.display())
-        } else {
-            format!("its log {} ends: {}", self.log.display(), lines.join(" | "))
         }
     }
 }
@@ -315,6 +332,245 @@ impl Drop for LocalServer {
     fn drop(&mut self) {
         if let Err(e) = self.stop() {
             tracing::warn!("{e:#}");
+        }
+    }
+}
+
+/// How the server is run, the first time and at each restart.
+struct Launch {
+    bin: PathBuf,
+    root: PathBuf,
+    host_key: PathBuf,
+    authorized_keys: PathBuf,
+    allow_forward: Vec<u16>,
+    allow_reverse: Vec<u16>,
+    log: PathBuf,
+    /// `SHA256:...` of the host key: what the server must report.
+    fingerprint: String,
+    start_timeout: Duration,
+}
+
+impl Launch {
+    /// Starts the server on `port` (0: one the kernel picks) and waits until it reports that
+    /// port and the host key; returns it with the port. A server that fails is stopped, and
+    /// the error quotes its log.
+    fn run(&self, port: u16, supervised: &Arc<Supervised>) -> Result<(Process, u16)> {
+        let bin = &self.bin;
+        let log_file = OpenOptions::new()
+            .append(true)
+            .open(&self.log)
+            .with_context(|| format!("cannot open the server log {}", self.log.display()))?;
+        let mut command = Command::new(bin);
+        command
+            .arg("--root")
+            .arg(&self.root)
+            .arg("--listen")
+            .arg(SocketAddr::from((Ipv4Addr::LOCALHOST, port)).to_string())
+            .arg("--host-key")
+            .arg(&self.host_key)
+            .arg("--authorized-keys")
+            .arg(&self.authorized_keys);
+        for port in &self.allow_forward {
+            command.arg("--allow-forward").arg(port.to_string());
+        }
+        for port in &self.allow_reverse {
+            command.arg("--allow-reverse").arg(port.to_string());
+        }
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log_file.try_clone().with_context(|| format!("cannot open {}", self.log.display()))?)
+            // Its own process group: a Ctrl-C at the terminal goes to devmount, which drains
+            // the journal before it stops the server.
+            .process_group(0);
+        die_with_parent(&mut command);
+
+        let notify = supervised.clone();
+        let (process, stdout) = Process::spawn(command, Box::new(move || notify.wake_up()))
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let reader = std::thread::Builder::new()
+            .name("local-server-out".into())
+            .spawn(move || read_stdout(stdout, log_file, ready_tx));
+        let failed = |process: Process, problem: String| {
+            process.stop();
+            anyhow!("{problem}; {}", log_summary(&self.log))
+        };
+        if let Err(e) = reader {
+            return Err(failed(process, format!("cannot start a thread to read its output: {e}")));
+        }
+        let ready = match ready_rx.recv_timeout(self.start_timeout) {
+            Ok(ready) => ready,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let problem =
+                    format!("{} did not report its port within {:?}", bin.display(), self.start_timeout);
+                return Err(failed(process, problem));
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let how = process
+                    .wait_exit(Instant::now() + EXIT_WAIT)
+                    .unwrap_or_else(|| "closed its output".into());
+                let problem = format!("{} stopped before it was ready ({how})", bin.display());
+                return Err(failed(process, problem));
+            }
+        };
+        if ready.fingerprint != self.fingerprint {
+            let problem = format!(
+                "{} reports the host key {}, not the key {} made for it",
+                bin.display(),
+                ready.fingerprint,
+                self.fingerprint
+            );
+            return Err(failed(process, problem));
+        }
+        match ready.listening.parse::<SocketAddr>() {
+            Ok(addr) if addr.ip() == Ipv4Addr::LOCALHOST && (port == 0 || addr.port() == port) => {
+                Ok((process, addr.port()))
+            }
+            _ => {
+                let wanted = if port == 0 { "127.0.0.1".to_owned() } else { format!("127.0.0.1:{port}") };
+                let problem =
+                    format!("{} reports listening on {:?}, not on {wanted}", bin.display(), ready.listening);
+                Err(failed(process, problem))
+            }
+        }
+    }
+}
+
+/// "its log FILE ends: LINE | LINE", for errors.
+fn log_summary(log: &Path) -> String {
+    let lines = last_lines(log, EXIT_LOG_LINES);
+    if lines.is_empty() {
+        format!("its log {} is empty", log.display())
+    } else {
+        format!("its log {} ends: {}", log.display(), lines.join(" | "))
+    }
+}
+
+/// The server's process and the thread that restarts it.
+struct Supervisor {
+    shared: Arc<Supervised>,
+    thread: JoinHandle<()>,
+}
+
+/// What the supervisor thread shares with the [`LocalServer`] and the keeper threads.
+struct Supervised {
+    control: Mutex<Control>,
+    /// Signalled when a process exits and when the server is being stopped.
+    wake: Condvar,
+    state: watch::Sender<ServerState>,
+}
+
+struct Control {
+    /// The current process; `None` between an exit and the restart.
+    process: Option<Process>,
+    stopping: bool,
+}
+
+impl Supervised {
+    fn lock(&self) -> MutexGuard<'_, Control> {
+        self.control.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn wake_up(&self) {
+        // Under the lock, so a supervisor between its check and its wait cannot miss it.
+        let _control = self.lock();
+        self.wake.notify_all();
+    }
+}
+
+impl Supervisor {
+    /// Stops the current process and the supervisor thread.
+    fn stop(self) {
+        let process = {
+            let mut control = self.shared.lock();
+            control.stopping = true;
+            control.process.take()
+        };
+        self.shared.wake.notify_all();
+        if let Some(process) = process {
+            process.stop();
+        }
+        let _ = self.thread.join();
+        self.shared.state.send_modify(|s| s.health = Health::Stopped);
+    }
+}
+
+/// The supervisor thread: waits for the current process to exit, then starts another on
+/// `port`, until it has exited too often or the server is stopped.
+fn supervise(shared: &Arc<Supervised>, launch: &Launch, port: u16) {
+    let mut exits: VecDeque<Instant> = VecDeque::new();
+    loop {
+        let mut control = shared.lock();
+        let mut what = loop {
+            if control.stopping {
+                return;
+            }
+            if let Some(reason) = control.process.as_ref().and_then(Process::exit_reason) {
+                break format!("exited ({reason})");
+            }
+            control = shared.wake.wait(control).unwrap_or_else(PoisonError::into_inner);
+        };
+        let ended = control.process.take();
+        drop(control);
+        if let Some(process) = ended {
+            // Already reaped: this only joins its keeper thread.
+            process.stop();
+        }
+        loop {
+            let now = Instant::now();
+            exits.push_back(now);
+            while exits.front().is_some_and(|&at| now.duration_since(at) >= EXIT_WINDOW) {
+                exits.pop_front();
+            }
+            let exit = Exit { what, at: Local::now(), log: last_lines(&launch.log, EXIT_LOG_LINES) };
+            let gave_up = exits.len() >= MAX_EXITS;
+            if gave_up {
+                tracing::error!(
+                    "{SERVER_NAME} {exit}; not restarting it: it exited {} times within {EXIT_WINDOW:?}",
+                    exits.len()
+                );
+            } else {
+                tracing::warn!("{SERVER_NAME} {exit}; restarting it on 127.0.0.1:{port}");
+            }
+            shared.state.send_modify(|s| {
+                s.health = if gave_up { Health::GaveUp } else { Health::Restarting };
+                s.last_exit = Some(exit);
+            });
+            if gave_up {
+                return;
+            }
+            let delay = RESTART_DELAY * (1 << (exits.len() - 1));
+            let control = shared.lock();
+            let (control, _) = shared
+                .wake
+                .wait_timeout_while(control, delay, |c| !c.stopping)
+                .unwrap_or_else(PoisonError::into_inner);
+            if control.stopping {
+                return;
+            }
+            drop(control);
+            match launch.run(port, shared) {
+                Ok((process, _)) => {
+                    let pid = process.pid();
+                    let mut control = shared.lock();
+                    if control.stopping {
+                        drop(control);
+                        process.stop();
+                        return;
+                    }
+                    control.process = Some(process);
+                    drop(control);
+                    tracing::warn!("{SERVER_NAME} restarted on 127.0.0.1:{port} (pid {pid})");
+                    shared.state.send_modify(|s| {
+                        s.health = Health::Running { pid };
+                        s.restarts += 1;
+                        s.restarted_at = Some(Local::now());
+                    });
+                    break;
+                }
+                Err(e) => what = format!("could not be restarted ({e:#})"),
+            }
         }
     }
 }
@@ -510,8 +766,11 @@ struct Shared {
     exited: Condvar,
 }
 
+/// Called by the keeper thread once it has reaped the process.
+type OnExit = Box<dyn FnOnce() + Send>;
+
 impl Process {
-    fn spawn(mut command: Command) -> Result<(Process, ChildStdout)> {
+    fn spawn(mut command: Command, on_exit: OnExit) -> Result<(Process, ChildStdout)> {
         let (spawned_tx, spawned_rx) = mpsc::channel();
         let keeper = std::thread::Builder::new()
             .name("local-server".into())
@@ -531,6 +790,7 @@ impl Process {
                 let stdout = child.stdout.take().expect("stdout is piped");
                 let _ = spawned_tx.send(Ok((shared.clone(), stdout)));
                 keep(&mut child, &shared);
+                on_exit();
             })
             .context("cannot start a thread for the server")?;
         match spawned_rx.recv() {
@@ -543,6 +803,11 @@ impl Process {
         }
     }
 
+    fn pid(&self) -> u32 {
+        self.shared.pid.as_raw() as u32
+    }
+
+    /// How the process ended (`exit status 1`, `signal 9, SIGKILL`), once it has.
     fn exit_reason(&self) -> Option<String> {
         self.shared.lock().clone()
     }
@@ -594,17 +859,23 @@ fn keep(child: &mut Child, shared: &Shared) {
     while let Err(Errno::EINTR) = waitid(Id::Pid(shared.pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {}
     let mut exit = shared.lock();
     *exit = Some(match child.wait() {
-        Ok(status) => match status.signal() {
-            Some(signal) => match Signal::try_from(signal) {
-                Ok(name) => format!("signal: {signal} ({name})"),
-                Err(_) => format!("signal: {signal}"),
-            },
-            None => status.to_string(),
-        },
+        Ok(status) => describe(status),
         // Someone else in this process reaped it (a SIGCHLD handler waiting for any child).
-        Err(e) => format!("exited; its status is unknown ({e})"),
+        Err(e) => format!("its status is unknown: {e}"),
     });
     shared.exited.notify_all();
+}
+
+/// `exit status 1`, `signal 9, SIGKILL`.
+fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(signal)) => match Signal::try_from(signal) {
+            Ok(name) => format!("signal {signal}, {name}"),
+            Err(_) => format!("signal {signal}"),
+        },
+        (None, None) => status.to_string(),
+    }
 }
 
 /// The last `n` lines of `file`'s end, lossily decoded; none if it cannot be read.

@@ -10,7 +10,7 @@ use devmount::cache::CacheConfig;
 use devmount::journal::Config as JournalConfig;
 use devmount::mount::{self, Endpoint, MountArgs};
 use devmount::session::Target;
-use devmount::sessions::{self, ExecArgs};
+use devmount::sessions::{self, ExecArgs, Selector};
 use devmount::up::{self, Spinner, UpArgs};
 
 /// Develop inside a Kubernetes pod: mount its workdir, run commands in it, forward its ports.
@@ -30,10 +30,12 @@ enum Command {
     /// change made to the mount is on the server. The words are joined with spaces and run by
     /// the remote user's shell, as ssh does. Exits with the command's code (128 + signal).
     Exec {
-        /// The session's mount point (default: the mount holding the current directory, or the
-        /// only session).
+        /// The session's mount point (default: the session `-m` names, else the mount holding
+        /// the current directory, else the session ./devmount.yml names, else the only one).
         #[arg(long = "mount", value_name = "MNT")]
         mount: Option<PathBuf>,
+        #[command(flatten)]
+        manifest: ManifestArg,
         /// Give the command a terminal (default: when stdin is one).
         #[arg(short = 't', conflicts_with = "no_tty")]
         tty: bool,
@@ -47,6 +49,8 @@ enum Command {
     Ssh {
         /// The session's mount point (default: as for exec).
         mountpoint: Option<PathBuf>,
+        #[command(flatten)]
+        manifest: ManifestArg,
         /// Give the shell a terminal (default: when stdin is one).
         #[arg(short = 't', conflicts_with = "no_tty")]
         tty: bool,
@@ -58,17 +62,40 @@ enum Command {
     Sync {
         /// The mount point (default: as for exec).
         mountpoint: Option<PathBuf>,
+        #[command(flatten)]
+        manifest: ManifestArg,
     },
-    /// Each session: mount, target, connection, pending changes, caches, forwards.
-    Status,
+    /// Each session (or the one -m names): mount, target, connection, pending changes, caches,
+    /// forwards, and the local server's exits.
+    Status {
+        #[command(flatten)]
+        manifest: ManifestArg,
+    },
     /// End a session: send the pending changes, unmount, stop its forwards and server. Also
     /// cleans up after a session whose daemon died.
     Down {
         /// The mount point (default: as for exec).
         mountpoint: Option<PathBuf>,
+        #[command(flatten)]
+        manifest: ManifestArg,
         /// Show how long each step takes.
         #[arg(short, long)]
         verbose: bool,
+    },
+    /// Print an OpenSSH `Host devmount-NAME` block for the session, so that ssh, scp, sftp and
+    /// IDE remote plugins reach its server over the session's connection:
+    /// `devmount ssh-config >> ~/.ssh/config`, or `ssh -F <(devmount ssh-config) devmount-NAME`.
+    SshConfig {
+        /// The mount point (default: as for exec).
+        mountpoint: Option<PathBuf>,
+        #[command(flatten)]
+        manifest: ManifestArg,
+    },
+    /// Carry stdin and stdout to the SSH server of the session named NAME, over the session's
+    /// connection: the `ProxyCommand` of `devmount ssh-config`'s block.
+    Proxy {
+        /// The session's name, as `devmount status` shows it.
+        name: String,
     },
     /// Write a commented devmount.yml in the current directory.
     Init,
@@ -97,6 +124,15 @@ enum Command {
         #[arg(long, value_name = "BYTES", default_value_t = 1 << 30)]
         journal_max: u64,
     },
+}
+
+/// `-m FILE`: the session is the one the manifest names.
+#[derive(clap::Args, Debug)]
+struct ManifestArg {
+    /// The manifest whose `name` is the session's (default: ./devmount.yml, when the current
+    /// directory is not in a mount).
+    #[arg(short = 'm', long = "manifest", value_name = "FILE")]
+    manifest: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -135,17 +171,33 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         (_, true) => Some(false),
         _ => None,
     };
+    let select = |mount: Option<PathBuf>, manifest: ManifestArg| -> anyhow::Result<Selector> {
+        if mount.is_some() && manifest.manifest.is_some() {
+            anyhow::bail!("give the mount point or -m FILE, not both: each names the session");
+        }
+        Ok(Selector { mount, manifest: manifest.manifest })
+    };
     match cli.command {
         Command::Up(args) => up::run(args).map(|()| 0),
-        Command::Exec { mount, tty: t, no_tty, command } => {
-            sessions::exec(ExecArgs { mount, tty: tty(t, no_tty), command: Some(command) })
+        Command::Exec { mount, manifest, tty: t, no_tty, command } => sessions::exec(ExecArgs {
+            selector: select(mount, manifest)?,
+            tty: tty(t, no_tty),
+            command: Some(command),
+        }),
+        Command::Ssh { mountpoint, manifest, tty: t, no_tty } => sessions::exec(ExecArgs {
+            selector: select(mountpoint, manifest)?,
+            tty: tty(t, no_tty),
+            command: None,
+        }),
+        Command::Sync { mountpoint, manifest } => sessions::sync(&select(mountpoint, manifest)?).map(|()| 0),
+        Command::Status { manifest } => sessions::status(&select(None, manifest)?).map(|()| 0),
+        Command::Down { mountpoint, manifest, verbose } => {
+            sessions::down(&select(mountpoint, manifest)?, verbose).map(|()| 0)
         }
-        Command::Ssh { mountpoint, tty: t, no_tty } => {
-            sessions::exec(ExecArgs { mount: mountpoint, tty: tty(t, no_tty), command: None })
+        Command::SshConfig { mountpoint, manifest } => {
+            sessions::ssh_config(&select(mountpoint, manifest)?).map(|()| 0)
         }
-        Command::Sync { mountpoint } => sessions::sync(mountpoint.as_deref()).map(|()| 0),
-        Command::Status => sessions::status().map(|()| 0),
-        Command::Down { mountpoint, verbose } => sessions::down(mountpoint.as_deref(), verbose).map(|()| 0),
+        Command::Proxy { name } => sessions::proxy(&name).map(|()| 0),
         Command::Init => up::init().map(|()| 0),
         Command::Mount {
             target,

@@ -282,7 +282,7 @@ impl Direction {
 }
 
 /// The directory's name, made into a valid session name.
-fn default_name(dir: &Path) -> String {
+pub fn default_name(dir: &Path) -> String {
     let raw = dir.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
     let mut name: String = raw
         .chars()
@@ -294,6 +294,21 @@ fn default_name(dir: &Path) -> String {
         name.push_str("devmount");
     }
     name
+}
+
+/// Checks a session name: letters, digits, `.`, `_` and `-`, starting with a letter or digit, at
+/// most 64 bytes. The error says so.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-');
+    if !valid {
+        return Err(format!(
+            "name {name:?}: use letters, digits, '.', '_' and '-', starting with a letter or digit, at most {MAX_NAME_LEN} characters"
+        ));
+    }
+    Ok(())
 }
 
 /// Reads nodes, turning every mistake into an error at the node's place.
@@ -426,18 +441,7 @@ impl Reader<'_> {
 
     fn name(&self, node: &Node) -> Result<String, ManifestError> {
         let name = self.required_text(node, "name")?;
-        let valid = !name.is_empty()
-            && name.len() <= MAX_NAME_LEN
-            && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-');
-        if !valid {
-            return Err(self.error(
-                node,
-                format!(
-                    "name {name:?}: use letters, digits, '.', '_' and '-', starting with a letter or digit, at most {MAX_NAME_LEN} characters"
-                ),
-            ));
-        }
+        check_name(name).map_err(|message| self.error(node, message))?;
         Ok(name.to_owned())
     }
 

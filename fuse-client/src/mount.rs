@@ -305,19 +305,18 @@ impl Report<'_> {
         }
     }
 
-    /// Ends the start; true if a parent was waiting (so this is the daemon).
-    fn end(&mut self, outcome: std::result::Result<(), &anyhow::Error>) -> bool {
+    /// Ends the start.
+    fn end(&mut self, outcome: std::result::Result<(), &anyhow::Error>) {
         match outcome {
             Ok(()) => self.send("ok"),
             Err(e) => self.send(&format!("error {e:#}")),
         }
         match self {
-            Report::Pipe(pipe) => pipe.take().is_some(),
+            Report::Pipe(pipe) => drop(pipe.take()),
             Report::Here(progress) => {
                 if let Some(progress) = progress.take() {
                     progress.finish();
                 }
-                false
             }
         }
     }
@@ -348,11 +347,13 @@ fn serve(args: MountArgs, mut report: Report) -> Result<()> {
             return Err(e);
         }
     };
-    if report.end(Ok(())) {
+    if matches!(report, Report::Pipe(_)) {
         // From here on the daemon has no terminal to talk to: its log goes to a file, and it
-        // holds no pipe of the caller's open (`devmount up ... | cat` must end).
+        // holds no pipe of the caller's open (`devmount up ... | cat` must end). Before the
+        // caller hears "ready", so whoever then looks for the daemon's log finds this file.
         detach_stdio(&args.mountpoint);
     }
+    report.end(Ok(()));
     let Running { runtime, started: Started { fuse, guard, daemon, keeper, stop } } = running;
     let mountpoint = args.mountpoint.clone();
     runtime.spawn(async move {
@@ -443,20 +444,39 @@ fn start_on(
         Some(runtime.block_on(Forwards::follow(sessions.clone(), &args.forwards))?)
     };
 
+    let daemon = Arc::new(Daemon {
+        mountpoint: args.mountpoint.clone(),
+        name: args.name.clone(),
+        target: dial.target.clone(),
+        fs: fs.clone(),
+        sessions,
+        forwards: Mutex::new(forwards),
+        ssh: server.as_ref().map(crate::proxy::SshAccess::local),
+        server: server.map(|s| Arc::new(Mutex::new(s))),
+        environment: args.environment.clone(),
+        gave_up: Default::default(),
+    });
+    // Bound before the mount appears, so whoever sees the mount can reach its daemon.
+    let listener = runtime.block_on(async { control::bind(&daemon) })?;
+    let abandon = |e: anyhow::Error| {
+        control::remove(&args.mountpoint);
+        e
+    };
+
     report.step(&format!("mounting {}", args.mountpoint.display()));
     let echo = Arc::new(Echo::default());
     let fuse = FuseFs::new(fs.clone(), echo.clone(), runtime.handle().clone());
     let config = mount_config(&dial.target);
     let fuse = fuser::Session::new(fuse, &args.mountpoint, &config)
-        .with_context(|| format!("cannot mount on {}", args.mountpoint.display()))?
-        .spawn()
-        .context("cannot start the FUSE session")?;
+        .with_context(|| format!("cannot mount on {}", args.mountpoint.display()))
+        .and_then(|session| session.spawn().context("cannot start the FUSE session"))
+        .map_err(abandon)?;
     let connection = mounted(&args.mountpoint).ok().flatten().and_then(|m| m.minor);
     let guard = match connection.map(AbortGuard::arm) {
         Some(Ok(guard)) => guard,
         Some(Err(e)) => {
             unmount(&args.mountpoint);
-            return Err(e);
+            return Err(abandon(e));
         }
         None => {
             tracing::warn!("{} is not in /proc/self/mountinfo", args.mountpoint.display());
@@ -469,38 +489,14 @@ fn start_on(
             Ok(n) => notices = Some(n),
             Err(e) => {
                 unmount(&args.mountpoint);
-                return Err(e).context("cannot start the echo thread");
+                return Err(abandon(anyhow::Error::new(e).context("cannot start the echo thread")));
             }
         }
     }
-    let target = dial.target.clone();
     let (stop, stopped) = watch::channel(false);
-    let keeper =
-        runtime.spawn(crate::reconnect::keep(dial, fs.clone(), ssh, feed, notices, current, stopped));
-    let daemon = Arc::new(Daemon {
-        mountpoint: args.mountpoint.clone(),
-        name: args.name.clone(),
-        target,
-        fs,
-        sessions,
-        forwards: Mutex::new(forwards),
-        server: server.map(|s| Arc::new(Mutex::new(s))),
-        environment: args.environment.clone(),
-        gave_up: Default::default(),
-    });
-    let control = runtime.block_on(async { control::bind(&daemon) });
-    match control {
-        Ok(listener) => {
-            runtime.spawn(control::serve(listener, daemon.clone()));
-            Ok(Started { fuse, guard, daemon, keeper, stop })
-        }
-        Err(e) => {
-            unmount(&args.mountpoint);
-            let _ = fuse.join();
-            runtime.block_on(shutdown(&daemon, stop, keeper));
-            Err(e)
-        }
-    }
+    let keeper = runtime.spawn(crate::reconnect::keep(dial, fs, ssh, feed, notices, current, stopped));
+    runtime.spawn(control::serve(listener, daemon.clone()));
+    Ok(Started { fuse, guard, daemon, keeper, stop })
 }
 
 /// After the unmount: the journal goes to the server (what cannot stays for the next mount),

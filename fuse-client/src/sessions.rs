@@ -1,7 +1,9 @@
-//! The sessions as the command line sees them: finding one (`--mount`, else the mount that
-//! holds the current directory, else the only one), the commands that talk to its daemon
-//! through [`crate::control`] (`exec`, `ssh`, `sync`, `status`, `down`), and the cleanup of a
-//! session whose daemon is gone (killed, crashed): its dead mount, socket and key files.
+//! The sessions as the command line sees them: finding one (`--mount`, else the one named by
+//! the manifest of `-m`, else the mount that holds the current directory, else the one named by
+//! `./devmount.yml`, else the only one), the commands that talk to its daemon through
+//! [`crate::control`] (`exec`, `ssh`, `sync`, `status`, `down`, `ssh-config`, `proxy`), and the
+//! cleanup of a session whose daemon is gone (killed, crashed): its dead mount, socket and key
+//! files.
 //!
 //! A session's daemon is reached only through its socket; a session without a live daemon is
 //! never "found" silently: each command says so and, where it is the user's intent (`up`,
@@ -17,6 +19,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::control::{self, ConnectError, DownEvent, Info};
 use crate::exec::{self, ExecRequest, PtyRequest, RawMode, WindowSize};
+use crate::manifest::Manifest;
 use crate::mount::{self, Progress};
 use crate::up::Spinner;
 
@@ -58,13 +61,25 @@ fn at(mountpoint: &Path) -> Result<Info> {
     })
 }
 
-/// The session meant: `--mount`, else the one whose mount holds the current directory, else
-/// the only one.
-pub fn find(mount: Option<&Path>) -> Result<Info> {
-    if let Some(mount) = mount {
+/// Which session a command means, as its command line says.
+#[derive(Debug, Clone, Default)]
+pub struct Selector {
+    /// `--mount MNT`, or the command's MNT.
+    pub mount: Option<PathBuf>,
+    /// `-m FILE`: the manifest that names the session.
+    pub manifest: Option<PathBuf>,
+}
+
+/// The session meant: `--mount`, else the one named by `-m FILE`, else the one whose mount
+/// holds the current directory, else the one named by `./devmount.yml`, else the only one.
+pub fn find(selector: &Selector) -> Result<Info> {
+    if let Some(mount) = &selector.mount {
         return at(mount);
     }
     let all = control::sessions()?;
+    if let Some(path) = &selector.manifest {
+        return named(&all, &Manifest::load(path)?.name, Some(path));
+    }
     if let Ok(cwd) = std::env::current_dir() {
         let holding = all
             .iter()
@@ -72,6 +87,9 @@ pub fn find(mount: Option<&Path>) -> Result<Info> {
             .max_by_key(|s| s.mountpoint.as_os_str().len());
         if let Some(session) = holding {
             return Ok(session.clone());
+        }
+        if let Some(manifest) = Manifest::find(&cwd)? {
+            return named(&all, &manifest.name, Some(Path::new(crate::manifest::FILE_NAME)));
         }
     }
     match &all[..] {
@@ -86,6 +104,60 @@ pub fn find(mount: Option<&Path>) -> Result<Info> {
             )
         }
     }
+}
+
+/// The session named `name` (by the manifest at `manifest`, if one named it).
+fn named(all: &[Info], name: &str, manifest: Option<&Path>) -> Result<Info> {
+    let found: Vec<&Info> = all.iter().filter(|s| s.name.as_deref() == Some(name)).collect();
+    match found[..] {
+        [one] => Ok(one.clone()),
+        [] => {
+            let running = if all.is_empty() {
+                "none is running".to_owned()
+            } else {
+                let list: Vec<String> = all
+                    .iter()
+                    .map(|s| {
+                        format!("{} at {}", s.name.as_deref().unwrap_or("(unnamed)"), s.mountpoint.display())
+                    })
+                    .collect();
+                format!("running: {}", list.join(", "))
+            };
+            match manifest {
+                Some(file) => bail!(
+                    "no devmount session named {name} (the name in {}) is running ({running}); start it with `devmount up MNT -m {}`, or say which with --mount MNT",
+                    file.display(),
+                    file.display()
+                ),
+                None => bail!("no devmount session named {name} is running ({running})"),
+            }
+        }
+        _ => {
+            let list: Vec<String> = found.iter().map(|s| s.mountpoint.display().to_string()).collect();
+            bail!(
+                "{} sessions are named {name} ({}); say which with --mount MNT",
+                found.len(),
+                list.join(", ")
+            )
+        }
+    }
+}
+
+/// Before `devmount up` starts a session named `name` at `mountpoint`: no other running
+/// session may have that name, or `devmount proxy NAME` could not tell them apart.
+pub fn check_name_free(name: &str, mountpoint: &Path) -> Result<()> {
+    let taken = control::sessions()?.into_iter().find(|s| {
+        s.name.as_deref() == Some(name)
+            && s.mountpoint != mountpoint
+            && std::os::unix::net::UnixStream::connect(&s.socket).is_ok()
+    });
+    if let Some(other) = taken {
+        bail!(
+            "a devmount session named {name} already runs at {}; give this one another name with --name NAME (or `name:` in its devmount.yml)",
+            other.mountpoint.display()
+        );
+    }
+    Ok(())
 }
 
 /// Whether the process `pid` runs (a zombie has ended).
@@ -184,6 +256,14 @@ fn unreachable(e: ConnectError) -> anyhow::Error {
     }
 }
 
+/// A failure to reach the daemon, explained; other errors as they are.
+fn explained(e: anyhow::Error) -> anyhow::Error {
+    match e.downcast::<ConnectError>() {
+        Ok(e) => unreachable(e),
+        Err(e) => e,
+    }
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -192,22 +272,32 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 /// `devmount sync [MNT]`.
-pub fn sync(mount: Option<&Path>) -> Result<()> {
-    let session = find(mount)?;
-    runtime()?.block_on(async {
-        match control::sync(&session).await {
-            Err(e) => match e.downcast::<ConnectError>() {
-                Ok(e) => Err(unreachable(e)),
-                Err(e) => Err(e),
-            },
-            ok => ok,
-        }
-    })
+pub fn sync(selector: &Selector) -> Result<()> {
+    let session = find(selector)?;
+    runtime()?.block_on(control::sync(&session)).map_err(explained)
 }
 
-/// `devmount status`: every session, dead ones cleaned up.
-pub fn status() -> Result<()> {
-    let all = control::sessions()?;
+/// `devmount ssh-config [MNT]`: the session's `Host` block for OpenSSH.
+pub fn ssh_config(selector: &Selector) -> Result<()> {
+    let session = find(selector)?;
+    let config = runtime()?.block_on(control::ssh_config(&session)).map_err(explained)?;
+    let devmount = std::env::current_exe().context("cannot find devmount's own executable")?;
+    print(&config.block(&devmount, &session.mountpoint)?)
+}
+
+/// `devmount proxy NAME`: stdin and stdout carried to the SSH server of the session named
+/// `name`, over the session's connection.
+pub fn proxy(name: &str) -> Result<()> {
+    let session = named(&control::sessions()?, name, None)?;
+    crate::proxy::splice(control::proxy(&session).map_err(explained)?)
+}
+
+/// `devmount status`: every session (or the one `-m` names), dead ones cleaned up.
+pub fn status(selector: &Selector) -> Result<()> {
+    let all = match (&selector.mount, &selector.manifest) {
+        (None, None) => control::sessions()?,
+        _ => vec![find(selector)?],
+    };
     if all.is_empty() {
         return print("no devmount sessions\n");
     }
@@ -245,8 +335,8 @@ fn print(text: &str) -> Result<()> {
 
 /// `devmount down [MNT]`: drains, unmounts and waits for the daemon to exit; after a dead
 /// daemon, cleans up.
-pub fn down(mount: Option<&Path>, verbose: bool) -> Result<()> {
-    let session = find(mount)?;
+pub fn down(selector: &Selector, verbose: bool) -> Result<()> {
+    let session = find(selector)?;
     // Our own working directory must not keep the mount busy.
     let _ = std::env::set_current_dir("/");
     let mut spinner = Spinner::new(verbose);
@@ -275,7 +365,7 @@ pub fn down(mount: Option<&Path>, verbose: bool) -> Result<()> {
 /// How `devmount exec` and `devmount ssh` run.
 #[derive(Debug, Clone, Default)]
 pub struct ExecArgs {
-    pub mount: Option<PathBuf>,
+    pub selector: Selector,
     /// `-t` (true) or `-T` (false); by default a pty when stdin is a terminal.
     pub tty: Option<bool>,
     /// The words of the command, joined with spaces for the remote shell as ssh does; `None`
@@ -285,7 +375,7 @@ pub struct ExecArgs {
 
 /// `devmount exec` and `devmount ssh`: returns the exit code (the command's, or 128 + signal).
 pub fn exec(args: ExecArgs) -> Result<u8> {
-    let session = find(args.mount.as_deref())?;
+    let session = find(&args.selector)?;
     let cwd = std::env::current_dir().ok().and_then(|cwd| {
         cwd.strip_prefix(&session.mountpoint).ok().map(|rel| rel.as_os_str().as_bytes().to_vec())
     });
@@ -317,10 +407,7 @@ pub fn exec(args: ExecArgs) -> Result<u8> {
     let result = runtime.block_on(async {
         let events =
             exec::watch_signals(if pty { terminal } else { None }).context("cannot watch signals")?;
-        control::exec(&session, req, events).await.map_err(|e| match e.downcast::<ConnectError>() {
-            Ok(e) => unreachable(e),
-            Err(e) => e,
-        })
+        control::exec(&session, req, events).await.map_err(explained)
     });
     // Before any error is printed: the terminal must be itself again.
     drop(raw);

@@ -6,7 +6,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::cache::CacheConfig;
@@ -38,6 +38,10 @@ pub struct UpArgs {
     /// The manifest (default: ./devmount.yml, if there is one).
     #[arg(short = 'm', long = "manifest", value_name = "FILE")]
     pub manifest: Option<PathBuf>,
+    /// The session's name, for `devmount ssh-config` and `devmount proxy NAME` (default: the
+    /// manifest's `name`, else the served directory's name).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
     /// Serve in this process instead of a background daemon.
     #[arg(long)]
     pub foreground: bool,
@@ -76,6 +80,14 @@ pub fn run(args: UpArgs) -> Result<()> {
     };
     let dir = served_dir(&dir)?;
     let forwards = forwards(&args, manifest.as_ref())?;
+    if let Some(name) = &args.name {
+        manifest::check_name(name).map_err(|e| anyhow!("--{e}"))?;
+    }
+    let name = match (&args.name, &manifest) {
+        (Some(name), _) => name.clone(),
+        (None, Some(m)) => m.name.clone(),
+        (None, None) => manifest::default_name(&dir),
+    };
 
     crate::sessions::reap(&args.mountpoint)?;
     let mountpoint = mount::check_mountpoint(&args.mountpoint)?;
@@ -86,6 +98,7 @@ pub fn run(args: UpArgs) -> Result<()> {
             dir.display()
         );
     }
+    crate::sessions::check_name_free(&name, &mountpoint)?;
 
     let settings = manifest.as_ref().map(|m| m.cache).unwrap_or_default();
     let timeout = match args.timeout {
@@ -132,8 +145,8 @@ pub fn run(args: UpArgs) -> Result<()> {
         cache,
         journal,
         forwards,
-        environment: manifest.as_ref().map(|m| m.environment.clone()).unwrap_or_default(),
-        name: manifest.map(|m| m.name),
+        environment: manifest.map(|m| m.environment).unwrap_or_default(),
+        name: Some(name),
     };
     let mut progress = Spinner::new(args.verbose);
     mount::run(mount_args, &mut progress)?;

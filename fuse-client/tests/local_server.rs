@@ -1,5 +1,6 @@
 //! `devmount::local_server` with the real `devmount-server` binary: the session keys, an SSH
-//! connection made with them, the server's end with its parent, and every start error.
+//! connection made with them, the server's end with its parent, its restarts, and every start
+//! error.
 //!
 //! Needs the server binary: `cargo build -p devmount-server` first (or set DEVMOUNT_BIN_DIR to
 //! the directory holding it).
@@ -11,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use devmount::local_server::{LocalServer, StartOptions};
+use devmount::local_server::{Health, LocalServer, ServerState, StartOptions, MAX_EXITS};
 use devmount::session::{self, ConnectOptions, SessionError, Target};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -104,7 +105,7 @@ fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
 fn serves_the_directory_over_ssh_with_the_session_keys() {
     let d = dirs();
     let mut server = LocalServer::start(&d.served, &d.state, &options()).unwrap();
-    assert!(server.is_alive());
+    assert!(server.state().pid().is_some());
     assert!(server.session_dir().starts_with(d.state.join("local")));
     assert_eq!(server.root(), d.served);
 
@@ -125,25 +126,69 @@ fn serves_the_directory_over_ssh_with_the_session_keys() {
     let session_dir = server.session_dir().to_owned();
     let port = server.port();
     server.stop().unwrap();
-    assert!(!server.is_alive());
+    assert_eq!(server.state().health, Health::Stopped);
     assert!(!session_dir.exists(), "stop removes the keys and the log");
     assert!(TcpStream::connect(("127.0.0.1", port)).is_err(), "nothing listens on {port} after stop");
     server.stop().unwrap();
 }
 
+/// Kills the running server with SIGKILL and waits until the supervisor has seen it: the state
+/// then shows the exit (restarting, or given up).
+fn kill_server(server: &LocalServer) -> ServerState {
+    let before = server.state();
+    let pid = before.pid().expect("the server runs");
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    let mut state = before.clone();
+    wait_until("the server's exit is seen", || {
+        state = server.state();
+        state.last_exit != before.last_exit
+    });
+    state
+}
+
+fn wait_running(server: &LocalServer, restarts: u32) -> ServerState {
+    let mut state = server.state();
+    wait_until(&format!("restart {restarts} is done"), || {
+        state = server.state();
+        state.restarts == restarts && state.pid().is_some()
+    });
+    state
+}
+
 #[test]
-fn a_dead_server_is_reported_with_its_log() {
+fn a_killed_server_is_restarted_on_its_port_with_its_keys() {
     let d = dirs();
     let server = LocalServer::start(&d.served, &d.state, &options()).unwrap();
-    kill(Pid::from_raw(server.pid() as i32), Signal::SIGKILL).unwrap();
-    wait_until("the server is seen dead", || !server.is_alive());
-    assert_eq!(server.exit_reason().as_deref(), Some("signal: 9 (SIGKILL)"));
-    let lines = server.last_log_lines(50);
-    assert!(lines.iter().any(|l| l.contains("listening on")), "{lines:?}");
-    assert!(server.last_log_lines(1).len() == 1);
+    let first = server.state().pid().unwrap();
+    let state = kill_server(&server);
+    let exit = state.last_exit.unwrap();
+    assert_eq!(exit.what, "exited (signal 9, SIGKILL)");
+    assert!(exit.log.iter().any(|l| l.contains("listening on")), "{:?}", exit.log);
+    assert!(exit.to_string().starts_with("exited (signal 9, SIGKILL) at "), "{exit}");
+
+    let state = wait_running(&server, 1);
+    assert_ne!(state.pid(), Some(first));
+    assert!(state.restarted_at.is_some());
+    // The same port and host key: the known_hosts file written at the start still holds.
+    let data = read_over_ssh(&server.target(), server.identity(), server.known_hosts(), "hello.txt");
+    assert_eq!(data, b"hello from the served directory\n");
     let session_dir = server.session_dir().to_owned();
     drop(server);
     assert!(!session_dir.exists(), "drop removes the session directory");
+}
+
+#[test]
+fn a_server_that_keeps_exiting_is_given_up() {
+    let d = dirs();
+    let server = LocalServer::start(&d.served, &d.state, &options()).unwrap();
+    for restarts in 1..MAX_EXITS as u32 {
+        assert_eq!(kill_server(&server).health, Health::Restarting);
+        wait_running(&server, restarts);
+    }
+    let state = kill_server(&server);
+    assert_eq!(state.health, Health::GaveUp, "{state:?}");
+    assert_eq!(state.restarts, MAX_EXITS as u32 - 1);
+    assert!(TcpStream::connect(("127.0.0.1", server.port())).is_err(), "nothing listens after giving up");
 }
 
 #[test]
@@ -188,7 +233,8 @@ fn helper_starts_a_server_and_waits() {
     // take that for its parent's death.
     let server =
         std::thread::spawn(move || LocalServer::start(&served, &state, &options()).unwrap()).join().unwrap();
-    println!("{READY}{} {} {}", server.pid(), server.port(), server.session_dir().display());
+    let pid = server.state().pid().unwrap();
+    println!("{READY}{pid} {} {}", server.port(), server.session_dir().display());
     loop {
         std::thread::park();
     }
@@ -321,7 +367,7 @@ fn a_server_that_fails_to_start_is_reported_with_its_log() {
     let message =
         start_error(&d.served, &d.state, &StartOptions { server_bin: Some(bin.clone()), ..options() });
     assert!(message
-        .starts_with(&format!("{} stopped before it was ready (exit status: 3); its log ", bin.display())));
+        .starts_with(&format!("{} stopped before it was ready (exit status 3); its log ", bin.display())));
     assert!(message.ends_with("server.log ends: first line | fatal: cannot serve"), "{message}");
     // The log the message names is kept; the keys are not.
     let sessions: Vec<_> =
@@ -332,7 +378,7 @@ fn a_server_that_fails_to_start_is_reported_with_its_log() {
 
     let silent = script(&d.root, "silent", "exit 0");
     let message = start_error(&d.served, &d.state, &StartOptions { server_bin: Some(silent), ..options() });
-    assert!(message.contains("stopped before it was ready (exit status: 0); its log "), "{message}");
+    assert!(message.contains("stopped before it was ready (exit status 0); its log "), "{message}");
     assert!(message.ends_with("server.log is empty"), "{message}");
 }
 

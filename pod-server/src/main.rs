@@ -100,7 +100,7 @@ async fn serve(
     listen: SocketAddr,
     host_key: russh::keys::PrivateKey,
     authorized_keys: PathBuf,
-    allow: AllowList,
+    mut allow: AllowList,
 ) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
@@ -110,6 +110,12 @@ async fn serve(
         .await
         .with_context(|| format!("cannot listen on {listen}; pick another port or use port 0"))?;
     let local = listener.local_addr()?;
+    // Its own SSH port may always be reached with direct-tcpip: that only gives an
+    // authenticated client a second SSH session (OpenSSH's `ssh`, `scp`, `sftp` through
+    // `devmount proxy`), never a way past the allow-list.
+    if local.ip().is_loopback() || local.ip().is_unspecified() {
+        allow.forward.insert(local.port());
+    }
     let fingerprint = keys::fingerprint(host_key.public_key());
     let config = Arc::new(ssh::config(host_key));
     let mut server = ssh::Server(ssh::Shared::new(root, authorized_keys, allow, feed, reaper.clone()));

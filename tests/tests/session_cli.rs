@@ -1,6 +1,8 @@
 //! The session commands through the `devmount` binary only, as a user runs them: `devmount up
 //! MNT --local DIR`, then `exec`, `ssh`'s terminal, `status`, `down`, `umount` by hand, two
-//! sessions at once, a killed daemon, a manifest, `init`, and each bad input's one-line message.
+//! sessions at once, a killed daemon (with changes pending), a killed server (restarted, then
+//! given up on), OpenSSH clients through `ssh-config`, a manifest and `-m`, `init`, and each bad
+//! input's one-line message.
 //!
 //! Every test has its own sandbox: a temporary directory with the served directories, the mount
 //! points, and the state and socket directories (`XDG_STATE_HOME`, `XDG_RUNTIME_DIR`), so tests
@@ -9,7 +11,7 @@
 
 use std::fs;
 use std::io::Read;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -48,14 +50,20 @@ impl Sandbox {
         base.join(rel)
     }
 
-    /// `devmount` with the sandbox's state and sockets, run in the sandbox.
-    fn devmount(&self) -> Result<Command> {
-        let mut cmd = command(client_bin()?);
+    /// `program` with the sandbox's state and sockets, run in the sandbox: what `devmount`
+    /// needs, and OpenSSH clients whose `ProxyCommand` is `devmount proxy`.
+    fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = command(program);
         cmd.env("XDG_STATE_HOME", self.path("state"))
             .env("XDG_RUNTIME_DIR", self.path("run"))
             .env_remove("DEVMOUNT_LOG")
             .current_dir(self.path(""));
-        Ok(cmd)
+        cmd
+    }
+
+    /// `devmount` with the sandbox's state and sockets, run in the sandbox.
+    fn devmount(&self) -> Result<Command> {
+        Ok(self.command(client_bin()?))
     }
 
     /// `devmount ARGS...`, however it ends.
@@ -513,5 +521,253 @@ fn bad_input_gets_a_one_line_error() -> Result<()> {
     fs::write(sb.path("devmount.yml"), "target:\n  local: dir\nforwards: [\"8080:8080\"]\n")?;
     one_line_error(&sb.run(&["up", "mnt"])?, "devmount.yml:3:1: unknown key")?;
     ensure!(mounts_under(&sb.path(""))?.is_empty(), "a failed command left a mount");
+    Ok(())
+}
+
+/// The value of `key` in an ssh config block, unquoted.
+fn config_value<'t>(block: &'t str, key: &str) -> Option<&'t str> {
+    block
+        .lines()
+        .find_map(|line| line.trim().strip_prefix(key)?.strip_prefix(' '))
+        .map(|value| value.trim_matches('"'))
+}
+
+#[test]
+fn ssh_config_lets_openssh_clients_ride_the_session() -> Result<()> {
+    let sb = Sandbox::new()?;
+    let mnt = sb.up("mnt", "dir", &[])?;
+    fs::write(mnt.join("through-mount.txt"), b"written through the mount\n")?;
+    sb.ok(&["sync"])?;
+
+    let config = sb.ok(&["ssh-config"])?.stdout_text();
+    let path = sb.path("ssh_config");
+    fs::write(&path, &config)?;
+    ensure!(config.contains("\nHost devmount-dir\n"), "{config}");
+    ensure!(config_value(&config, "StrictHostKeyChecking") == Some("yes"), "{config}");
+    ensure!(config_value(&config, "HostKeyAlias") == Some("devmount-dir"), "{config}");
+    ensure!(config_value(&config, "IdentitiesOnly") == Some("yes"), "{config}");
+    ensure!(!config.contains("/dev/null"), "{config}");
+    let proxy = config_value(&config, "ProxyCommand").ok_or_else(|| anyhow!("{config}"))?;
+    let program = proxy
+        .strip_suffix("' proxy dir")
+        .and_then(|p| p.strip_prefix('\''))
+        .ok_or_else(|| anyhow!("{config}"))?;
+    ensure!(fs::canonicalize(program)? == fs::canonicalize(client_bin()?)?, "{config}");
+    // The pinned key is the session's own, under the alias, in a private file.
+    let known =
+        PathBuf::from(config_value(&config, "UserKnownHostsFile").ok_or_else(|| anyhow!("{config}"))?);
+    ensure!(known.starts_with(sb.path("state")), "{config}");
+    let entry = fs::read_to_string(&known)?;
+    ensure!(entry.starts_with("devmount-dir ssh-ed25519 ") && entry.lines().count() == 1, "{entry}");
+    ensure!(fs::metadata(&known)?.permissions().mode() & 0o777 == 0o600, "{} is not 0600", known.display());
+
+    let cfg = path.to_string_lossy().into_owned();
+    let out = run(sb
+        .command("ssh")
+        .args(["-F", &cfg, "-o", "BatchMode=yes", "devmount-dir"])
+        .arg("cat through-mount.txt"))?;
+    ensure!(out.success() && out.stdout_text() == "written through the mount\n", "{out}");
+
+    let batch = format!(
+        "get {} {}\nput {} {}\n",
+        sb.path("dir/through-mount.txt").display(),
+        sb.path("fetched.txt").display(),
+        path.display(),
+        sb.path("dir/uploaded").display()
+    );
+    fs::write(sb.path("batch"), batch)?;
+    let out =
+        run(sb.command("sftp").args(["-F", &cfg, "-o", "BatchMode=yes", "-b", "batch", "devmount-dir"]))?;
+    ensure!(out.success(), "{out}");
+    ensure!(
+        fs::read(sb.path("fetched.txt"))? == b"written through the mount\n",
+        "sftp fetched something else"
+    );
+    ensure!(fs::read_to_string(sb.path("dir/uploaded"))? == config, "sftp uploaded something else");
+    // What the server got reaches the mount.
+    retry("the upload to appear in the mount", DEADLINE, || {
+        ensure!(fs::read_to_string(mnt.join("uploaded"))? == config, "not yet");
+        Ok(())
+    })?;
+
+    one_line_error(
+        &sb.run(&["proxy", "nosuch"])?,
+        &format!("no devmount session named nosuch is running (running: dir at {})", mnt.display()),
+    )?;
+    Ok(())
+}
+
+#[test]
+fn dash_m_names_the_session_in_every_command() -> Result<()> {
+    let sb = Sandbox::new()?;
+    fs::create_dir_all(sb.path("alpha/src"))?;
+    fs::write(sb.path("alpha/devmount.yml"), "name: alpha\ntarget:\n  local: src\n")?;
+    fs::create_dir(sb.path("mnt-a"))?;
+    let out = sb.ok(&["up", "mnt-a", "-m", "alpha/devmount.yml"])?;
+    let a = sb.path("mnt-a");
+    ensure!(is_mount_point(&a)?, "{out}");
+    let b = sb.up("mnt-b", "dir-b", &[])?;
+    let here = sb.path("");
+    let m = ["-m", "alpha/devmount.yml"];
+
+    let out = sb.exec_in(&here, &[m[0], m[1], "pwd"])?;
+    ensure!(out.success() && Path::new(out.stdout_text().trim_end()) == sb.path("alpha/src"), "{out}");
+    fs::write(a.join("synced.txt"), b"through -m\n")?;
+    sb.ok(&["sync", m[0], m[1]])?;
+    ensure!(fs::read(sb.path("alpha/src/synced.txt"))? == b"through -m\n", "sync -m did not sync alpha");
+    let status = sb.ok(&["status", m[0], m[1]])?;
+    let text = status.stdout_text();
+    ensure!(session_block(&text, &a).is_some() && session_block(&text, &b).is_none(), "{status}");
+    ensure!(text.contains("name:     alpha"), "{status}");
+    let config = sb.ok(&["ssh-config", m[0], m[1]])?.stdout_text();
+    ensure!(config.contains("\nHost devmount-alpha\n"), "{config}");
+    let out = run_with(sb.devmount()?.args(["ssh", "-T", m[0], m[1]]), b"pwd\n", DEADLINE)?;
+    ensure!(out.success() && Path::new(out.stdout_text().trim_end()) == sb.path("alpha/src"), "{out}");
+
+    // A manifest whose session is not running, a missing manifest, and two ways of naming.
+    fs::write(sb.path("other.yml"), "name: nobody\ntarget:\n  local: dir-b\n")?;
+    one_line_error(
+        &sb.exec_in(&here, &["-m", "other.yml", "true"])?,
+        "no devmount session named nobody (the name in other.yml) is running (running: alpha at",
+    )?;
+    one_line_error(&sb.run(&["status", "-m", "missing.yml"])?, "cannot read missing.yml")?;
+    one_line_error(&sb.exec_in(&here, &["--mount", "mnt-b", "-m", "other.yml", "true"])?, "not both")?;
+    // Names are unique among running sessions: `devmount proxy NAME` must know which.
+    fs::create_dir(sb.path("mnt-c"))?;
+    one_line_error(
+        &sb.run(&["up", "mnt-c", "--local", "alpha/src", "--name", "dir-b"])?,
+        &format!("a devmount session named dir-b already runs at {}", b.display()),
+    )?;
+    one_line_error(
+        &sb.run(&["up", "mnt-c", "--local", "alpha/src", "--name", "no good"])?,
+        "--name \"no good\"",
+    )?;
+
+    sb.ok(&["down", m[0], m[1]])?;
+    ensure!(!is_mount_point(&a)? && is_mount_point(&b)?, "down -m ended the wrong session");
+    Ok(())
+}
+
+/// The server's pid once `devmount status` shows it running again, other than `old`.
+fn restarted_server(sb: &Sandbox, mnt: &Path, old: i32) -> Result<i32> {
+    retry("the server to be restarted", DEADLINE, || {
+        let pid = sb.server_pid(mnt)?;
+        ensure!(pid != old, "still pid {old}");
+        Ok(pid)
+    })
+}
+
+#[test]
+fn a_killed_server_is_reported_restarted_and_given_up_on_when_it_keeps_dying() -> Result<()> {
+    let sb = Sandbox::new()?;
+    let mnt = sb.up("mnt", "dir", &[])?;
+    let mut server = sb.server_pid(&mnt)?;
+    kill(Pid::from_raw(server), Signal::SIGKILL)?;
+    // Restarting or restarted, the exit is shown, with the log's end.
+    let status = retry("status to report the exit", DEADLINE, || {
+        let status = sb.ok(&["status"])?;
+        ensure!(status.stdout_text().contains("devmount-server exited (signal 9, SIGKILL) at "), "{status}");
+        Ok(status)
+    })?;
+    ensure!(status.stdout_text().contains("exit log: "), "{status}");
+    server = restarted_server(&sb, &mnt, server)?;
+
+    // The mount carries on over the restarted server: a write reaches the directory, exec works.
+    fs::write(mnt.join("after-restart.txt"), b"written after the restart\n")?;
+    let out = sb.exec_in(&sb.path(""), &["cat after-restart.txt"])?;
+    ensure!(out.success() && out.stdout_text() == "written after the restart\n", "{out}");
+    let status = sb.ok(&["status"])?;
+    ensure!(status.stdout_text().contains("server:   restarted at "), "{status}");
+    ensure!(status.stdout_text().contains("state:    connected"), "{status}");
+
+    // Dying again and again within a minute: it stays down, and says so.
+    kill(Pid::from_raw(server), Signal::SIGKILL)?;
+    server = restarted_server(&sb, &mnt, server)?;
+    kill(Pid::from_raw(server), Signal::SIGKILL)?;
+    retry("status to give up", DEADLINE, || {
+        let status = sb.ok(&["status"])?;
+        ensure!(status.stdout_text().contains("not restarted: it exited 3 times within 60s"), "{status}");
+        Ok(())
+    })?;
+    let out = sb.exec_in(&sb.path(""), &["true"])?;
+    ensure!(out.code() == Some(255), "{out}");
+    let err = out.stderr_text();
+    let first = err.lines().next().unwrap_or_default();
+    ensure!(
+        first.starts_with("devmount: the session's devmount-server exited (signal 9, SIGKILL) at ")
+            && first.contains("not restarted: it exited 3 times"),
+        "{out}"
+    );
+    ensure!(err.lines().skip(1).any(|l| l.contains("listening on")), "no log lines\n{out}");
+    sb.ok(&["down"])?;
+    ensure!(!is_mount_point(&mnt)?, "down left the mount");
+    Ok(())
+}
+
+/// Kills a stopped process when dropped, so a failing test leaves no frozen server.
+struct Frozen(i32);
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        // It may be gone already; nothing to report then.
+        let _ = kill(Pid::from_raw(self.0), Signal::SIGKILL);
+    }
+}
+
+/// Overwrites the start of `held`, says so, then creates files `f0`, `f1`, ... saying each.
+const WRITER: &str = r#"
+import os, sys
+d = sys.argv[1]
+fd = os.open(os.path.join(d, "held"), os.O_WRONLY)
+os.write(fd, b"NEW")
+os.close(fd)
+print("held", flush=True)
+for i in range(100):
+    with open(os.path.join(d, "f%d" % i), "wb") as f:
+        f.write(b"file %d\n" % i)
+    print(i, flush=True)
+"#;
+
+#[test]
+fn a_killed_daemon_keeps_its_pending_writes_for_the_next_up() -> Result<()> {
+    let sb = Sandbox::new()?;
+    fs::write(sb.path("dir/held"), b"old contents\n")?;
+    let mnt = sb.up("mnt", "dir", &[])?;
+    // Looked up, so writing it needs no round trip.
+    ensure!(fs::read(mnt.join("held"))? == b"old contents\n");
+    let frozen = Frozen(sb.server_pid(&mnt)?);
+    kill(Pid::from_raw(frozen.0), Signal::SIGSTOP)?;
+
+    let mut writer = Proc::spawn(command("python3").arg("-c").arg(WRITER).arg(&mnt))?;
+    writer.close_stdin();
+    writer.wait_stdout("the write to held to return", DEADLINE, |out| out.starts_with(b"held\n"))?;
+    let daemon = sb.daemon_pid(&mnt)?;
+    kill(Pid::from_raw(daemon), Signal::SIGKILL)?;
+    wait_gone("the killed daemon", daemon)?;
+    // Nothing hangs: the dead daemon's mount fails whatever waited on it.
+    let writer = writer.wait(DEADLINE)?;
+    let returned: Vec<usize> =
+        writer.stdout_text().lines().skip(1).map(str::parse).collect::<Result<_, _>>()?;
+    drop(frozen);
+
+    let status = sb.ok(&["status"])?;
+    ensure!(status.stderr_text().contains("lost its daemon"), "{status}");
+    ensure!(!is_mount_point(&mnt)?, "status left the dead mount\n{status}");
+
+    let mut up = sb.devmount()?;
+    let out = run(up.arg("up").arg(&mnt).arg("--local").arg(sb.path("dir")))?;
+    ensure!(out.success(), "{out}");
+    let replayed = out
+        .stderr_text()
+        .split("replaying ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next()?.parse::<usize>().ok());
+    ensure!(replayed.is_some_and(|n| n >= 1), "the second up did not say it replays changes\n{out}");
+    sb.ok(&["sync"])?;
+    ensure!(fs::read(sb.path("dir/held"))? == b"NEW contents\n", "the write to held was lost");
+    for i in returned {
+        let got = fs::read(sb.path(&format!("dir/f{i}")))?;
+        ensure!(got == format!("file {i}\n").into_bytes(), "f{i}: the returned write was lost");
+    }
     Ok(())
 }
