@@ -46,8 +46,10 @@
 //!   the command's stdin pipe has taken it.
 //!
 //!   The daemon first runs the flush barrier (everything written to the mount before the
-//!   request is on the server), then [`crate::exec::run`] on the session's connection. A client
-//!   that goes away before the end gives the command SIGHUP, as a lost SSH connection would.
+//!   request is on the server), then [`crate::exec::run_on`] on a channel of the session's
+//!   connection: the one opened ahead while the previous command ran (or at connect), so a
+//!   command costs one round trip, not two. A client that goes away before the end gives the
+//!   command SIGHUP, as a lost SSH connection would.
 
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -906,8 +908,12 @@ async fn run_exec(
     let feeder = tokio::spawn(feed_stdin(stdin_rx, stdin_w, queued.clone(), frames.clone()));
     let outputs = [stdout_closed, stderr_closed];
     let reader = tokio::spawn(read_input(input, buf, stdin_tx, queued, events_tx, outputs));
+    let channel = session.channel().await.map_err(|e| exec::ExecError::from(e).to_string())?;
+    // The next command's channel, opened while this one runs.
+    let spare = session.clone();
+    tokio::spawn(async move { spare.open_spare().await });
     let (status, (), ()) = tokio::join!(
-        exec::run(&session, &req, stdin_r, stdout_w, stderr_w, events),
+        exec::run_on(&session, channel, &req, stdin_r, stdout_w, stderr_w, events),
         pump(stdout_r, Stream::Stdout, frames.clone(), stdout_closed_rx),
         pump(stderr_r, Stream::Stderr, frames.clone(), stderr_closed_rx),
     );

@@ -61,6 +61,8 @@ pub async fn keep(
     let address = dial.target.address();
     loop {
         current.send_replace(Some(session.clone()));
+        let spare = session.clone();
+        tokio::spawn(async move { spare.open_spare().await });
         let mut feed_task = None;
         if let (Some(feed), Some(notices)) = (feed.take(), notices.clone()) {
             let fs = fs.clone();

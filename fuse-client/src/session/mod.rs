@@ -117,6 +117,9 @@ pub struct Session {
     closed: watch::Receiver<Option<String>>,
     /// Where the handler hands `forwarded-tcpip` channels; see [`Session::forwarded_tcpip`].
     forwarded: ForwardedSlot,
+    /// A session channel opened ahead by [`Session::open_spare`], so that a command costs no
+    /// round trip for its channel's opening.
+    spare: Mutex<Option<Channel<Msg>>>,
 }
 
 /// Connects over TCP to `target` and authenticates with the private key in `identity`, once
@@ -289,7 +292,8 @@ where
         }
     }
     tracing::debug!(target = %target, "connected");
-    Ok(Session { handle, target: target.clone(), options: *options, closed, forwarded })
+    let spare = Mutex::new(None);
+    Ok(Session { handle, target: target.clone(), options: *options, closed, forwarded, spare })
 }
 
 fn handshake_error(address: &str, e: russh::Error) -> SessionError {
@@ -347,10 +351,26 @@ impl Session {
         Ok(channel)
     }
 
-    /// Opens a bare session channel, for a caller that makes its own requests on it (pty-req,
-    /// env, exec or shell).
+    /// A bare session channel, for a caller that makes its own requests on it (pty-req, env,
+    /// exec or shell): the one opened ahead, if there is one, else a new one.
     pub async fn channel(&self) -> Result<Channel<Msg>, SessionError> {
-        self.open_channel().await
+        let spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner).take();
+        match spare {
+            Some(channel) => Ok(channel),
+            None => self.open_channel().await,
+        }
+    }
+
+    /// Opens a session channel ahead for the next [`Session::channel`], unless one waits
+    /// already. A failure is left for that call to meet.
+    pub async fn open_spare(&self) {
+        if self.spare.lock().unwrap_or_else(PoisonError::into_inner).is_some() {
+            return;
+        }
+        if let Ok(channel) = self.open_channel().await {
+            // Two callers may race here: the second channel is dropped, which closes it.
+            self.spare.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(channel);
+        }
     }
 
     /// Opens a `direct-tcpip` channel to the server's `127.0.0.1:port`, on behalf of a local
