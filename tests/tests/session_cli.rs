@@ -268,11 +268,13 @@ fn exit_codes_and_signals_are_the_commands() -> Result<()> {
     let out = proc.wait(DEADLINE)?;
     ensure!(out.code() == Some(42) && out.stdout_text().ends_with("got INT\n"), "{out}");
 
-    // Also when the command leaves a flood of stdin unread: signals do not queue behind it.
+    // Also when the command leaves megabytes of stdin unread: signals do not queue behind them.
+    // (Within the server's stdin queue, 8 MiB: past it an unread flood stalls the connection
+    // until the command reads; see pod-server/src/exec.rs.)
     let bin = client_bin()?;
     let marker = format!("# {}", sb.path("").display());
     let script = format!(
-        "yes | {} exec \"trap 'echo got INT; exit 42' INT; echo ready; while :; do sleep 0.1; done {marker}\"",
+        "head -c 4000000 /dev/zero | {} exec \"trap 'echo got INT; exit 42' INT; echo ready; while :; do sleep 0.1; done {marker}\"",
         bin.display()
     );
     let mut cmd = command("bash");
