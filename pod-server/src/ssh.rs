@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use russh::keys::PrivateKey;
 use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, Session, VerifiedPublicKey};
-use russh::{Channel, ChannelId, ChannelMsg, MethodKind, MethodSet};
+use russh::{Channel, ChannelId, ChannelMsg, ChannelReadHalf, MethodKind, MethodSet};
 
 use crate::exec::{self, ExecRequest, PtyRequest};
 use crate::feed::Feed;
@@ -328,9 +328,20 @@ async fn subsystem(shared: &Shared, conn: u64, channel: Channel<Msg>, name: &str
                 changes: shared.feed.clone(),
                 limits: shared.sftp_limits,
             });
-            if let Err(e) = sftp::server::serve(channel.into_stream(), ctx).await {
-                tracing::warn!(conn, "sftp session ended: {e:#}");
-            }
+            // Not `into_stream`, which closes the channel when dropped: OpenSSH's clients (scp)
+            // want an exit status before the close, as sshd sends for its sftp-server.
+            let (read, write) = channel.split();
+            let stream = tokio::io::join(channel_reader(read), write.make_writer());
+            let status = match sftp::server::serve(stream, ctx).await {
+                Ok(()) => 0,
+                Err(e) => {
+                    tracing::warn!(conn, "sftp session ended: {e:#}");
+                    1
+                }
+            };
+            let _ = write.exit_status(status).await;
+            let _ = write.eof().await;
+            let _ = write.close().await;
         }
         SUBSYSTEM_FEED => {
             // The feed only writes; the client ends it by closing the channel, which the
@@ -358,4 +369,19 @@ async fn subsystem(shared: &Shared, conn: u64, channel: Channel<Msg>, name: &str
             let _ = channel.close().await;
         }
     }
+}
+
+/// The channel's data as an owned reader that ends at EOF or close, without closing the
+/// channel when dropped (russh's own owned reader, `into_stream`, does).
+fn channel_reader(read: ChannelReadHalf) -> impl tokio::io::AsyncRead + Send + 'static {
+    let data = futures_util::stream::unfold(read, |mut read| async move {
+        loop {
+            match read.wait().await? {
+                ChannelMsg::Data { data } => return Some((Ok::<_, std::io::Error>(data), read)),
+                ChannelMsg::Eof | ChannelMsg::Close => return None,
+                _ => {}
+            }
+        }
+    });
+    tokio_util::io::StreamReader::new(Box::pin(data))
 }

@@ -586,6 +586,15 @@ fn ssh_config_lets_openssh_clients_ride_the_session() -> Result<()> {
         "sftp fetched something else"
     );
     ensure!(fs::read_to_string(sb.path("dir/uploaded"))? == config, "sftp uploaded something else");
+    // scp exits 0 only if the server ends its sftp channel with an exit status, as sshd does.
+    let remote = format!("devmount-dir:{}", sb.path("dir/through-mount.txt").display());
+    let out = run(sb
+        .command("scp")
+        .args(["-F", &cfg, "-o", "BatchMode=yes"])
+        .arg(&remote)
+        .arg(sb.path("scp.txt")))?;
+    ensure!(out.success(), "{out}");
+    ensure!(fs::read(sb.path("scp.txt"))? == b"written through the mount\n", "scp fetched something else");
     // What the server got reaches the mount.
     retry("the upload to appear in the mount", DEADLINE, || {
         ensure!(fs::read_to_string(mnt.join("uploaded"))? == config, "not yet");
