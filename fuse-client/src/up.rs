@@ -68,6 +68,10 @@ pub fn run(args: UpArgs) -> Result<()> {
         (Some(dir), _) => dir.clone(),
         (None, Some(m)) => match &m.target {
             ManifestTarget::Local(dir) => dir.clone(),
+            ManifestTarget::Kubernetes(_) => bail!(
+                "{}: `devmount up` on a kubernetes target comes with a later version of devmount; `devmount render -f DEPLOYMENT.yaml` shows the dev Deployment it will apply",
+                m.path.display()
+            ),
         },
         (None, None) => bail!(
             "nothing to serve: give --local DIR, or run where a {} says what to serve (`devmount init` writes one)",
