@@ -9,6 +9,7 @@ pub mod forward;
 pub mod fs;
 pub mod fuse;
 pub mod journal;
+pub mod kube;
 pub mod local_server;
 pub mod manifest;
 pub mod mount;

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use devmount::cache::CacheConfig;
 use devmount::journal::Config as JournalConfig;
+use devmount::kube::render;
 use devmount::mount::{self, Endpoint, MountArgs};
 use devmount::session::Target;
 use devmount::sessions::{self, ExecArgs};
@@ -72,6 +73,17 @@ enum Command {
     },
     /// Write a commented devmount.yml in the current directory.
     Init,
+    /// Print, offline, what a session on the Deployment in FILE applies: the dev Deployment, the
+    /// persistent volume's claim and the Secret (its values as placeholders), with the
+    /// kubernetes settings of ./devmount.yml or -m.
+    Render {
+        /// The Deployment's YAML, e.g. from `kubectl get deployment NAME -o yaml`.
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+        /// The manifest (default: ./devmount.yml, if there is one).
+        #[arg(short = 'm', long = "manifest", value_name = "FILE")]
+        manifest: Option<PathBuf>,
+    },
     /// Mount a directory of an SSH server (devmount-server, or any OpenSSH server) at MNT.
     Mount {
         /// ssh://USER@HOST:PORT/PATH
@@ -147,6 +159,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Status => sessions::status().map(|()| 0),
         Command::Down { mountpoint, verbose } => sessions::down(mountpoint.as_deref(), verbose).map(|()| 0),
         Command::Init => up::init().map(|()| 0),
+        Command::Render { file, manifest } => render::run(&file, manifest.as_deref()).map(|()| 0),
         Command::Mount {
             target,
             mountpoint,
