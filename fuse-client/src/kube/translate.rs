@@ -258,11 +258,12 @@ pub fn translate(
 
     let dev = &mut pod.containers[index];
     dev_container(dev, settings, session, &workdir, &mounts);
-    let init = pod.init_containers.get_or_insert_with(Vec::new);
-    if let Some(image) = &settings.server_image {
-        init.push(copy_container(image, dev));
-    } else if claim.is_some() {
-        init.push(seed_container(dev, &mounts));
+    let init = match &settings.server_image {
+        Some(image) => Some(copy_container(image, dev)),
+        None => claim.is_some().then(|| seed_container(dev, &mounts)),
+    };
+    if let Some(init) = init {
+        pod.init_containers.get_or_insert_with(Vec::new).push(init);
     }
     let volumes = pod.volumes.get_or_insert_with(Vec::new);
     volumes.push(Volume {
@@ -743,4 +744,325 @@ fn load_spec(annotations: &BTreeMap<String, String>, what: &str) -> Result<Deplo
         }
     };
     serde_json::from_str(&json).map_err(|e| bad(format!("not a Deployment spec: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::PersistentVolume;
+    use serde_json::json;
+
+    fn deployment(value: serde_json::Value) -> Deployment {
+        serde_json::from_value(value).expect("a Deployment")
+    }
+
+    /// A Deployment with the given containers (name, workingDir) and extra pod spec fields.
+    fn with_containers(containers: serde_json::Value, pod: serde_json::Value) -> Deployment {
+        let mut spec = json!({"containers": containers});
+        spec.as_object_mut().unwrap().extend(pod.as_object().unwrap().clone());
+        deployment(json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "app", "namespace": "dev"},
+            "spec": {
+                "selector": {"matchLabels": {"app": "app"}},
+                "template": {"metadata": {"labels": {"app": "app"}}, "spec": spec}
+            }
+        }))
+    }
+
+    fn simple() -> Deployment {
+        with_containers(json!([{"name": "app", "image": "busybox"}]), json!({}))
+    }
+
+    fn session() -> Session {
+        Session {
+            id: SessionId::new("s1").unwrap(),
+            authorized_key: "ssh-ed25519 AAAA key\n".into(),
+            port: 2222,
+            allow_forward: vec![],
+            allow_reverse: vec![],
+        }
+    }
+
+    fn swap(original: &Deployment, settings: &DevSettings) -> Result<DevObjects, String> {
+        translate(original, settings, &session()).map_err(|e| e.to_string())
+    }
+
+    fn pod(objects: &DevObjects) -> &PodSpec {
+        objects.deployment.spec.template.spec.as_ref().unwrap()
+    }
+
+    #[test]
+    fn session_ids() {
+        for good in ["a", "s1", "0-x-9", &"a".repeat(40)] {
+            assert_eq!(SessionId::new(good).unwrap().as_str(), good);
+        }
+        for bad in ["", "-a", "a-", "A", "a_b", "a.b", &"a".repeat(41)] {
+            let message = SessionId::new(bad).unwrap_err().to_string();
+            assert!(message.contains("use at most 40 lowercase letters"), "{bad}: {message}");
+        }
+    }
+
+    #[test]
+    fn big_specs_are_saved_compressed() {
+        let env: Vec<_> = (0..400)
+            .map(|i| json!({"name": format!("VAR_{i}"), "value": format!("value number {i}")}))
+            .collect();
+        let original = with_containers(json!([{"name": "app", "image": "busybox", "env": env}]), json!({}));
+        assert!(serde_json::to_string(&original.spec).unwrap().len() >= GZIP_THRESHOLD);
+        let dev = swap(&original, &DevSettings::default()).unwrap();
+        let annotations = dev.deployment.annotations();
+        assert!(!annotations.contains_key(ORIGINAL_ANNOTATION));
+        let saved = &annotations[ORIGINAL_GZIP_ANNOTATION];
+        assert!(saved.len() < GZIP_THRESHOLD, "compressed: {} bytes", saved.len());
+        assert_eq!(restore(&dev.deployment).unwrap(), original);
+
+        let small = swap(&simple(), &DevSettings::default()).unwrap();
+        assert!(small.deployment.annotations()[ORIGINAL_ANNOTATION].starts_with("{\"selector\":"));
+        assert!(!small.deployment.annotations().contains_key(ORIGINAL_GZIP_ANNOTATION));
+    }
+
+    #[test]
+    fn a_spec_too_big_to_save_is_refused() {
+        // Values that do not compress: a linear congruential generator's digits.
+        let mut x: u64 = 1;
+        let env: Vec<_> = (0..3000)
+            .map(|i| {
+                let value: String = (0..64)
+                    .map(|_| {
+                        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        char::from(b'a' + (x >> 59) as u8)
+                    })
+                    .collect();
+                json!({"name": format!("V{i}"), "value": value})
+            })
+            .collect();
+        let original = with_containers(json!([{"name": "app", "env": env}]), json!({}));
+        let message = swap(&original, &DevSettings::default()).unwrap_err();
+        assert!(message.contains("more than the 131072 an annotation can hold"), "{message}");
+    }
+
+    #[test]
+    fn restore_errors() {
+        let dev = swap(&simple(), &DevSettings::default()).unwrap().deployment;
+        let error = |change: &dyn Fn(&mut BTreeMap<String, String>)| {
+            let mut broken = dev.clone();
+            change(broken.annotations_mut());
+            restore(&broken).unwrap_err().to_string()
+        };
+        assert_eq!(
+            restore(&simple()).unwrap_err().to_string(),
+            "deployment/app is not in dev mode: it has no devmount.dev/original-spec annotation"
+        );
+        assert!(error(&|a| {
+            a.insert(ORIGINAL_GZIP_ANNOTATION.into(), "x".into());
+        })
+        .contains("both devmount.dev/original-spec and devmount.dev/original-spec-gzip are set"));
+        let gzip = |value: &str| {
+            let value = value.to_owned();
+            move |a: &mut BTreeMap<String, String>| {
+                a.remove(ORIGINAL_ANNOTATION);
+                a.insert(ORIGINAL_GZIP_ANNOTATION.into(), value.clone());
+            }
+        };
+        assert!(error(&gzip("not base64!")).contains("is not base64"));
+        assert!(error(&gzip("aGVsbG8=")).contains("is not gzip of text"));
+        let message = error(&|a| {
+            a.insert(ORIGINAL_ANNOTATION.into(), "{\"replicas\":\"two\"}".into());
+        });
+        assert!(
+            message
+                .starts_with("deployment/app: devmount's saved spec cannot be read (not a Deployment spec: ")
+                && message.ends_with("restore the Deployment from its source"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn restore_removes_only_devmount_marks() {
+        let mut original = simple();
+        original.labels_mut().insert("team".into(), "a".into());
+        original.annotations_mut().insert("note".into(), "kept".into());
+        let mut dev = swap(&original, &DevSettings::default()).unwrap().deployment;
+        // What the cluster adds while the swap is on stays.
+        dev.metadata.resource_version = Some("42".into());
+        dev.annotations_mut().insert("deployment.kubernetes.io/revision".into(), "2".into());
+        let restored = restore(&dev).unwrap();
+        assert_eq!(restored.spec, original.spec);
+        assert_eq!(restored.labels(), original.labels());
+        assert_eq!(restored.metadata.resource_version.as_deref(), Some("42"));
+        assert_eq!(
+            restored.annotations().keys().collect::<Vec<_>>(),
+            ["deployment.kubernetes.io/revision", "note"]
+        );
+        // Maps devmount alone filled are gone, not left empty.
+        let bare = restore(&swap(&simple(), &DevSettings::default()).unwrap().deployment).unwrap();
+        assert_eq!((bare.metadata.labels, bare.metadata.annotations), (None, None));
+    }
+
+    #[test]
+    fn refusals() {
+        let settings = DevSettings::default();
+        let dev = swap(&simple(), &settings).unwrap().deployment;
+        assert_eq!(
+            swap(&dev, &settings).unwrap_err(),
+            "deployment/app is already in dev mode (session s1); `devmount down` restores it before another swap"
+        );
+        let mut stray = simple();
+        stray.annotations_mut().insert(ORIGINAL_ANNOTATION.into(), "{}".into());
+        assert!(swap(&stray, &settings)
+            .unwrap_err()
+            .contains("carries devmount's annotation devmount.dev/original-spec"));
+        let mut nameless = simple();
+        nameless.metadata.name = None;
+        assert_eq!(swap(&nameless, &settings).unwrap_err(), "the Deployment has no metadata.name");
+        let mut paused = simple();
+        paused.spec.paused = Some(true);
+        assert!(swap(&paused, &settings)
+            .unwrap_err()
+            .contains("`kubectl rollout resume deployment/app` first"));
+        let mut podless = simple();
+        podless.spec.template.spec = None;
+        assert_eq!(swap(&podless, &settings).unwrap_err(), "deployment/app has no spec.template.spec");
+        assert_eq!(
+            swap(&with_containers(json!([]), json!({})), &settings).unwrap_err(),
+            "deployment/app has no containers"
+        );
+        let two = with_containers(json!([{"name": "a"}, {"name": "b"}]), json!({}));
+        let pick = |name: &str| DevSettings { container: Some(name.into()), ..DevSettings::default() };
+        assert_eq!(
+            swap(&two, &pick("c")).unwrap_err(),
+            "deployment/app has no container \"c\"; set kubernetes.container to one of: a, b"
+        );
+        assert_eq!(swap(&two, &pick("b")).unwrap().deployment.annotations()[CONTAINER_ANNOTATION], "b");
+
+        let taken = with_containers(
+            json!([{"name": "app"}]),
+            json!({"volumes": [{"name": "devmount-secret", "emptyDir": {}}]}),
+        );
+        assert_eq!(
+            swap(&taken, &settings).unwrap_err(),
+            "deployment/app already has a volume named devmount-secret, which devmount adds; rename it"
+        );
+        let taken =
+            with_containers(json!([{"name": "app"}]), json!({"initContainers": [{"name": "devmount-seed"}]}));
+        assert!(swap(&taken, &settings).unwrap_err().contains("an init container named devmount-seed"));
+    }
+
+    #[test]
+    fn workdir_checks() {
+        let workdir = |dir: &str| DevSettings { workdir: Some(dir.into()), ..DevSettings::default() };
+        assert_eq!(
+            swap(&simple(), &workdir("/devmount/src")).unwrap_err(),
+            "kubernetes.workdir /devmount/src is inside /devmount, which devmount uses; pick another path"
+        );
+        assert!(swap(&simple(), &workdir("/devmount-secret"))
+            .unwrap_err()
+            .contains("inside /devmount-secret"));
+        assert!(swap(&simple(), &workdir("/devmountx")).is_ok(), "a sibling of /devmount is fine");
+        let volumes = DevSettings { volumes: vec!["/devmount-volume/x".into()], ..DevSettings::default() };
+        assert!(swap(&simple(), &volumes)
+            .unwrap_err()
+            .starts_with("kubernetes.volumes /devmount-volume/x is inside"));
+        let volumes = DevSettings { volumes: vec!["/work".into()], ..DevSettings::default() };
+        assert_eq!(
+            swap(&simple(), &volumes).unwrap_err(),
+            "kubernetes.volumes lists the workdir /work, which is on the persistent volume already; remove it"
+        );
+        for bad in ["app", "/", "//", "/a/../b"] {
+            let original = with_containers(json!([{"name": "app", "workingDir": bad}]), json!({}));
+            let message = swap(&original, &DevSettings::default()).unwrap_err();
+            assert!(
+                message.contains("is not an absolute path below /; set kubernetes.workdir"),
+                "{bad}: {message}"
+            );
+        }
+        let original = with_containers(json!([{"name": "app", "workingDir": "/srv/"}]), json!({}));
+        let dev = swap(&original, &DevSettings::default()).unwrap();
+        assert_eq!(pod(&dev).containers[0].working_dir.as_deref(), Some("/srv"));
+
+        let mounted = with_containers(
+            json!([{"name": "app", "workingDir": "/data", "volumeMounts": [{"name": "cache", "mountPath": "/data/"}]}]),
+            json!({"volumes": [{"name": "cache", "emptyDir": {}}]}),
+        );
+        assert!(swap(&mounted, &DevSettings::default()).unwrap_err().starts_with(
+            "container app already mounts cache at /data/, where devmount mounts devmount-volume;"
+        ));
+        let off = DevSettings {
+            persistent_volume: PersistentVolume { enabled: false, ..PersistentVolume::default() },
+            ..DevSettings::default()
+        };
+        assert!(swap(&mounted, &off).is_ok(), "without the volume, nothing is mounted at the workdir");
+
+        let mut long = simple();
+        long.metadata.name = Some("a".repeat(250));
+        assert!(swap(&long, &DevSettings::default())
+            .unwrap_err()
+            .contains("is longer than Kubernetes allows"));
+    }
+
+    #[test]
+    fn settings_touch_only_what_they_name() {
+        let original = with_containers(
+            json!([{"name": "app", "image": "busybox", "env": [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}]}]),
+            json!({}),
+        );
+        let settings = DevSettings {
+            environment: vec![("B".into(), "3".into()), ("C".into(), "4".into())],
+            security_context: SecurityOverrides { fs_group: Some(7), ..SecurityOverrides::default() },
+            ..DevSettings::default()
+        };
+        let dev = swap(&original, &settings).unwrap();
+        let container = &pod(&dev).containers[0];
+        let env: Vec<(&str, Option<&str>)> =
+            container.env.iter().flatten().map(|e| (e.name.as_str(), e.value.as_deref())).collect();
+        assert_eq!(env, [("A", Some("1")), ("B", Some("3")), ("C", Some("4")), (HOST_KEY_ENV, None)]);
+        assert_eq!(container.security_context, None, "fsGroup is the pod's");
+        assert_eq!(container.resources, None);
+        assert_eq!(pod(&dev).security_context.as_ref().unwrap().fs_group, Some(7));
+
+        let resources = DevSettings {
+            resources: ResourceOverrides { requests: vec![], limits: vec![("memory".into(), "1Gi".into())] },
+            persistent_volume: PersistentVolume { enabled: false, ..PersistentVolume::default() },
+            ..DevSettings::default()
+        };
+        let dev = swap(&original, &resources).unwrap();
+        let limits = pod(&dev).containers[0].resources.as_ref().unwrap();
+        assert_eq!(limits.requests, None);
+        assert_eq!(limits.limits, Some(BTreeMap::from([("memory".into(), Quantity("1Gi".into()))])));
+        assert_eq!(dev.volume_claim, None);
+        assert_eq!(pod(&dev).init_containers, None, "no seeding without the volume");
+        let volumes: Vec<&str> = pod(&dev).volumes.iter().flatten().map(|v| v.name.as_str()).collect();
+        assert_eq!(volumes, [SERVER_VOLUME, SECRET_VOLUME]);
+        assert!(!dev.deployment.annotations().contains_key(CLAIM_ANNOTATION));
+
+        let server_image = DevSettings { server_image: Some("x/server:1".into()), ..DevSettings::default() };
+        let dev = swap(&original, &server_image).unwrap();
+        let init: Vec<&str> = pod(&dev).init_containers.iter().flatten().map(|c| c.name.as_str()).collect();
+        assert_eq!(init, [COPY_CONTAINER], "the image may have no sh to seed with");
+        assert_eq!(pod(&dev).containers[0].command, Some(vec![SERVER_PATH.to_owned()]));
+        assert!(dev.volume_claim.is_some());
+    }
+
+    #[test]
+    fn lost_fields_are_named() {
+        let raw = json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "app", "creationTimestamp": null},
+            "spec": {
+                "selector": {"matchLabels": {"app": "app"}},
+                "replicaz": 2,
+                "template": {"spec": {"containers": [{"name": "a"}, {"name": "b", "imagePullPolice": "Always"}]}}
+            }
+        });
+        let typed: Deployment = serde_json::from_value(raw.clone()).unwrap();
+        assert_eq!(
+            lost_fields(&raw, &typed),
+            ["spec.replicaz", "spec.template.spec.containers[1].imagePullPolice"]
+        );
+        let clean = serde_json::to_value(simple()).unwrap();
+        assert!(lost_fields(&clean, &simple()).is_empty());
+    }
 }
