@@ -203,6 +203,25 @@ pub struct DevSettings {
     pub server_image: Option<String>,
 }
 
+impl DevSettings {
+    /// The key and the reason, when two settings cannot go together.
+    pub fn conflict(&self) -> Option<(&'static str, &'static str)> {
+        if !self.volumes.is_empty() && !self.persistent_volume.enabled {
+            return Some((
+                "volumes",
+                "kubernetes.volumes live on the persistent volume, which is off; remove them or enable persistentVolume",
+            ));
+        }
+        if self.command.is_some() && self.server_image.is_some() {
+            return Some((
+                "command",
+                "kubernetes.command runs under the image's sh, and serverImage is for images without one; drop one of them",
+            ));
+        }
+        None
+    }
+}
+
 /// Resource requests and limits, each replacing the container's value for that resource name.
 /// Quantities are checked for Kubernetes' form (`500m`, `2Gi`, `1e3`).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -716,22 +735,16 @@ impl Reader<'_> {
     }
 
     fn kubernetes(&self, node: &Node) -> Result<KubernetesTarget, ManifestError> {
-        let mut target = KubernetesTarget {
-            namespace: None,
-            workload: Workload::Selector(Vec::new()),
-            context: None,
-            timeout: DEFAULT_KUBE_TIMEOUT,
-            dev: DevSettings::default(),
-        };
+        let (mut namespace, mut context, mut timeout) = (None, None, DEFAULT_KUBE_TIMEOUT);
         let mut workload: Option<Workload> = None;
-        let mut volumes_node = None;
-        let mut command_node = None;
-        let dev = &mut target.dev;
+        let mut dev = DevSettings::default();
+        let mut nodes = BTreeMap::new();
         for (key, value) in self.mapping(node, "target.kubernetes", KUBERNETES_KEYS)? {
+            nodes.insert(key, value);
             let what = format!("kubernetes.{key}");
             match key {
-                "namespace" => target.namespace = Some(self.dns_name(value, &what, DnsName::Label)?),
-                "context" => target.context = Some(self.required_text(value, &what)?.to_owned()),
+                "namespace" => namespace = Some(self.dns_name(value, &what, DnsName::Label)?),
+                "context" => context = Some(self.required_text(value, &what)?.to_owned()),
                 "deployment" | "selector" => {
                     if workload.is_some() {
                         return Err(self.error(
@@ -748,10 +761,7 @@ impl Reader<'_> {
                 }
                 "container" => dev.container = Some(self.dns_name(value, &what, DnsName::Label)?),
                 "image" => dev.image = Some(self.word(value, &what)?),
-                "command" => {
-                    dev.command = Some(self.command(value)?);
-                    command_node = Some(value);
-                }
+                "command" => dev.command = Some(self.command(value)?),
                 "workdir" => dev.workdir = Some(self.pod_path(value, &what)?),
                 "environment" => dev.environment = self.environment(value)?,
                 "resources" => dev.resources = self.resources(value)?,
@@ -767,36 +777,23 @@ impl Reader<'_> {
                         paths.push(path);
                     }
                     dev.volumes = paths;
-                    volumes_node = Some(value);
                 }
                 "serverImage" => dev.server_image = Some(self.word(value, &what)?),
-                "timeout" => target.timeout = self.timeout(value)?,
+                "timeout" => timeout = self.timeout(value)?,
                 _ => unreachable!("mapping() lets through only KUBERNETES_KEYS"),
             }
         }
-        target.workload = match workload {
-            Some(found) => found,
-            None => return Err(self.error(
+        let Some(workload) = workload else {
+            return Err(self.error(
                 node,
                 "kubernetes needs `deployment: NAME` or `selector: {LABEL: VALUE}` to find the Deployment"
                     .into(),
-            )),
-        };
-        if let (Some(volumes), false) = (volumes_node, target.dev.persistent_volume.enabled) {
-            if !target.dev.volumes.is_empty() {
-                return Err(self.error(
-                    volumes,
-                    "kubernetes.volumes live on the persistent volume, which is off; remove them or enable persistentVolume".into(),
-                ));
-            }
-        }
-        if let (Some(command), Some(_)) = (command_node, &target.dev.server_image) {
-            return Err(self.error(
-                command,
-                "kubernetes.command runs under the image's sh, and serverImage is for images without one; drop one of them".into(),
             ));
+        };
+        if let Some((key, problem)) = dev.conflict() {
+            return Err(self.error(nodes.get(key).copied().unwrap_or(node), problem.into()));
         }
-        Ok(target)
+        Ok(KubernetesTarget { namespace, workload, context, timeout, dev })
     }
 
     /// `selector`: a non-empty mapping of label keys to values.

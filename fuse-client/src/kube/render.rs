@@ -179,6 +179,8 @@ fn parse<'a, T: Deserialize<'a>>(document: &'a str, file: &Path, first_line: usi
             Some(at) => format!("{}:{}", at.line() as usize + first_line - 1, at.column()),
             None => first_line.to_string(),
         };
+        // The plain message ends with its own place in the document ("... at line 3 column 5"),
+        // which is not the file's line: cut it, and give the file's place in front instead.
         let message = e.without_snippet().to_string();
         let message = message.split(" at line ").next().unwrap_or(&message);
         anyhow::anyhow!("{}:{at}: {}", file.display(), message.replace('\n', " "))

@@ -20,6 +20,7 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 
+use ::kube::ResourceExt;
 use base64::Engine;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
@@ -30,7 +31,6 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::ResourceExt;
 
 use crate::manifest::{DevSettings, ResourceOverrides, SecurityOverrides};
 
@@ -221,6 +221,9 @@ pub fn translate(
         ));
     }
     let Some(pod) = &spec.template.spec else { return fail(format!("{what} has no spec.template.spec")) };
+    if let Some((_, problem)) = settings.conflict() {
+        return fail(problem.into());
+    }
     let index = container_index(pod, settings.container.as_deref(), &what)?;
     let container = &pod.containers[index];
     check_names_free(pod, &what)?;
@@ -948,6 +951,26 @@ mod tests {
         let taken =
             with_containers(json!([{"name": "app"}]), json!({"initContainers": [{"name": "devmount-seed"}]}));
         assert!(swap(&taken, &settings).unwrap_err().contains("an init container named devmount-seed"));
+    }
+
+    #[test]
+    fn settings_that_cannot_go_together() {
+        let volumes = DevSettings {
+            volumes: vec!["/go".into()],
+            persistent_volume: PersistentVolume { enabled: false, ..PersistentVolume::default() },
+            ..DevSettings::default()
+        };
+        assert!(swap(&simple(), &volumes)
+            .unwrap_err()
+            .starts_with("kubernetes.volumes live on the persistent volume"));
+        let command = DevSettings {
+            command: Some("make".into()),
+            server_image: Some("x".into()),
+            ..DevSettings::default()
+        };
+        assert!(swap(&simple(), &command)
+            .unwrap_err()
+            .starts_with("kubernetes.command runs under the image's sh"));
     }
 
     #[test]
