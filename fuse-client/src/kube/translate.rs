@@ -163,6 +163,11 @@ impl SessionId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The session Secret's name.
+    pub fn secret_name(&self) -> String {
+        format!("devmount-{}", self.0)
+    }
 }
 
 /// What differs from one session to the next.
@@ -231,7 +236,7 @@ pub fn translate(
     let claim = settings.persistent_volume.enabled.then(|| claim_name(name, &container.name)).transpose()?;
     let mounts = dev_mounts(&workdir, &settings.volumes, claim.is_some());
     check_mounts(container, &mounts)?;
-    let secret_name = format!("devmount-{}", session.id.as_str());
+    let secret_name = session.id.secret_name();
     let saved = save_spec(spec)?;
 
     let mut deployment = original.clone();
@@ -268,36 +273,7 @@ pub fn translate(
     if let Some(init) = init {
         pod.init_containers.get_or_insert_with(Vec::new).push(init);
     }
-    let volumes = pod.volumes.get_or_insert_with(Vec::new);
-    volumes.push(Volume {
-        name: SERVER_VOLUME.into(),
-        empty_dir: Some(EmptyDirVolumeSource::default()),
-        ..Volume::default()
-    });
-    volumes.push(Volume {
-        name: SECRET_VOLUME.into(),
-        secret: Some(SecretVolumeSource {
-            secret_name: Some(secret_name.clone()),
-            items: Some(vec![KeyToPath {
-                key: SECRET_AUTHORIZED_KEYS.into(),
-                path: SECRET_AUTHORIZED_KEYS.into(),
-                mode: None,
-                user: None,
-            }]),
-            ..SecretVolumeSource::default()
-        }),
-        ..Volume::default()
-    });
-    if let Some(claim) = &claim {
-        volumes.push(Volume {
-            name: CLAIM_VOLUME.into(),
-            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                claim_name: claim.clone(),
-                read_only: None,
-            }),
-            ..Volume::default()
-        });
-    }
+    pod.volumes.get_or_insert_with(Vec::new).extend(pod_volumes(&secret_name, claim.as_deref()));
 
     let namespace = original.metadata.namespace.clone();
     let secret = Secret {
@@ -368,6 +344,43 @@ pub fn restore(dev: &Deployment) -> Result<Deployment, Error> {
         }
     }
     Ok(original)
+}
+
+/// The volumes devmount adds to the pod: the server's emptyDir, the Secret's authorized_keys
+/// (that key alone: the host key goes by environment), and the claim.
+fn pod_volumes(secret_name: &str, claim: Option<&str>) -> Vec<Volume> {
+    let mut volumes = vec![
+        Volume {
+            name: SERVER_VOLUME.into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
+        Volume {
+            name: SECRET_VOLUME.into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret_name.into()),
+                items: Some(vec![KeyToPath {
+                    key: SECRET_AUTHORIZED_KEYS.into(),
+                    path: SECRET_AUTHORIZED_KEYS.into(),
+                    mode: None,
+                    user: None,
+                }]),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+    ];
+    if let Some(claim) = claim {
+        volumes.push(Volume {
+            name: CLAIM_VOLUME.into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: claim.into(),
+                read_only: None,
+            }),
+            ..Volume::default()
+        });
+    }
+    volumes
 }
 
 /// The chosen container's place in `pod.containers`.
@@ -546,7 +559,7 @@ fn dev_container(
         value: None,
         value_from: Some(EnvVarSource {
             secret_key_ref: Some(SecretKeySelector {
-                name: format!("devmount-{}", session.id.as_str()),
+                name: session.id.secret_name(),
                 key: SECRET_HOST_KEY.into(),
                 optional: None,
             }),
