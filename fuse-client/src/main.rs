@@ -12,7 +12,7 @@ use devmount::kube::render;
 use devmount::mount::{self, Endpoint, MountArgs};
 use devmount::session::Target;
 use devmount::sessions::{self, ExecArgs};
-use devmount::up::{self, Spinner, UpArgs};
+use devmount::up::{self, DownArgs, Spinner, UpArgs};
 
 /// Develop inside a Kubernetes pod: mount its workdir, run commands in it, forward its ports.
 #[derive(Parser, Debug)]
@@ -62,15 +62,10 @@ enum Command {
     },
     /// Each session: mount, target, connection, pending changes, caches, forwards.
     Status,
-    /// End a session: send the pending changes, unmount, stop its forwards and server. Also
-    /// cleans up after a session whose daemon died.
-    Down {
-        /// The mount point (default: as for exec).
-        mountpoint: Option<PathBuf>,
-        /// Show how long each step takes.
-        #[arg(short, long)]
-        verbose: bool,
-    },
+    /// End a session: send the pending changes, unmount, stop its forwards and server, and on
+    /// a kubernetes target restore the Deployment (from any machine: it reads the cluster).
+    /// Also cleans up after a session whose daemon died.
+    Down(DownArgs),
     /// Write a commented devmount.yml in the current directory.
     Init,
     /// Print, offline, what a session on the Deployment in FILE applies: the dev Deployment, the
@@ -157,7 +152,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Sync { mountpoint } => sessions::sync(mountpoint.as_deref()).map(|()| 0),
         Command::Status => sessions::status().map(|()| 0),
-        Command::Down { mountpoint, verbose } => sessions::down(mountpoint.as_deref(), verbose).map(|()| 0),
+        Command::Down(args) => up::down(args).map(|()| 0),
         Command::Init => up::init().map(|()| 0),
         Command::Render { file, manifest } => render::run(&file, manifest.as_deref()).map(|()| 0),
         Command::Mount {
