@@ -8,6 +8,7 @@ pub mod feed;
 pub mod forward;
 pub mod fs;
 pub mod fuse;
+pub mod guard;
 pub mod journal;
 pub mod kube;
 pub mod local_server;

@@ -32,6 +32,7 @@ use crate::fs::apply::Applier;
 use crate::fs::remote::Remote;
 use crate::fs::{Fs, IdMap};
 use crate::fuse::FuseFs;
+use crate::guard::AbortGuard;
 use crate::journal::{Config as JournalConfig, Journal, Sender, SenderConfig};
 use crate::kube::{self, KubeEndpoint};
 use crate::local_server::{LocalServer, StartOptions};
@@ -140,23 +141,33 @@ pub fn is_mounted(abs: &Path) -> Result<bool> {
 
 /// Whether the mount exactly at `abs` is a devmount one (its source is `devmount:ADDRESS`).
 pub fn is_devmount(abs: &Path) -> Result<bool> {
-    Ok(mounted(abs)?
-        .is_some_and(|(fstype, source)| fstype.starts_with(b"fuse") && source.starts_with(b"devmount:")))
+    Ok(mounted(abs)?.is_some_and(|m| m.fstype.starts_with(b"fuse") && m.source.starts_with(b"devmount:")))
 }
 
-/// The file system type and source of the topmost mount exactly at `abs`, per
-/// /proc/self/mountinfo.
-fn mounted(abs: &Path) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+/// The topmost mount exactly at a path.
+struct MountEntry {
+    fstype: Vec<u8>,
+    source: Vec<u8>,
+    /// The minor device number: for FUSE, the connection's number in fusectl.
+    minor: Option<u32>,
+}
+
+/// The topmost mount exactly at `abs`, per /proc/self/mountinfo.
+fn mounted(abs: &Path) -> Result<Option<MountEntry>> {
     let info = std::fs::read("/proc/self/mountinfo").context("cannot read /proc/self/mountinfo")?;
     let mut found = None;
     for line in info.split(|&b| b == b'\n') {
         let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
         if fields.get(4).is_some_and(|mp| unescape_mountinfo(mp) == abs.as_os_str().as_bytes()) {
+            let minor = fields
+                .get(2)
+                .and_then(|dev| dev.split(|&b| b == b':').nth(1))
+                .and_then(|m| std::str::from_utf8(m).ok()?.parse().ok());
             // Optional fields end with a lone "-"; the type and the source follow it.
             let mut rest = fields.iter().skip_while(|&&f| f != b"-").skip(1);
             let fstype = rest.next().map(|t| t.to_vec()).unwrap_or_default();
             let source = rest.next().map(|s| unescape_mountinfo(s)).unwrap_or_default();
-            found = Some((fstype, source));
+            found = Some(MountEntry { fstype, source, minor });
         }
     }
     Ok(found)
@@ -342,6 +353,8 @@ struct Running {
 /// What runs on the runtime.
 struct Started {
     fuse: fuser::BackgroundSession,
+    /// Aborts the connection if this process dies before the mount is detached.
+    guard: Option<AbortGuard>,
     daemon: Arc<Daemon>,
     keeper: JoinHandle<()>,
     stop: watch::Sender<bool>,
@@ -361,7 +374,7 @@ fn serve(args: MountArgs, mut report: Report) -> Result<()> {
         // holds no pipe of the caller's open (`devmount up ... | cat` must end).
         detach_stdio(&args.mountpoint);
     }
-    let Running { runtime, started: Started { fuse, daemon, keeper, stop }, kube } = running;
+    let Running { runtime, started: Started { fuse, guard, daemon, keeper, stop }, kube } = running;
     let mountpoint = args.mountpoint.clone();
     runtime.spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -376,6 +389,7 @@ fn serve(args: MountArgs, mut report: Report) -> Result<()> {
     // Returns once the kernel has detached the mount (umount, fusermount3 -u, `devmount down`,
     // or a signal).
     let joined = fuse.join();
+    drop(guard);
     runtime.block_on(shutdown(&daemon, stop, keeper));
     if let Some(kube) = kube {
         match runtime.block_on(kube::finish(kube)) {
@@ -497,6 +511,18 @@ fn start_on(
         .with_context(|| format!("cannot mount on {}", args.mountpoint.display()))?
         .spawn()
         .context("cannot start the FUSE session")?;
+    let connection = mounted(&args.mountpoint).ok().flatten().and_then(|m| m.minor);
+    let guard = match connection.map(AbortGuard::arm) {
+        Some(Ok(guard)) => guard,
+        Some(Err(e)) => {
+            unmount(&args.mountpoint);
+            return Err(e);
+        }
+        None => {
+            tracing::warn!("{} is not in /proc/self/mountinfo", args.mountpoint.display());
+            None
+        }
+    };
     let mut notices = None;
     if feed.is_some() {
         match echo.start(args.mountpoint.clone(), fuse.notifier()) {
@@ -526,7 +552,7 @@ fn start_on(
     match control {
         Ok(listener) => {
             runtime.spawn(control::serve(listener, daemon.clone()));
-            Ok(Started { fuse, daemon, keeper, stop })
+            Ok(Started { fuse, guard, daemon, keeper, stop })
         }
         Err(e) => {
             unmount(&args.mountpoint);

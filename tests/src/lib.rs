@@ -16,6 +16,8 @@
 //! directory next to the test executable (`target/debug`), or from `DEVMOUNT_BIN_DIR`; build them
 //! first with `cargo build --workspace --bins` (scripts/test does).
 
+pub mod kube_api;
+
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::fs;
@@ -1242,7 +1244,7 @@ impl DevMount {
     /// left at `mountpoint`.
     fn adopt_daemon(bin: &Path, mountpoint: PathBuf, log: PathBuf) -> Result<DevMount> {
         let path = canonical_mountpoint(&mountpoint)?;
-        let pid = find_daemon(bin, mountpoint.as_os_str());
+        let pid = find_daemon(bin, "mount", mountpoint.as_os_str());
         // Even without its daemon, a mount must not outlive the test.
         let mounted = is_mount_point(&path)?;
         let pid = match pid {
@@ -1407,9 +1409,9 @@ fn process_alive(pid: i32) -> bool {
     !matches!(stat.get(close + 2), Some(b'Z' | b'X') | None)
 }
 
-/// The pid of the running `BIN mount ... MOUNTPOINT ...` process: the daemon a background
-/// `devmount mount` forked, which keeps its command line.
-fn find_daemon(bin: &Path, mountpoint: &OsStr) -> Result<i32> {
+/// The pid of the running `BIN SUBCOMMAND ... MOUNTPOINT ...` process: the daemon a background
+/// `devmount mount` or `devmount up` forked, which keeps its command line.
+pub fn find_daemon(bin: &Path, subcommand: &str, mountpoint: &OsStr) -> Result<i32> {
     let bin = bin.as_os_str().as_encoded_bytes();
     let mountpoint = mountpoint.as_encoded_bytes();
     let mut found = Vec::new();
@@ -1422,18 +1424,33 @@ fn find_daemon(bin: &Path, mountpoint: &OsStr) -> Result<i32> {
         let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else { continue };
         let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
         if args.first() == Some(&bin)
-            && args.get(1) == Some(&&b"mount"[..])
+            && args.get(1) == Some(&subcommand.as_bytes())
             && args.contains(&mountpoint)
             && process_alive(pid)
         {
-            found.push(pid);
+            found.push((pid, parent_pid(pid)));
         }
     }
+    // The daemon's watchdog is a child with the same command line.
+    let pids: Vec<i32> = found.iter().map(|&(pid, _)| pid).collect();
+    let found: Vec<i32> = found
+        .iter()
+        .filter(|(_, parent)| !parent.is_some_and(|p| pids.contains(&p)))
+        .map(|&(pid, _)| pid)
+        .collect();
     match found[..] {
         [pid] => Ok(pid),
         [] => bail!("no devmount daemon for {} is running", String::from_utf8_lossy(mountpoint)),
         _ => bail!("several devmount daemons for {}: {found:?}", String::from_utf8_lossy(mountpoint)),
     }
+}
+
+/// The parent of `pid`, from /proc/PID/stat (after the parenthesised name, the state, then it).
+fn parent_pid(pid: i32) -> Option<i32> {
+    let stat = fs::read(format!("/proc/{pid}/stat")).ok()?;
+    let close = stat.iter().rposition(|&b| b == b')')?;
+    let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
+    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// The local user's name: the user OpenSSH's sshd must log in as.

@@ -639,6 +639,24 @@ fn open_flags_and_name_operations_against_openssh() -> Result<()> {
     on_openssh(check_posix_semantics)
 }
 
+/// An O_APPEND write goes to the end the server has, even while the kernel holds an older
+/// size: here the file grew in the pod after the mount read it, and the kernel keeps its size
+/// until its attribute timeout while the open revalidates (OpenSSH has no feed).
+#[test]
+fn an_append_lands_at_the_pods_end_against_openssh() -> Result<()> {
+    on_openssh(|e, mnt| {
+        let (local, server) = (mnt.join("log"), e.root.join("log"));
+        fs::write(&server, b"pod\n")?;
+        ensure!(fs::read(&local)? == b"pod\n");
+        append(&server, b"pod again\n")?;
+        append(&local, b"mount\n")?;
+        e.sync(mnt)?;
+        let got = fs::read(&server)?;
+        ensure!(got == b"pod\npod again\nmount\n", "the server has {:?}", String::from_utf8_lossy(&got));
+        Ok(())
+    })
+}
+
 /// Writes to and reads from a descriptor whose name was unlinked, as temporary files do.
 const UNLINKED: &str = r#"
 import os, sys

@@ -14,9 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{anyhow, ensure, Context, Result};
 use devmount_tests::{
-    client_bin, command, echo_roundtrip, free_port, retry, run, run_with, EchoServer, Proc, Run,
+    client_bin, command, echo_roundtrip, find_daemon, free_port, retry, run, run_with, EchoServer, Proc, Run,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -94,16 +94,7 @@ impl Sandbox {
     /// The pid of the session daemon of `mnt`: the `devmount up` process that keeps `mnt` in
     /// its command line.
     fn daemon_pid(&self, mnt: &Path) -> Result<i32> {
-        let bin = client_bin()?;
-        let found = processes(|args| {
-            args.first().map(Vec::as_slice) == Some(bin.as_os_str().as_encoded_bytes())
-                && args.get(1).map(Vec::as_slice) == Some(&b"up"[..])
-                && args.iter().any(|a| a.as_slice() == mnt.as_os_str().as_encoded_bytes())
-        })?;
-        match found[..] {
-            [pid] => Ok(pid),
-            _ => bail!("expected one daemon for {}, found {found:?}", mnt.display()),
-        }
+        find_daemon(&client_bin()?, "up", mnt.as_os_str())
     }
 
     /// The pid of the session's devmount-server, as `devmount status` gives it.

@@ -95,6 +95,10 @@ struct OpenFile {
     path: RelPath,
     version: DataVersion,
     writable: bool,
+    /// Opened with O_APPEND. Without the kernel's writeback cache the file system, not the
+    /// kernel, must put each write at the end: the kernel's offset comes from a size it may
+    /// not have refreshed.
+    append: bool,
     /// The server's handle, opened on the first read the cache cannot answer (and again after
     /// a reconnect).
     remote: tokio::sync::Mutex<Option<Handle>>,

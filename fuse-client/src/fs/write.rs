@@ -127,12 +127,14 @@ impl Fs {
         entry
     }
 
-    fn open_file(&self, id: u64, path: RelPath, stat: &FullStat, writable: bool) -> u64 {
+    /// A new open file for the kernel, with the access mode and O_APPEND of `flags`.
+    fn open_file(&self, id: u64, path: RelPath, stat: &FullStat, flags: i32) -> u64 {
         let file = OpenFile {
             id,
             path,
             version: DataVersion::from(stat),
-            writable,
+            writable: writable(flags),
+            append: flags & libc::O_APPEND != 0,
             remote: tokio::sync::Mutex::new(None),
             next_read: Default::default(),
             ahead: Default::default(),
@@ -143,7 +145,6 @@ impl Fs {
     /// create: a new regular file (or, without `O_EXCL`, an existing one opened).
     pub async fn create(&self, parent: u64, name: &OsStr, mode: u32, umask: u32, flags: i32) -> Result<(Entry, u64)> {
         let path = self.child(parent, name)?;
-        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         if let Some(stat) = self.existing(&path).await? {
             if flags & libc::O_EXCL != 0 {
                 return Err(Errno::EEXIST);
@@ -158,7 +159,7 @@ impl Fs {
         let stat = self.new_stat(libc::S_IFREG | perm, 0);
         self.set_local(&path, seq, Some(stat), |_| {});
         let entry = self.made(&path, stat);
-        let fh = self.open_file(entry.attr.id, path, &stat, writable);
+        let fh = self.open_file(entry.attr.id, path, &stat, flags);
         Ok((entry, fh))
     }
 
@@ -361,7 +362,7 @@ impl Fs {
     /// Opens `id`: for writing (journaled), or reading.
     pub async fn open(&self, id: u64, flags: i32) -> Result<(u64, bool)> {
         let path = self.path_of(id)?;
-        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let writable = writable(flags);
         let local = lock(&self.local).get(&path);
         let stat = match local {
             Some(e) => e.stat.ok_or(Errno::ENOENT)?,
@@ -392,7 +393,7 @@ impl Fs {
             self.cache().local_change(LocalChange::Modified(&path));
         }
         let keep = self.remote.is_devmount();
-        Ok((self.open_file(id, path, &stat, writable), keep))
+        Ok((self.open_file(id, path, &stat, flags), keep))
     }
 
     /// write: journaled, then answered.
@@ -403,6 +404,9 @@ impl Fs {
         }
         let path = self.path_of(file.id)?;
         let base = self.current(&path).await?;
+        // The kernel holds the inode's lock across a write, so no other write moves the end
+        // between this look and the append.
+        let offset = if file.append { base.size } else { offset };
         let len = data.len() as u64;
         let cond = self.condition(&path, &base);
         let op = Op::Write { path: bytes(&path), offset, data: Bytes::copy_from_slice(data), cond };
@@ -525,4 +529,9 @@ const HIDDEN_PREFIX: &str = ".devmount-unlinked-";
 
 fn bytes(path: &RelPath) -> Bytes {
     Bytes::copy_from_slice(path.as_bytes())
+}
+
+/// Whether open flags ask for writing.
+fn writable(flags: i32) -> bool {
+    flags & libc::O_ACCMODE != libc::O_RDONLY
 }
