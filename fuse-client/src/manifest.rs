@@ -34,7 +34,7 @@ pub const STARTER: &str = r#"# devmount.yml: the settings of `devmount up MNT` r
 # Where the files live: `local` serves a directory of this machine (relative to this file)
 # through a devmount-server started for the session. It must not contain the mount point.
 # `kubernetes: {deployment: NAME}` instead targets a container of a Deployment (see
-# docs/kubernetes.md): `devmount render` shows the swap; `devmount up` on it comes later.
+# docs/kubernetes.md): `devmount render` shows the swap, `devmount up` makes it for the session.
 target:
   local: workspace
 

@@ -188,7 +188,7 @@ pub async fn start(
             for warning in &fighters.warnings {
                 progress.note(warning);
             }
-            let pin = state::ssh_target(&name, &cluster.namespace, "/");
+            let pin = state::ssh_target(&name, &cluster.namespace);
             let (files, keys) = SessionFiles::create(state_dir, &pin)?;
             let session = translate::Session {
                 id: files.id.clone(),

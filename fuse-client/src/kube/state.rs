@@ -39,9 +39,11 @@ impl Place {
     }
 
     /// What the SSH connection is checked as: `DEPLOYMENT.NAMESPACE` on the server's port,
-    /// with the workdir as the path.
+    /// with the workdir (the server's `--root`) as the path.
     pub fn target(&self) -> Target {
-        ssh_target(&self.deployment, &self.namespace, &self.workdir)
+        let mut target = ssh_target(&self.deployment, &self.namespace);
+        target.path = Bytes::copy_from_slice(self.workdir.as_bytes());
+        target
     }
 
     fn encode(&self, mountpoint: &Path) -> String {
@@ -74,14 +76,14 @@ impl Place {
     }
 }
 
-/// The SSH target of a session on `deployment` in `namespace`, serving `workdir`: the host
-/// key is pinned for `DEPLOYMENT.NAMESPACE` and the server's port.
-pub fn ssh_target(deployment: &str, namespace: &str, workdir: &str) -> Target {
+/// The SSH target of a session on `deployment` in `namespace`, at `/`: the host key is pinned
+/// for `DEPLOYMENT.NAMESPACE` and the server's port.
+pub fn ssh_target(deployment: &str, namespace: &str) -> Target {
     Target {
         user: SSH_USER.into(),
         host: format!("{deployment}.{namespace}").to_ascii_lowercase(),
         port: DEFAULT_SERVER_PORT,
-        path: Bytes::copy_from_slice(workdir.as_bytes()),
+        path: Bytes::from_static(b"/"),
     }
 }
 

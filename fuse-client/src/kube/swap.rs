@@ -209,18 +209,18 @@ async fn ensure_claim(cluster: &Cluster, claim: &PersistentVolumeClaim) -> Resul
     }
 }
 
-/// Stores [`fingerprint`] of the stored dev spec. A metadata-only patch: it does not start a
-/// new rollout.
+/// Stores [`fingerprint`] of the stored dev spec. A metadata-only patch (it starts no
+/// rollout), made only while the spec is still the one stored: its status changes all the
+/// time, so the precondition is the generation, which counts spec changes only.
 async fn mark_applied(api: &Api<Deployment>, stored: &Deployment) -> Result<Deployment> {
     let digest = serde_json::to_string(&fingerprint(&stored.spec))?;
-    let patch = serde_json::json!({
-        "metadata": {
-            "resourceVersion": stored.metadata.resource_version,
-            "annotations": { APPLIED_ANNOTATION: digest },
-        }
-    });
+    let key = APPLIED_ANNOTATION.replace('~', "~0").replace('/', "~1");
+    let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
+        {"op": "test", "path": "/metadata/generation", "value": stored.metadata.generation},
+        {"op": "add", "path": format!("/metadata/annotations/{key}"), "value": digest},
+    ]))?;
     let name = stored.name_any();
-    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await.map_err(|e| {
+    api.patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch)).await.map_err(|e| {
         let ns = stored.namespace().unwrap_or_default();
         api_error(e, "patch", "deployments", &ns)
     })

@@ -238,7 +238,7 @@ pub fn find_server(explicit: Option<&Path>) -> Result<PathBuf> {
     let dir = exe.parent().unwrap_or(Path::new("/"));
     let mut candidates = vec![dir.join("devmount-server-static"), dir.join("devmount-server")];
     if let Some(target) = dir.parent() {
-        candidates.push(target.join("static/x86_64-unknown-linux-gnu/release/devmount-server"));
+        candidates.push(target.join("static/devmount-server"));
     }
     for candidate in &candidates {
         if check_static(candidate).is_ok() {
