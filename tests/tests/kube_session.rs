@@ -24,7 +24,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Context, Result};
-use devmount_tests::kube_api::{FakeKube, NAMESPACE};
+use devmount_tests::kube_api::{FakeKube, PodFault, NAMESPACE};
 use devmount_tests::{client_bin, command, find_daemon, retry, run, Proc, Run};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
@@ -403,6 +403,26 @@ fn rbac_denied_is_one_line_and_leaves_nothing() -> Result<()> {
         "{up}"
     );
     ensure!(!is_mount_point(&mnt));
+    ensure!(cluster.secrets().is_empty(), "the Secret is deleted again: {:?}", cluster.secrets());
+    assert_eq!(restorable(&cluster.deployment()?), restorable(&original));
+    Ok(())
+}
+
+#[test]
+fn a_pod_that_cannot_start_is_named_and_the_swap_undone() -> Result<()> {
+    let cluster = Cluster::start()?;
+    let original = cluster.deploy()?;
+    cluster.fake.set_fault(NAMESPACE, "web", Some(PodFault::ImagePullBackOff));
+    let mnt = cluster.mnt();
+    let up = cluster.devmount(&["up", mnt.to_str().context("mount point")?])?;
+    ensure!(!up.success(), "{up}");
+    let err = up.stderr_text();
+    ensure!(
+        err.contains("the image of container app cannot be pulled (ImagePullBackOff: ")
+            && err.contains("check kubernetes.image")
+            && err.contains("deployment/web is restored"),
+        "{up}"
+    );
     ensure!(cluster.secrets().is_empty(), "the Secret is deleted again: {:?}", cluster.secrets());
     assert_eq!(restorable(&cluster.deployment()?), restorable(&original));
     Ok(())

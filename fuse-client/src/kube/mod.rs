@@ -181,7 +181,11 @@ pub async fn start(
             (files, deployment, false)
         }
         Decision::Swap => {
-            let fighters = swap::fighters(&deployment, &swap::autoscalers(&cluster).await?);
+            let autoscalers = swap::autoscalers(&cluster).await?;
+            if autoscalers.is_none() {
+                progress.note("RBAC does not allow listing HorizontalPodAutoscalers: not checked for one that would scale the dev Deployment");
+            }
+            let fighters = swap::fighters(&deployment, autoscalers.as_deref().unwrap_or_default());
             if !fighters.blocking.is_empty() {
                 anyhow::bail!("{}", fighters.blocking.join("; "));
             }

@@ -138,13 +138,14 @@ pub fn fighters(deployment: &Deployment, autoscalers: &[HorizontalPodAutoscaler]
     found
 }
 
-/// Reads the namespace's autoscalers (an RBAC refusal is not fatal: the check is a courtesy,
-/// and the Role in the docs allows it).
-pub async fn autoscalers(cluster: &Cluster) -> Result<Vec<HorizontalPodAutoscaler>> {
+/// Reads the namespace's autoscalers; `None` when RBAC does not allow it (the check is a
+/// courtesy: the caller says it was skipped, and the Role in the docs allows it).
+pub async fn autoscalers(cluster: &Cluster) -> Result<Option<Vec<HorizontalPodAutoscaler>>> {
     let api: Api<HorizontalPodAutoscaler> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
     match api.list(&ListParams::default()).await {
-        Ok(list) => Ok(list.items),
-        Err(e) if is_not_found(&e) => Ok(Vec::new()),
+        Ok(list) => Ok(Some(list.items)),
+        Err(kube::Error::Api(status)) if status.code == 403 => Ok(None),
+        Err(e) if is_not_found(&e) => Ok(Some(Vec::new())),
         Err(e) => Err(api_error(e, "list", "horizontalpodautoscalers", &cluster.namespace)),
     }
 }
