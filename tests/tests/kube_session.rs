@@ -432,6 +432,8 @@ fn a_pod_that_cannot_start_is_named_and_the_swap_undone() -> Result<()> {
 fn resumed_here_refused_elsewhere_restored_from_anywhere() -> Result<()> {
     let cluster = Cluster::start()?;
     let original = cluster.deploy()?;
+    // As on clusters before 1.30: exec cannot close stdin alone, which `head -c` allows for.
+    cluster.fake.set_exec_stdin_close(false);
     let mnt = cluster.mnt();
     let mnt_arg = mnt.to_str().context("mount point")?;
     cluster.ok(&["up", mnt_arg])?;

@@ -4,7 +4,7 @@
 //! with the fix.
 
 use anyhow::{anyhow, Context, Result};
-use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::config::{KubeConfigOptions, Kubeconfig, KubeconfigError};
 use kube::{Client, Config};
 
 /// The context name recorded for a client configured from the pod's service account.
@@ -23,7 +23,16 @@ impl Cluster {
     /// Connects as `kubectl --context CONTEXT` would (the current context without one, the
     /// in-cluster service account without any kubeconfig), in `namespace` or the context's.
     pub async fn connect(context: Option<&str>, namespace: Option<&str>) -> Result<Cluster> {
-        let kubeconfig = Kubeconfig::read().ok();
+        let kubeconfig = match Kubeconfig::read() {
+            Ok(file) => Some(file),
+            // No file at all: in a pod, its service account; a file that is there but unreadable
+            // is an error, not a reason to try something else.
+            Err(KubeconfigError::FindPath) => None,
+            Err(e) if std::env::var_os("KUBECONFIG").is_some() || default_file_exists() => {
+                anyhow::bail!("cannot read the kubeconfig: {e}; `kubectl config view` shows what is wrong")
+            }
+            Err(_) => None,
+        };
         let (config, context) = match (&kubeconfig, context) {
             (Some(file), wanted) => {
                 let name = match wanted.or(file.current_context.as_deref()) {
@@ -59,6 +68,11 @@ impl Cluster {
         let client = Client::try_from(config).context("cannot make a Kubernetes client")?;
         Ok(Cluster { client, context, namespace })
     }
+}
+
+/// Whether ~/.kube/config exists.
+fn default_file_exists() -> bool {
+    std::env::var_os("HOME").is_some_and(|home| std::path::Path::new(&home).join(".kube/config").exists())
 }
 
 /// `e`, the failure of `verb` on `resource` (e.g. `patch`, `deployments`), as one line with
