@@ -221,7 +221,11 @@ pub fn run(mut args: MountArgs, progress: &mut dyn Progress) -> Result<()> {
                 *bin = absolute(bin)?;
             }
         }
-        Endpoint::Kube(kube) => kube.server_bin = absolute(&kube.server_bin)?,
+        Endpoint::Kube(kube) => {
+            if let Some(bin) = &mut kube.server_bin {
+                *bin = absolute(bin)?;
+            }
+        }
     }
     if args.foreground {
         return serve(args, Report::Here(Some(progress)));

@@ -118,9 +118,16 @@ pub fn run(args: UpArgs) -> Result<()> {
                 target.context = args.context.clone();
             }
             let what = format!("{}'s dev container", target.workload);
+            let server_bin = match (&target.dev.server_image, &args.server_bin) {
+                (None, explicit) => Some(upload::find_server(explicit.as_deref())?),
+                (Some(image), Some(_)) => bail!(
+                    "--server-bin uploads a server, and the manifest's serverImage ({image}) brings its own; drop one of them"
+                ),
+                (Some(_), None) => None,
+            };
             let endpoint = KubeEndpoint {
                 target: *target,
-                server_bin: upload::find_server(args.server_bin.as_deref())?,
+                server_bin,
                 allow_forward,
                 allow_reverse,
                 server_dir: std::env::var(SERVER_DIR_ENV)

@@ -65,14 +65,20 @@ impl Cluster {
         for dir in ["run", "run2"] {
             fs::DirBuilder::new().mode(0o700).create(base.join(dir))?;
         }
-        // The fake's pods see this machine's files: the workdir is the sandbox's `volume`.
-        let manifest = format!(
-            "target:\n  kubernetes:\n    deployment: web\n    workdir: {}\n    timeout: 60s\n",
-            base.join("volume").display()
-        );
-        fs::write(base.join("devmount.yml"), manifest)?;
         let kubelet = Kubelet::start(fake.clone(), base.join("kubelet"))?;
-        Ok(Cluster { fake, runtime, root, kubelet: Some(kubelet) })
+        let cluster = Cluster { fake, runtime, root, kubelet: Some(kubelet) };
+        cluster.manifest("")?;
+        Ok(cluster)
+    }
+
+    /// Writes ./devmount.yml for deployment `web`, with `extra` lines under `kubernetes:`. The
+    /// fake's pods see this machine's files: the workdir is the sandbox's `volume`.
+    fn manifest(&self, extra: &str) -> Result<()> {
+        let text = format!(
+            "target:\n  kubernetes:\n    deployment: web\n    workdir: {}\n    timeout: 60s\n{extra}",
+            self.path("volume").display()
+        );
+        Ok(fs::write(self.path("devmount.yml"), text)?)
     }
 
     fn path(&self, rel: &str) -> PathBuf {
@@ -425,6 +431,25 @@ fn a_pod_that_cannot_start_is_named_and_the_swap_undone() -> Result<()> {
     );
     ensure!(cluster.secrets().is_empty(), "the Secret is deleted again: {:?}", cluster.secrets());
     assert_eq!(restorable(&cluster.deployment()?), restorable(&original));
+    Ok(())
+}
+
+#[test]
+fn a_missing_storage_class_is_named() -> Result<()> {
+    let cluster = Cluster::start()?;
+    let original = cluster.deploy()?;
+    cluster.manifest("    persistentVolume: {storageClass: fast}\n")?;
+    let up = cluster.devmount(&["up", cluster.mnt().to_str().context("mount point")?])?;
+    ensure!(!up.success(), "{up}");
+    ensure!(
+        up.stderr_text().contains(
+            "the persistent volume cannot be made: storageclass.storage.k8s.io \"fast\" not found; set kubernetes.persistentVolume.storageClass"
+        ),
+        "{up}"
+    );
+    assert_eq!(restorable(&cluster.deployment()?), restorable(&original));
+    let claims = cluster.fake.list("persistentvolumeclaims", NAMESPACE);
+    ensure!(claims.is_empty(), "the claim with the wrong class is deleted again: {claims:?}");
     Ok(())
 }
 

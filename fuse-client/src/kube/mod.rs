@@ -48,8 +48,9 @@ use upload::{Action, ServerBinary};
 #[derive(Debug, Clone)]
 pub struct KubeEndpoint {
     pub target: KubernetesTarget,
-    /// The static devmount-server to upload (absolute).
-    pub server_bin: PathBuf,
+    /// The static devmount-server to upload (absolute); `None` with `serverImage`, whose init
+    /// container puts the server in place.
+    pub server_bin: Option<PathBuf>,
     /// Ports the server lets the client reach and bind (the forwards).
     pub allow_forward: Vec<u16>,
     pub allow_reverse: Vec<u16>,
@@ -67,6 +68,8 @@ pub struct Started {
     pub cluster: Cluster,
     /// Whether this start made the swap (a failed start then restores it).
     pub fresh: bool,
+    /// The claim this start made, if any (a failed start deletes it).
+    pub new_claim: Option<String>,
 }
 
 /// The daemon's way to the server: the session's current pod, the server in it, a
@@ -77,7 +80,8 @@ pub struct Route {
     container: String,
     claim: Option<String>,
     server_dir: String,
-    server: ServerBinary,
+    /// `None`: the server comes from `serverImage`, nothing is uploaded.
+    server: Option<ServerBinary>,
     timeout: std::time::Duration,
     /// The pod (name, restarts) whose server was last checked: a reconnect to the same
     /// container skips the probe.
@@ -109,11 +113,10 @@ impl Route {
             let name = pod.name_any();
             let seen = (name.clone(), restarts(&pod, &self.container));
             let known = self.checked.lock().unwrap_or_else(PoisonError::into_inner).as_ref() == Some(&seen);
-            if !known {
+            if let (false, Some(server)) = (known, &self.server) {
                 step(&format!("checking devmount-server in pod {name}"));
                 let action =
-                    upload::ensure(&self.cluster, &name, &self.container, &self.server_dir, &self.server)
-                        .await?;
+                    upload::ensure(&self.cluster, &name, &self.container, &self.server_dir, server).await?;
                 match action {
                     Action::Keep => {}
                     Action::Upload => step("devmount-server uploaded"),
@@ -171,14 +174,14 @@ pub async fn start(
     let deployment = swap::find(&cluster, &target.workload).await?;
     let name = deployment.name_any();
     let decision = swap::decide(&deployment, |id| SessionFiles::find(state_dir, id).is_some())?;
-    let (files, dev, fresh) = match decision {
+    let (files, dev, fresh, new_claim) = match decision {
         Decision::Resume(id) => {
             let files = SessionFiles::find(state_dir, &id)
                 .ok_or_else(|| anyhow!("the files of session {id} went away; run `devmount up` again"))?;
             progress.note(&format!(
                 "deployment/{name} is in dev mode for session {id}, started here: resuming it"
             ));
-            (files, deployment, false)
+            (files, deployment, false, None)
         }
         Decision::Swap => {
             let autoscalers = swap::autoscalers(&cluster).await?;
@@ -207,7 +210,7 @@ pub async fn start(
                 swap::apply(&cluster, &objects, &keys.host_key).await
             };
             match swapped.await {
-                Ok(dev) => (files, dev, true),
+                Ok(applied) => (files, applied.deployment, true, applied.new_claim),
                 Err(e) => {
                     let _ = files.remove();
                     return Err(e);
@@ -237,7 +240,7 @@ pub async fn start(
             container,
             claim: dev.annotations().get(translate::CLAIM_ANNOTATION).cloned(),
             server_dir: endpoint.server_dir.clone(),
-            server: ServerBinary::read(&endpoint.server_bin)?,
+            server: endpoint.server_bin.as_deref().map(ServerBinary::read).transpose()?,
             timeout: target.timeout,
             checked: Mutex::new(None),
             first: Mutex::new(None),
@@ -245,27 +248,33 @@ pub async fn start(
         anyhow::Ok((place, route))
     };
     match started.await {
-        Ok((place, route)) => Ok(Started { place, files, route, cluster, fresh }),
-        Err(e) if fresh => Err(undo(&cluster, &name, files, e).await),
+        Ok((place, route)) => Ok(Started { place, files, route, cluster, fresh, new_claim }),
+        Err(e) if fresh => Err(undo(&cluster, &name, files, new_claim.as_deref(), e).await),
         Err(e) => Err(e),
     }
 }
 
-/// After a failed start: the fresh swap is restored and the session forgotten; `e` is
+/// After a failed start: the fresh swap is restored (whatever changed in the seconds since: it
+/// is this start's own), a claim it made is deleted, and the session forgotten; `e` is
 /// returned with what was done.
 pub async fn undo(
     cluster: &Cluster,
     deployment: &str,
     files: SessionFiles,
+    new_claim: Option<&str>,
     e: anyhow::Error,
 ) -> anyhow::Error {
-    match swap::restore(cluster, deployment, RestoreOptions::default()).await {
-        Ok(_) => {
-            let _ = files.remove();
-            e.context(format!("deployment/{deployment} is restored"))
-        }
-        Err(restore) => e.context(format!("and restoring deployment/{deployment} failed too: {restore:#}")),
+    let options = RestoreOptions { force: true, volumes: false };
+    if let Err(restore) = swap::restore(cluster, deployment, options).await {
+        return anyhow!("{e:#}; restoring deployment/{deployment} failed too: {restore:#}");
     }
+    let _ = files.remove();
+    if let Some(claim) = new_claim {
+        if let Err(cleanup) = swap::delete_claim(cluster, claim).await {
+            tracing::warn!("cannot delete the claim {claim} after a failed start: {cleanup:#}");
+        }
+    }
+    anyhow!("{e:#}; deployment/{deployment} is restored")
 }
 
 /// After a failed start: a fresh swap is restored (see [`undo`]); a resumed one stays.
@@ -273,7 +282,8 @@ pub async fn abandon(started: Started, e: anyhow::Error) -> anyhow::Error {
     if !started.fresh {
         return e;
     }
-    undo(&started.cluster, &started.place.deployment, started.files, e).await
+    let claim = started.new_claim.as_deref();
+    undo(&started.cluster, &started.place.deployment, started.files, claim, e).await
 }
 
 /// The end of a session (unmounted, or `devmount down`): restores the Deployment unless it

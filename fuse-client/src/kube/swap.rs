@@ -150,11 +150,20 @@ pub async fn autoscalers(cluster: &Cluster) -> Result<Option<Vec<HorizontalPodAu
     }
 }
 
+/// What [`apply`] did.
+pub struct Applied {
+    /// The dev Deployment as stored.
+    pub deployment: Deployment,
+    /// The claim, if this swap made it (a failed start deletes it again: it may carry the
+    /// mistake, such as a storage class that does not exist).
+    pub new_claim: Option<String>,
+}
+
 /// Applies the swap: the Secret (with `host_key`), the claim if it does not exist, then the
 /// dev Deployment in place of `original` (refused if it changed since it was read), then its
-/// fingerprint. Returns the dev Deployment as stored. On a failure after the Secret, the
-/// Secret is deleted again.
-pub async fn apply(cluster: &Cluster, objects: &DevObjects, host_key: &str) -> Result<Deployment> {
+/// fingerprint. On a failure before the Deployment is swapped, the Secret and a claim made here
+/// are deleted again.
+pub async fn apply(cluster: &Cluster, objects: &DevObjects, host_key: &str) -> Result<Applied> {
     let ns = &cluster.namespace;
     let secrets: Api<Secret> = Api::namespaced(cluster.client.clone(), ns);
     let mut secret = objects.secret.clone();
@@ -167,9 +176,12 @@ pub async fn apply(cluster: &Cluster, objects: &DevObjects, host_key: &str) -> R
         .await
         .map_err(|e| api_error(e, "create", "secrets", ns))?;
     let secret_name = secret.name_any();
+    let mut new_claim = None;
     let applied = async {
         if let Some(claim) = &objects.volume_claim {
-            ensure_claim(cluster, claim).await?;
+            if ensure_claim(cluster, claim).await? {
+                new_claim = Some(claim.name_any());
+            }
         }
         let api: Api<Deployment> = Api::namespaced(cluster.client.clone(), ns);
         let name = objects.deployment.name_any();
@@ -180,30 +192,42 @@ pub async fn apply(cluster: &Cluster, objects: &DevObjects, host_key: &str) -> R
             }
             Err(e) => return Err(api_error(e, "update", "deployments", ns)),
         };
-        mark_applied(&api, &stored).await
+        // Without the fingerprint `down` cannot tell what changed since; the swap itself is
+        // whole, so that is a warning, not a reason to undo it.
+        Ok(mark_applied(&api, &stored).await.unwrap_or_else(|e| {
+            tracing::warn!("{e:#}; `devmount down` will not see changes made since the swap");
+            stored
+        }))
     };
-    match applied.await {
-        Ok(stored) => Ok(stored),
+    let applied = applied.await;
+    match applied {
+        Ok(deployment) => Ok(Applied { deployment, new_claim }),
         Err(e) => {
             if let Err(cleanup) = secrets.delete(&secret_name, &DeleteParams::default()).await {
                 tracing::warn!(
                     "cannot delete the session Secret {secret_name} after a failed swap: {cleanup}"
                 );
             }
+            if let Some(claim) = &new_claim {
+                if let Err(cleanup) = delete_claim(cluster, claim).await {
+                    tracing::warn!("cannot delete the claim {claim} after a failed swap: {cleanup:#}");
+                }
+            }
             Err(e)
         }
     }
 }
 
-async fn ensure_claim(cluster: &Cluster, claim: &PersistentVolumeClaim) -> Result<()> {
+/// Creates the claim unless it exists; true if it was made here.
+async fn ensure_claim(cluster: &Cluster, claim: &PersistentVolumeClaim) -> Result<bool> {
     let ns = &cluster.namespace;
     let api: Api<PersistentVolumeClaim> = Api::namespaced(cluster.client.clone(), ns);
     let name = claim.name_any();
     match api.get_opt(&name).await {
-        Ok(Some(_)) => Ok(()),
+        Ok(Some(_)) => Ok(false),
         Ok(None) => match api.create(&PostParams::default(), claim).await {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
             Err(e) => Err(api_error(e, "create", "persistentvolumeclaims", ns)),
         },
         Err(e) => Err(api_error(e, "get", "persistentvolumeclaims", ns)),
@@ -339,7 +363,7 @@ pub async fn restore(cluster: &Cluster, name: &str, options: RestoreOptions) -> 
     Ok(done)
 }
 
-async fn delete_claim(cluster: &Cluster, claim: &str) -> Result<Option<String>> {
+pub async fn delete_claim(cluster: &Cluster, claim: &str) -> Result<Option<String>> {
     let api: Api<PersistentVolumeClaim> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
     match api.delete(claim, &DeleteParams::default()).await {
         Ok(_) => Ok(Some(format!("deleted persistentvolumeclaim/{claim}"))),
