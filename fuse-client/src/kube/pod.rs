@@ -50,10 +50,11 @@ pub fn stage(pod: &Pod, container: &str) -> Stage {
     if !scheduled {
         return Stage::Scheduling;
     }
-    let init_pending =
-        status.init_container_statuses.iter().flatten().any(|s| {
-            !s.state.as_ref().and_then(|st| st.terminated.as_ref()).is_some_and(|t| t.exit_code == 0)
-        });
+    let init_pending = status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .any(|s| s.state.as_ref().and_then(|st| st.terminated.as_ref()).is_none_or(|t| t.exit_code != 0));
     if init_pending {
         return Stage::InitContainers;
     }
@@ -77,7 +78,7 @@ pub fn stage(pod: &Pod, container: &str) -> Stage {
 pub fn failure(pod: &Pod, events: &[Event]) -> Option<String> {
     let name = pod.name_any();
     let status = pod.status.as_ref()?;
-    for event in events.iter().filter(|e| e.reason.as_deref() == Some("ProvisioningFailed")) {
+    if let Some(event) = events.iter().find(|e| e.reason.as_deref() == Some("ProvisioningFailed")) {
         let message = event.message.as_deref().unwrap_or("");
         return Some(format!(
             "the persistent volume cannot be made: {message}; set kubernetes.persistentVolume.storageClass to one of `kubectl get storageclass`, or turn persistentVolume off"
