@@ -12,6 +12,11 @@
 //! mounted), mounts, and answers the control socket ([`crate::control`]). When the mount goes
 //! (`devmount down`, `umount`, SIGTERM) it drains the journal, stops the forwards, says goodbye
 //! to the server, stops the local server and removes its socket.
+//!
+//! With a kubernetes target the daemon first swaps the Deployment, waits for the dev pod and
+//! puts the server in it ([`crate::kube::start`]); every connection then goes through the
+//! port-forward of [`crate::kube::Route`], and after the unmount [`crate::kube::finish`]
+//! restores the Deployment.
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
