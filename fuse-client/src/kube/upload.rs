@@ -34,8 +34,10 @@ fi
 "#;
 
 /// Takes exactly `$2` bytes from stdin to `$1/devmount-server.upload`, checks the size and
-/// (with `sha256sum`) the hash `$3`, renames it into place, writes the ready marker and says
-/// `uploaded`; then ends a server of the replaced version (the stream may end with it).
+/// (with `sha256sum`) the hash `$3`, renames it into place, writes the ready marker, says
+/// `uploaded` and `running PIDS...` (the servers of the replaced version, found by their
+/// executable before the rename), then ends those (the stream may end with them: one is the
+/// container's PID 1).
 pub const UPLOAD_SCRIPT: &str = r#"set -e
 dir=$1 size=$2 sum=$3
 tmp="$dir/devmount-server.upload"
@@ -47,12 +49,16 @@ if command -v sha256sum >/dev/null 2>&1; then
   if [ "$1" != "$sum" ]; then rm -f "$tmp"; echo "devmount: the upload's sha256 is $1, not $sum" >&2; exit 1; fi
 fi
 chmod 755 "$tmp"
+abs=$(cd "$dir" && pwd)
+old=
+for p in /proc/[0-9]*; do
+  if [ "$(readlink "$p/exe" 2>/dev/null)" = "$abs/devmount-server" ]; then old="$old ${p#/proc/}"; fi
+done
 mv -f "$tmp" "$dir/devmount-server"
 : > "$dir/ready"
 echo uploaded
-for p in /proc/[0-9]*; do
-  if [ "$(readlink "$p/exe" 2>/dev/null)" = "$dir/devmount-server (deleted)" ]; then kill -TERM "${p#/proc/}" 2>/dev/null || true; fi
-done
+echo "running$old"
+for pid in $old; do kill -TERM "$pid" 2>/dev/null || true; done
 "#;
 
 /// The server to upload: its bytes' size and sha256.
@@ -86,7 +92,8 @@ pub enum Action {
     Keep,
     /// There is none yet.
     Upload,
-    /// A server of another version is ready (and likely running): replace it.
+    /// A server of another version is ready: replace it (the one running is ended, and the
+    /// container restarts into the new one).
     Replace,
 }
 
@@ -209,13 +216,21 @@ pub async fn ensure(
         .await?;
     // The old server's end may end the container, and this exec with it, after the marker.
     if up.stdout.lines().any(|l| l == "uploaded") {
-        return Ok(action);
+        return Ok(match uploaded_over_running(&up.stdout) {
+            true => Action::Replace,
+            false => Action::Upload,
+        });
     }
     bail!(
         "uploading devmount-server to pod {pod} failed: {}; {}",
         up.failure.unwrap_or_else(|| "no confirmation".into()),
         nonempty(&up.stderr)
     )
+}
+
+/// Pure: whether the upload script ended a running server (so the container restarts).
+pub fn uploaded_over_running(stdout: &str) -> bool {
+    stdout.lines().any(|l| l.strip_prefix("running").is_some_and(|pids| !pids.trim().is_empty()))
 }
 
 fn nonempty(stderr: &str) -> String {
@@ -359,7 +374,8 @@ mod tests {
         let (ok, out, err) =
             run(UPLOAD_SCRIPT, &[d, &body.len().to_string(), &sum], &[&body[..], b"trailing"].concat());
         assert!(ok, "{err}");
-        assert_eq!(out, "uploaded\n");
+        assert_eq!(out, "uploaded\nrunning\n");
+        assert!(!uploaded_over_running(&out));
         assert_eq!(
             std::fs::read(dir.path().join("devmount-server")).unwrap(),
             body,
@@ -378,5 +394,18 @@ mod tests {
         assert!(!ok);
         assert!(err.contains("the upload's sha256 is"), "{err}");
         assert!(!dir.path().join("devmount-server.upload").exists());
+
+        // A server of the old version runs from the directory: it is named, then ended.
+        // Copied by cp, not here: a file this multi-threaded process had open for writing
+        // could be inherited by another test's fork, and exec would fail with ETXTBSY.
+        let copied = Command::new("cp").arg("/bin/sleep").arg(dir.path().join("devmount-server")).status();
+        assert!(copied.unwrap().success());
+        let mut old = Command::new(dir.path().join("devmount-server")).arg("60").spawn().unwrap();
+        let (ok, out, err) = run(UPLOAD_SCRIPT, &[d, &body.len().to_string(), &sum], body);
+        assert!(ok, "{err}");
+        assert!(out.contains(&format!("running {}\n", old.id())), "{out}");
+        assert!(uploaded_over_running(&out));
+        let status = old.wait().unwrap();
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGTERM));
     }
 }
