@@ -72,6 +72,11 @@ pub struct Started {
     pub new_claim: Option<String>,
 }
 
+/// How long a server just uploaded has to listen: the wait script's next look, and the change
+/// feed's watch of the workdir, which comes before the server listens and takes long on a big
+/// tree.
+const SERVER_START: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// The daemon's way to the server: the session's current pod, the server in it, a
 /// port-forward to it.
 pub struct Route {
@@ -119,7 +124,11 @@ impl Route {
                     upload::ensure(&self.cluster, &name, &self.container, &self.server_dir, server).await?;
                 match action {
                     Action::Keep => {}
-                    Action::Upload => step("devmount-server uploaded"),
+                    Action::Upload => {
+                        step("devmount-server uploaded; waiting for it to listen");
+                        portforward::wait_listening(&self.cluster, &name, DEFAULT_SERVER_PORT, SERVER_START)
+                            .await?;
+                    }
                     Action::Replace => {
                         // The old server ends and the container restarts into the new one:
                         // look at the pod again.
