@@ -248,13 +248,10 @@ pub fn down(args: DownArgs) -> Result<()> {
     let cluster_part = match (local, recorded) {
         (Ok(info), recorded) => {
             crate::sessions::down(Some(&info.mountpoint), args.verbose)?;
-            // The daemon restored and forgot the session unless the restore was refused.
-            let left = recorded.filter(|(files, _)| files.dir.exists());
-            match (left, options.volumes) {
-                (Some(left), _) => Some((Some(left), None)),
-                (None, true) => kube_target()?.map(|t| (None, Some(t))),
-                (None, false) => None,
-            }
+            // The daemon restored and forgot the session unless the restore was refused; the
+            // claim is for `--volumes` to delete, with the place recorded before.
+            let left = recorded.filter(|(files, _)| options.volumes || files.dir.exists());
+            left.map(|left| (Some(left), None))
         }
         (Err(e), _) => match kube_target()? {
             Some(target) => Some((None, Some(target))),
