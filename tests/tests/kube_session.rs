@@ -435,6 +435,34 @@ fn a_pod_that_cannot_start_is_named_and_the_swap_undone() -> Result<()> {
 }
 
 #[test]
+fn an_autoscaler_that_would_fight_the_swap_is_named() -> Result<()> {
+    let cluster = Cluster::start()?;
+    let original = cluster.deploy()?;
+    cluster.fake.create(json!({
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "web", "namespace": NAMESPACE},
+        "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
+                 "minReplicas": 2, "maxReplicas": 5}
+    }))?;
+    let up = cluster.devmount(&["up", cluster.mnt().to_str().context("mount point")?])?;
+    ensure!(!up.success(), "{up}");
+    ensure!(
+        up.stderr_text().contains("HorizontalPodAutoscaler web scales deployment/web up to 5 pods"),
+        "{up}"
+    );
+    ensure!(cluster.secrets().is_empty(), "nothing applied: {:?}", cluster.secrets());
+    let now = cluster.deployment()?;
+    assert_eq!(restorable(&now), restorable(&original));
+    assert_eq!(
+        now.pointer("/metadata/generation"),
+        original.pointer("/metadata/generation"),
+        "never written"
+    );
+    Ok(())
+}
+
+#[test]
 fn a_missing_storage_class_is_named() -> Result<()> {
     let cluster = Cluster::start()?;
     let original = cluster.deploy()?;
