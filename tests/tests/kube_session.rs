@@ -155,6 +155,15 @@ impl Cluster {
         })
     }
 
+    /// The session daemons' logs, together.
+    fn daemon_log(&self) -> Result<String> {
+        let mut text = String::new();
+        for entry in fs::read_dir(self.path("state/devmount/log"))? {
+            text.push_str(&fs::read_to_string(entry?.path())?);
+        }
+        Ok(text)
+    }
+
     fn secrets(&self) -> Vec<Value> {
         self.fake.list("secrets", NAMESPACE)
     }
@@ -356,8 +365,16 @@ fn up_edit_exec_pod_replaced_down_restores() -> Result<()> {
     cluster.exec_sees("hello.txt", "hi from the laptop\n")?;
     ensure!(fs::read_to_string(cluster.path("volume/hello.txt"))? == "hi from the laptop\n");
 
-    // The pod goes (a drain); the session finds the new one, uploads again, reconnects.
+    // The port-forward breaks, the pod stays: the session reconnects to the same server.
     let first = cluster.dev_pod()?;
+    cluster.fake.cut_streams(NAMESPACE, &first)?;
+    fs::write(mnt.join("cut.txt"), "written after the forward broke\n")?;
+    retry("exec after the forward broke", DEADLINE, || {
+        cluster.exec_sees("cut.txt", "written after the forward broke\n")
+    })?;
+    ensure!(cluster.daemon_log()?.contains("reconnected to web.default:22022"), "{}", cluster.daemon_log()?);
+
+    // The pod goes (a drain); the session finds the new one, uploads again, reconnects.
     cluster.fake.replace_pod(NAMESPACE, &first)?;
     let second = retry("a new dev pod", DEADLINE, || {
         let pod = cluster.dev_pod()?;
