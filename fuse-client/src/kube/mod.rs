@@ -118,25 +118,28 @@ impl Route {
             let name = pod.name_any();
             let seen = (name.clone(), restarts(&pod, &self.container));
             let known = self.checked.lock().unwrap_or_else(PoisonError::into_inner).as_ref() == Some(&seen);
-            if let (false, Some(server)) = (known, &self.server) {
-                step(&format!("checking devmount-server in pod {name}"));
-                let action =
-                    upload::ensure(&self.cluster, &name, &self.container, &self.server_dir, server).await?;
-                match action {
-                    Action::Keep => {}
-                    Action::Upload => {
-                        step("devmount-server uploaded; waiting for it to listen");
-                        portforward::wait_listening(&self.cluster, &name, DEFAULT_SERVER_PORT, SERVER_START)
+            if !known {
+                if let Some(server) = &self.server {
+                    step(&format!("checking devmount-server in pod {name}"));
+                    let action =
+                        upload::ensure(&self.cluster, &name, &self.container, &self.server_dir, server)
                             .await?;
-                    }
-                    Action::Replace => {
-                        // The old server ends and the container restarts into the new one:
-                        // look at the pod again.
-                        step("devmount-server of another version replaced; waiting for the container to restart");
-                        wait_restart(&self.cluster, &self.session, &self.container, &seen).await?;
-                        continue;
+                    match action {
+                        Action::Keep => {}
+                        Action::Upload => step("devmount-server uploaded"),
+                        Action::Replace => {
+                            // The old server ends and the container restarts into the new one:
+                            // look at the pod again.
+                            step("devmount-server of another version replaced; waiting for the container to restart");
+                            wait_restart(&self.cluster, &self.session, &self.container, &seen).await?;
+                            continue;
+                        }
                     }
                 }
+                // A server just uploaded, or in a container that just (re)started, needs a
+                // moment before it listens; one that runs answers at once.
+                step(&format!("waiting for devmount-server in pod {name} to listen"));
+                portforward::wait_listening(&self.cluster, &name, DEFAULT_SERVER_PORT, SERVER_START).await?;
                 *self.checked.lock().unwrap_or_else(PoisonError::into_inner) = Some(seen);
             }
             step(&format!("port-forwarding to pod {name}"));
@@ -145,9 +148,12 @@ impl Route {
     }
 }
 
+/// How long a container whose server was replaced has to restart.
+const RESTART_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Waits until the pod `seen` has restarted its container, or gone.
 async fn wait_restart(cluster: &Cluster, session: &str, container: &str, seen: &(String, i32)) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    let deadline = tokio::time::Instant::now() + RESTART_WAIT;
     while tokio::time::Instant::now() < deadline {
         match pod::current(cluster, session).await? {
             Some(pod) if pod.name_any() == seen.0 && restarts(&pod, container) == seen.1 => {}
@@ -155,7 +161,10 @@ async fn wait_restart(cluster: &Cluster, session: &str, container: &str, seen: &
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
-    Err(anyhow!("pod {}'s container did not restart into the new devmount-server within 60 s", seen.0))
+    Err(anyhow!(
+        "pod {}'s container did not restart into the new devmount-server within {RESTART_WAIT:?}",
+        seen.0
+    ))
 }
 
 impl Transport for Route {
