@@ -10,6 +10,7 @@ pub mod fs;
 pub mod fuse;
 pub mod guard;
 pub mod journal;
+pub mod kube;
 pub mod local_server;
 pub mod manifest;
 pub mod mount;

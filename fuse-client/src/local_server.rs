@@ -661,19 +661,19 @@ impl SessionKeys {
     }
 }
 
-fn new_key() -> Result<PrivateKey> {
+pub(crate) fn new_key() -> Result<PrivateKey> {
     Ok(PrivateKey::from(Ed25519Keypair::from_seed(&random_bytes::<32>()?)))
 }
 
-fn private_text(key: &PrivateKey) -> Result<String> {
+pub(crate) fn private_text(key: &PrivateKey) -> Result<String> {
     Ok(key.to_openssh(LineEnding::LF).context("cannot encode a new key")?.to_string())
 }
 
-fn public_line(key: &PrivateKey) -> Result<String> {
+pub(crate) fn public_line(key: &PrivateKey) -> Result<String> {
     key.public_key().to_openssh().context("cannot encode a new public key")
 }
 
-fn random_bytes<const N: usize>() -> Result<[u8; N]> {
+pub(crate) fn random_bytes<const N: usize>() -> Result<[u8; N]> {
     let mut bytes = [0u8; N];
     File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))
@@ -682,7 +682,7 @@ fn random_bytes<const N: usize>() -> Result<[u8; N]> {
 }
 
 /// Creates `path` (it must not exist) with mode 0600 and writes `text`.
-fn write_private(path: &Path, text: &str) -> Result<()> {
+pub(crate) fn write_private(path: &Path, text: &str) -> Result<()> {
     OpenOptions::new()
         .write(true)
         .create_new(true)

@@ -8,10 +8,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use devmount::cache::CacheConfig;
 use devmount::journal::Config as JournalConfig;
+use devmount::kube::render;
 use devmount::mount::{self, Endpoint, MountArgs};
 use devmount::session::Target;
 use devmount::sessions::{self, ExecArgs, Selector};
-use devmount::up::{self, Spinner, UpArgs};
+use devmount::up::{self, DownArgs, Spinner, UpArgs};
 
 /// Develop inside a Kubernetes pod: mount its workdir, run commands in it, forward its ports.
 #[derive(Parser, Debug)]
@@ -71,17 +72,10 @@ enum Command {
         #[command(flatten)]
         manifest: ManifestArg,
     },
-    /// End a session: send the pending changes, unmount, stop its forwards and server. Also
-    /// cleans up after a session whose daemon died.
-    Down {
-        /// The mount point (default: as for exec).
-        mountpoint: Option<PathBuf>,
-        #[command(flatten)]
-        manifest: ManifestArg,
-        /// Show how long each step takes.
-        #[arg(short, long)]
-        verbose: bool,
-    },
+    /// End a session: send the pending changes, unmount, stop its forwards and server, and on
+    /// a kubernetes target restore the Deployment (from any machine: it reads the cluster).
+    /// Also cleans up after a session whose daemon died.
+    Down(DownArgs),
     /// Print an OpenSSH `Host devmount-NAME` block for the session, so that ssh, scp, sftp and
     /// IDE remote plugins reach its server over the session's connection:
     /// `devmount ssh-config >> ~/.ssh/config`, or `ssh -F <(devmount ssh-config) devmount-NAME`.
@@ -99,6 +93,17 @@ enum Command {
     },
     /// Write a commented devmount.yml in the current directory.
     Init,
+    /// Print, offline, what a session on the Deployment in FILE applies: the dev Deployment, the
+    /// persistent volume's claim and the Secret (its values as placeholders), with the
+    /// kubernetes settings of ./devmount.yml or -m.
+    Render {
+        /// The Deployment's YAML, e.g. from `kubectl get deployment NAME -o yaml`.
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+        /// The manifest (default: ./devmount.yml, if there is one).
+        #[arg(short = 'm', long = "manifest", value_name = "FILE")]
+        manifest: Option<PathBuf>,
+    },
     /// Mount a directory of an SSH server (devmount-server, or any OpenSSH server) at MNT.
     Mount {
         /// ssh://USER@HOST:PORT/PATH
@@ -191,14 +196,13 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         }),
         Command::Sync { mountpoint, manifest } => sessions::sync(&select(mountpoint, manifest)?).map(|()| 0),
         Command::Status { manifest } => sessions::status(&select(None, manifest)?).map(|()| 0),
-        Command::Down { mountpoint, manifest, verbose } => {
-            sessions::down(&select(mountpoint, manifest)?, verbose).map(|()| 0)
-        }
+        Command::Down(args) => up::down(args).map(|()| 0),
         Command::SshConfig { mountpoint, manifest } => {
             sessions::ssh_config(&select(mountpoint, manifest)?).map(|()| 0)
         }
         Command::Proxy { name } => sessions::proxy(&name).map(|()| 0),
         Command::Init => up::init().map(|()| 0),
+        Command::Render { file, manifest } => render::run(&file, manifest.as_deref()).map(|()| 0),
         Command::Mount {
             target,
             mountpoint,

@@ -12,6 +12,7 @@
 //! written (no early typing): `VERSION: 1.10` stays "1.10", and each field decides how to read
 //! its text.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -32,7 +33,8 @@ pub const STARTER: &str = r#"# devmount.yml: the settings of `devmount up MNT` r
 
 # Where the files live: `local` serves a directory of this machine (relative to this file)
 # through a devmount-server started for the session. It must not contain the mount point.
-# `kubernetes` targets come with a later version of devmount.
+# `kubernetes: {deployment: NAME}` instead targets a container of a Deployment (see
+# docs/kubernetes.md): `devmount render` shows the swap, `devmount up` makes it for the session.
 target:
   local: workspace
 
@@ -54,6 +56,46 @@ target:
 const TOP_KEYS: &[&str] = &["name", "target", "forward", "reverse", "environment", "cache"];
 const TARGET_KEYS: &[&str] = &["local", "kubernetes"];
 const CACHE_KEYS: &[&str] = &["data", "timeout", "journal"];
+const KUBERNETES_KEYS: &[&str] = &[
+    "namespace",
+    "deployment",
+    "selector",
+    "container",
+    "image",
+    "command",
+    "workdir",
+    "environment",
+    "resources",
+    "securityContext",
+    "persistentVolume",
+    "volumes",
+    "serverImage",
+    "timeout",
+    "context",
+];
+const RESOURCES_KEYS: &[&str] = &["requests", "limits"];
+const SECURITY_KEYS: &[&str] = &[
+    "runAsUser",
+    "runAsGroup",
+    "runAsNonRoot",
+    "fsGroup",
+    "privileged",
+    "allowPrivilegeEscalation",
+    "readOnlyRootFilesystem",
+    "capabilities",
+];
+const CAPABILITIES_KEYS: &[&str] = &["add", "drop"];
+const VOLUME_KEYS: &[&str] = &["enabled", "size", "storageClass", "accessMode"];
+/// The access modes a writable volume can have.
+const ACCESS_MODES: &[&str] = &["ReadWriteOnce", "ReadWriteOncePod", "ReadWriteMany"];
+
+/// How long `devmount up` waits for the dev pod when `timeout` is not given: long enough for a
+/// first pull of a large image.
+pub const DEFAULT_KUBE_TIMEOUT: Duration = Duration::from_secs(300);
+/// The persistent volume's size when `persistentVolume.size` is not given.
+pub const DEFAULT_VOLUME_SIZE: &str = "5Gi";
+/// The persistent volume's access mode when `persistentVolume.accessMode` is not given.
+pub const DEFAULT_ACCESS_MODE: &str = "ReadWriteOnce";
 
 /// The smallest journal, as `--journal-max` requires.
 const MIN_JOURNAL: u64 = 1 << 20;
@@ -83,6 +125,149 @@ pub enum ManifestTarget {
     /// A directory of this machine, served by a local devmount-server: absolute (a relative
     /// path is taken from the manifest's directory), not resolved (it may not exist yet).
     Local(PathBuf),
+    /// A container of a Deployment in a cluster, swapped for a dev container.
+    Kubernetes(Box<KubernetesTarget>),
+}
+
+/// `target.kubernetes`: which Deployment to develop in, and how its dev container differs from
+/// the container it replaces. The values are checked for form only: whether they fit the
+/// Deployment is decided when it is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubernetesTarget {
+    /// `None`: the kubeconfig context's namespace.
+    pub namespace: Option<String>,
+    pub workload: Workload,
+    /// The kubeconfig context; `None`: the current one.
+    pub context: Option<String>,
+    /// How long `devmount up` waits for the dev pod.
+    pub timeout: Duration,
+    pub dev: DevSettings,
+}
+
+/// How the Deployment is found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Workload {
+    /// By name.
+    Deployment(String),
+    /// The one Deployment whose labels include all of these, in the file's order.
+    Selector(Vec<(String, String)>),
+}
+
+impl Workload {
+    /// Whether a Deployment called `name` with these `labels` is the one meant.
+    pub fn matches(&self, name: &str, labels: &BTreeMap<String, String>) -> bool {
+        match self {
+            Workload::Deployment(wanted) => wanted == name,
+            Workload::Selector(pairs) => pairs.iter().all(|(k, v)| labels.get(k) == Some(v)),
+        }
+    }
+}
+
+impl fmt::Display for Workload {
+    /// As `kubectl` takes it: `deployment/NAME`, or the selector `k=v,k2=v2`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Workload::Deployment(name) => write!(f, "deployment/{name}"),
+            Workload::Selector(pairs) => {
+                let pairs: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                write!(f, "{}", pairs.join(","))
+            }
+        }
+    }
+}
+
+/// How the dev container differs from the container it replaces; what the Kubernetes
+/// translation reads. The default is what a manifest without these fields means.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DevSettings {
+    /// `None`: the pod's first container.
+    pub container: Option<String>,
+    /// `None`: the container's own image.
+    pub image: Option<String>,
+    /// A shell command line run beside devmount-server (a list in the manifest is quoted into
+    /// one).
+    pub command: Option<String>,
+    /// An absolute path without `.`, `..` or empty components; `None`: the container's
+    /// workingDir, else `/work`.
+    pub workdir: Option<String>,
+    /// Set on the dev container, replacing variables of the same name; in the file's order.
+    pub environment: Vec<(String, String)>,
+    pub resources: ResourceOverrides,
+    pub security_context: SecurityOverrides,
+    pub persistent_volume: PersistentVolume,
+    /// Paths in the pod kept on the persistent volume, in the form of `workdir`; only with the
+    /// persistent volume enabled.
+    pub volumes: Vec<String>,
+    /// An image holding `/devmount-server` and `cp`, copied by an init container instead of
+    /// uploading the server.
+    pub server_image: Option<String>,
+}
+
+impl DevSettings {
+    /// The key and the reason, when two settings cannot go together.
+    pub fn conflict(&self) -> Option<(&'static str, &'static str)> {
+        if !self.volumes.is_empty() && !self.persistent_volume.enabled {
+            return Some((
+                "volumes",
+                "kubernetes.volumes live on the persistent volume, which is off; remove them or enable persistentVolume",
+            ));
+        }
+        if self.command.is_some() && self.server_image.is_some() {
+            return Some((
+                "command",
+                "kubernetes.command runs under the image's sh, and serverImage is for images without one; drop one of them",
+            ));
+        }
+        None
+    }
+}
+
+/// Resource requests and limits, each replacing the container's value for that resource name.
+/// Quantities are checked for Kubernetes' form (`500m`, `2Gi`, `1e3`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ResourceOverrides {
+    pub requests: Vec<(String, String)>,
+    pub limits: Vec<(String, String)>,
+}
+
+/// Fields of the container's securityContext (`fs_group`: of the pod's) that the dev container
+/// sets; `None` keeps the container's.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SecurityOverrides {
+    pub run_as_user: Option<i64>,
+    pub run_as_group: Option<i64>,
+    pub run_as_non_root: Option<bool>,
+    pub fs_group: Option<i64>,
+    pub privileged: Option<bool>,
+    pub allow_privilege_escalation: Option<bool>,
+    pub read_only_root_filesystem: Option<bool>,
+    /// Replaces the container's `capabilities.add` list.
+    pub capabilities_add: Option<Vec<String>>,
+    /// Replaces the container's `capabilities.drop` list.
+    pub capabilities_drop: Option<Vec<String>>,
+}
+
+/// `persistentVolume`: the claim that keeps the workdir (and `volumes`) across pod restarts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PersistentVolume {
+    pub enabled: bool,
+    /// A Kubernetes quantity, e.g. `5Gi`.
+    pub size: String,
+    /// `None`: the cluster's default storage class.
+    pub storage_class: Option<String>,
+    /// One of ReadWriteOnce, ReadWriteOncePod, ReadWriteMany.
+    pub access_mode: String,
+}
+
+impl Default for PersistentVolume {
+    fn default() -> PersistentVolume {
+        PersistentVolume {
+            enabled: true,
+            size: DEFAULT_VOLUME_SIZE.into(),
+            storage_class: None,
+            access_mode: DEFAULT_ACCESS_MODE.into(),
+        }
+    }
 }
 
 /// One port forward. For `forward` (`-L`) connections to `local` on this machine reach `remote`
@@ -237,7 +422,7 @@ impl Manifest {
         let target = target.ok_or_else(|| ManifestError::Invalid {
             file: path.to_owned(),
             at: None,
-            message: "no `target`; add `target:` with `local: DIR`, the directory to serve".into(),
+            message: "no `target`; add `target:` with `local: DIR` (a directory to serve) or `kubernetes: {deployment: NAME}`".into(),
         })?;
         Ok(Manifest {
             path: path.to_owned(),
@@ -309,6 +494,94 @@ pub fn check_name(name: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// The two forms of Kubernetes object names.
+#[derive(Clone, Copy)]
+enum DnsName {
+    /// RFC 1123 label: namespaces, containers.
+    Label,
+    /// RFC 1123 subdomain: Deployments, storage classes.
+    Subdomain,
+}
+
+impl DnsName {
+    fn accepts(self, name: &str) -> bool {
+        match self {
+            DnsName::Label => is_dns_label(name),
+            DnsName::Subdomain => name.len() <= 253 && name.split('.').all(is_dns_label),
+        }
+    }
+
+    fn rule(self) -> &'static str {
+        match self {
+            DnsName::Label => {
+                "at most 63 lowercase letters, digits and '-', starting and ending with a letter or digit"
+            }
+            DnsName::Subdomain => {
+                "lowercase letters, digits, '-' and '.', starting and ending with a letter or digit"
+            }
+        }
+    }
+}
+
+fn is_dns_label(name: &str) -> bool {
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    name.len() <= 63
+        && edge(name.chars().next())
+        && edge(name.chars().last())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+/// A label value: empty, or at most 63 letters, digits, `-`, `_` and `.` with an alphanumeric
+/// at each end.
+fn is_label_value(value: &str) -> bool {
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    value.is_empty()
+        || (value.len() <= 63
+            && edge(value.chars().next())
+            && edge(value.chars().last())
+            && value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+}
+
+/// A label key: a name with the form of a non-empty label value, after an optional
+/// `DNS-subdomain/` prefix.
+fn is_label_key(key: &str) -> bool {
+    let (prefix, name) = key.rsplit_once('/').map_or((None, key), |(p, n)| (Some(p), n));
+    !name.is_empty() && is_label_value(name) && prefix.is_none_or(|p| DnsName::Subdomain.accepts(p))
+}
+
+/// A resource name: `cpu`, `memory`, `hugepages-2Mi`, `example.com/gpu`.
+fn is_resource_name(name: &str) -> bool {
+    is_label_key(name)
+}
+
+/// A Kubernetes quantity without a sign: digits with an optional fraction, then one of the
+/// suffixes Kubernetes knows (binary `Ki`..`Ei`, decimal `n`..`E`, or an exponent `e3`). Written
+/// here because Kubernetes' grammar is small and no maintained crate checks exactly it.
+fn is_quantity(text: &str) -> bool {
+    let digits = |s: &str| s.bytes().take_while(u8::is_ascii_digit).count();
+    let whole = digits(text);
+    let mut rest = &text[whole..];
+    let mut fraction = 0;
+    if let Some(after) = rest.strip_prefix('.') {
+        fraction = digits(after);
+        rest = &after[fraction..];
+    }
+    if whole + fraction == 0 {
+        return false;
+    }
+    match rest {
+        "" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei" | "n" | "u" | "m" | "k" | "M" | "G" | "T" | "P"
+        | "E" => true,
+        exponent => match exponent.strip_prefix(['e', 'E']) {
+            Some(power) => {
+                let power = power.strip_prefix(['+', '-']).unwrap_or(power);
+                !power.is_empty() && digits(power) == power.len()
+            }
+            None => false,
+        },
+    }
 }
 
 /// Reads nodes, turning every mistake into an error at the node's place.
@@ -461,9 +734,306 @@ impl Reader<'_> {
                 let path = self.required_text(value, "target.local (the directory to serve)")?;
                 Ok(ManifestTarget::Local(dir.join(path)))
             }
+            _ => Ok(ManifestTarget::Kubernetes(Box::new(self.kubernetes(value)?))),
+        }
+    }
+
+    fn kubernetes(&self, node: &Node) -> Result<KubernetesTarget, ManifestError> {
+        let (mut namespace, mut context, mut timeout) = (None, None, DEFAULT_KUBE_TIMEOUT);
+        let mut workload: Option<Workload> = None;
+        let mut dev = DevSettings::default();
+        let mut nodes = BTreeMap::new();
+        for (key, value) in self.mapping(node, "target.kubernetes", KUBERNETES_KEYS)? {
+            nodes.insert(key, value);
+            let what = format!("kubernetes.{key}");
+            match key {
+                "namespace" => namespace = Some(self.dns_name(value, &what, DnsName::Label)?),
+                "context" => context = Some(self.required_text(value, &what)?.to_owned()),
+                "deployment" | "selector" => {
+                    if workload.is_some() {
+                        return Err(self.error(
+                            value,
+                            "kubernetes has both deployment and selector; give exactly one".into(),
+                        ));
+                    }
+                    let found = if key == "deployment" {
+                        Workload::Deployment(self.dns_name(value, &what, DnsName::Subdomain)?)
+                    } else {
+                        self.selector(value)?
+                    };
+                    workload = Some(found);
+                }
+                "container" => dev.container = Some(self.dns_name(value, &what, DnsName::Label)?),
+                "image" => dev.image = Some(self.word(value, &what)?),
+                "command" => dev.command = Some(self.command(value)?),
+                "workdir" => dev.workdir = Some(self.pod_path(value, &what)?),
+                "environment" => dev.environment = self.environment(value)?,
+                "resources" => dev.resources = self.resources(value)?,
+                "securityContext" => dev.security_context = self.security(value)?,
+                "persistentVolume" => dev.persistent_volume = self.persistent_volume(value)?,
+                "volumes" => {
+                    let mut paths: Vec<String> = Vec::new();
+                    for item in self.list(value, &what)? {
+                        let path = self.pod_path(item, "each kubernetes.volumes entry")?;
+                        if paths.contains(&path) {
+                            return Err(self.error(item, format!("kubernetes.volumes lists {path} twice")));
+                        }
+                        paths.push(path);
+                    }
+                    dev.volumes = paths;
+                }
+                "serverImage" => dev.server_image = Some(self.word(value, &what)?),
+                "timeout" => timeout = self.timeout(value)?,
+                _ => unreachable!("mapping() lets through only KUBERNETES_KEYS"),
+            }
+        }
+        let Some(workload) = workload else {
+            return Err(self.error(
+                node,
+                "kubernetes needs `deployment: NAME` or `selector: {LABEL: VALUE}` to find the Deployment"
+                    .into(),
+            ));
+        };
+        if let Some((key, problem)) = dev.conflict() {
+            return Err(self.error(nodes.get(key).copied().unwrap_or(node), problem.into()));
+        }
+        Ok(KubernetesTarget { namespace, workload, context, timeout, dev })
+    }
+
+    /// `selector`: a non-empty mapping of label keys to values.
+    fn selector(&self, node: &Node) -> Result<Workload, ManifestError> {
+        let mut pairs = Vec::new();
+        for (key, value) in self.free_mapping(node, "kubernetes.selector")? {
+            let key_text = self.required_text(key, "a selector label")?;
+            if !is_label_key(key_text) {
+                return Err(self.error(
+                    key,
+                    format!("selector label {key_text:?} is not a Kubernetes label key (e.g. app or app.kubernetes.io/name)"),
+                ));
+            }
+            let text = self.text(value)?.unwrap_or("");
+            if !is_label_value(text) {
+                return Err(self.error(
+                    value,
+                    format!("selector value {text:?} is not a Kubernetes label value: at most 63 letters, digits, '-', '_' or '.'"),
+                ));
+            }
+            pairs.push((key_text.to_owned(), text.to_owned()));
+        }
+        if pairs.is_empty() {
+            return Err(
+                self.error(node, "kubernetes.selector needs at least one label, e.g. {app: web}".into())
+            );
+        }
+        Ok(Workload::Selector(pairs))
+    }
+
+    /// A DNS label (namespaces, containers) or subdomain (Deployments), as Kubernetes names them.
+    fn dns_name(&self, node: &Node, what: &str, kind: DnsName) -> Result<String, ManifestError> {
+        let name = self.required_text(node, what)?;
+        if !kind.accepts(name) {
+            return Err(
+                self.error(node, format!("{what} {name:?} is not a Kubernetes name: {}", kind.rule()))
+            );
+        }
+        Ok(name.to_owned())
+    }
+
+    /// One word of text: an image reference, with no spaces.
+    fn word(&self, node: &Node, what: &str) -> Result<String, ManifestError> {
+        let text = self.required_text(node, what)?;
+        if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(self
+                .error(node, format!("{what} {text:?} has spaces in it; give an image like busybox:1.37")));
+        }
+        Ok(text.to_owned())
+    }
+
+    /// `command`: a shell command line, or a list of words quoted into one.
+    fn command(&self, node: &Node) -> Result<String, ManifestError> {
+        let line = if let YamlData::Sequence(items) = &self.plain(node)?.data {
+            let mut words = Vec::with_capacity(items.len());
+            for item in items {
+                words.push(self.required_text(item, "each kubernetes.command word")?);
+            }
+            shlex::try_join(words.iter().copied())
+                .map_err(|e| self.error(node, format!("kubernetes.command cannot be quoted for sh: {e}")))?
+        } else {
+            self.required_text(node, "kubernetes.command")?.to_owned()
+        };
+        if line.trim().is_empty() {
+            return Err(
+                self.error(node, "kubernetes.command is empty; give a command or remove the key".into())
+            );
+        }
+        Ok(line)
+    }
+
+    /// An absolute path in the pod, in one spelling only (no `.`, `..`, empty components or
+    /// trailing `/`), so that two of them are the same path exactly when they are equal.
+    fn pod_path(&self, node: &Node, what: &str) -> Result<String, ManifestError> {
+        let path = self.required_text(node, what)?;
+        let canonical = path.len() > 1
+            && path.starts_with('/')
+            && path[1..].split('/').all(|c| !matches!(c, "" | "." | ".."))
+            && !path.contains(['\0', '\n']);
+        if !canonical {
+            return Err(self.error(
+                node,
+                format!("{what} {path:?}: give an absolute path other than /, without ., .. or a trailing /, e.g. /work"),
+            ));
+        }
+        Ok(path.to_owned())
+    }
+
+    fn resources(&self, node: &Node) -> Result<ResourceOverrides, ManifestError> {
+        let mut resources = ResourceOverrides::default();
+        for (key, value) in self.mapping(node, "kubernetes.resources", RESOURCES_KEYS)? {
+            let mut quantities = Vec::new();
+            for (name_node, quantity) in self.free_mapping(value, &format!("kubernetes.resources.{key}"))? {
+                let name = self.required_text(name_node, "a resource name")?;
+                if !is_resource_name(name) {
+                    return Err(self.error(
+                        name_node,
+                        format!("resource name {name:?} is not one Kubernetes knows the form of (cpu, memory, example.com/gpu)"),
+                    ));
+                }
+                let amount = self.required_text(quantity, &format!("kubernetes.resources.{key}.{name}"))?;
+                if !is_quantity(amount) {
+                    return Err(self.error(
+                        quantity,
+                        format!("kubernetes.resources.{key}.{name} {amount:?} is not a quantity; write e.g. 500m, 2 or 1Gi"),
+                    ));
+                }
+                quantities.push((name.to_owned(), amount.to_owned()));
+            }
+            match key {
+                "requests" => resources.requests = quantities,
+                "limits" => resources.limits = quantities,
+                _ => unreachable!("mapping() lets through only RESOURCES_KEYS"),
+            }
+        }
+        Ok(resources)
+    }
+
+    fn security(&self, node: &Node) -> Result<SecurityOverrides, ManifestError> {
+        let mut security = SecurityOverrides::default();
+        for (key, value) in self.mapping(node, "kubernetes.securityContext", SECURITY_KEYS)? {
+            let what = format!("kubernetes.securityContext.{key}");
+            match key {
+                "runAsUser" => security.run_as_user = Some(self.id(value, &what)?),
+                "runAsGroup" => security.run_as_group = Some(self.id(value, &what)?),
+                "fsGroup" => security.fs_group = Some(self.id(value, &what)?),
+                "runAsNonRoot" => security.run_as_non_root = Some(self.boolean(value, &what)?),
+                "privileged" => security.privileged = Some(self.boolean(value, &what)?),
+                "allowPrivilegeEscalation" => {
+                    security.allow_privilege_escalation = Some(self.boolean(value, &what)?)
+                }
+                "readOnlyRootFilesystem" => {
+                    security.read_only_root_filesystem = Some(self.boolean(value, &what)?)
+                }
+                "capabilities" => {
+                    for (which, list) in self.mapping(value, &what, CAPABILITIES_KEYS)? {
+                        let names = self.capabilities(list, &format!("{what}.{which}"))?;
+                        match which {
+                            "add" => security.capabilities_add = Some(names),
+                            "drop" => security.capabilities_drop = Some(names),
+                            _ => unreachable!("mapping() lets through only CAPABILITIES_KEYS"),
+                        }
+                    }
+                }
+                _ => unreachable!("mapping() lets through only SECURITY_KEYS"),
+            }
+        }
+        Ok(security)
+    }
+
+    fn capabilities(&self, node: &Node, what: &str) -> Result<Vec<String>, ManifestError> {
+        let mut names = Vec::new();
+        for item in self.list(node, what)? {
+            let name = self.required_text(item, &format!("each {what} entry"))?;
+            let valid = !name.is_empty()
+                && name.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+            if !valid {
+                return Err(
+                    self.error(item, format!("{what}: {name:?} is not a capability name, e.g. NET_ADMIN"))
+                );
+            }
+            names.push(name.to_owned());
+        }
+        Ok(names)
+    }
+
+    fn persistent_volume(&self, node: &Node) -> Result<PersistentVolume, ManifestError> {
+        let mut volume = PersistentVolume::default();
+        for (key, value) in self.mapping(node, "kubernetes.persistentVolume", VOLUME_KEYS)? {
+            let what = format!("kubernetes.persistentVolume.{key}");
+            match key {
+                "enabled" => volume.enabled = self.boolean(value, &what)?,
+                "size" => {
+                    let size = self.required_text(value, &what)?;
+                    if !is_quantity(size) {
+                        return Err(
+                            self.error(value, format!("{what} {size:?} is not a quantity; write e.g. 10Gi"))
+                        );
+                    }
+                    volume.size = size.to_owned();
+                }
+                "storageClass" => {
+                    volume.storage_class = Some(self.dns_name(value, &what, DnsName::Subdomain)?)
+                }
+                "accessMode" => {
+                    let mode = self.required_text(value, &what)?;
+                    if !ACCESS_MODES.contains(&mode) {
+                        return Err(self.error(
+                            value,
+                            format!("{what} {mode:?}: give one of {}", ACCESS_MODES.join(", ")),
+                        ));
+                    }
+                    volume.access_mode = mode.to_owned();
+                }
+                _ => unreachable!("mapping() lets through only VOLUME_KEYS"),
+            }
+        }
+        Ok(volume)
+    }
+
+    /// `true` or `false`, as YAML 1.2 spells them.
+    fn boolean(&self, node: &Node, what: &str) -> Result<bool, ManifestError> {
+        match self.required_text(node, what)? {
+            "true" | "True" | "TRUE" => Ok(true),
+            "false" | "False" | "FALSE" => Ok(false),
+            other => Err(self.error(node, format!("{what} {other:?}: write true or false"))),
+        }
+    }
+
+    /// A user or group id: a whole number from 0.
+    fn id(&self, node: &Node, what: &str) -> Result<i64, ManifestError> {
+        let text = self.required_text(node, what)?;
+        match text.parse::<u32>() {
+            Ok(id) if !text.starts_with('+') => Ok(i64::from(id)),
+            _ => Err(self.error(node, format!("{what} {text:?}: give a user or group id, e.g. 1000"))),
+        }
+    }
+
+    /// Whole seconds, or a whole number of `s`, `m` or `h`.
+    fn timeout(&self, node: &Node) -> Result<Duration, ManifestError> {
+        let text = self.required_text(node, "kubernetes.timeout")?;
+        let (number, unit) = text.split_at(text.bytes().take_while(u8::is_ascii_digit).count());
+        let scale = match unit {
+            "" | "s" => Some(1),
+            "m" => Some(60),
+            "h" => Some(3600),
+            _ => None,
+        };
+        match (number.parse::<u64>(), scale) {
+            (Ok(n), Some(scale)) if n > 0 => n
+                .checked_mul(scale)
+                .map(Duration::from_secs)
+                .ok_or_else(|| self.error(node, format!("kubernetes.timeout {text:?} is too long"))),
             _ => Err(self.error(
-                value,
-                "kubernetes targets come with a later version of devmount; use `local: DIR` for now".into(),
+                node,
+                format!("kubernetes.timeout {text:?}: give a positive whole number of seconds, or of s, m or h, e.g. 5m"),
             )),
         }
     }
@@ -692,7 +1262,7 @@ cache:
     fn target_errors() {
         assert_eq!(
             error("name: x\n"),
-            "devmount.yml: no `target`; add `target:` with `local: DIR`, the directory to serve"
+            "devmount.yml: no `target`; add `target:` with `local: DIR` (a directory to serve) or `kubernetes: {deployment: NAME}`"
         );
         assert!(error("").contains("no `target`"));
         assert!(error("# only a comment\n").contains("no `target`"));
@@ -703,11 +1273,241 @@ cache:
         assert_eq!(error("target:\n"), "devmount.yml:1:7: target needs one of: local, kubernetes");
         assert_eq!(
             error("target:\n  kubernetes:\n    namespace: dev\n"),
-            "devmount.yml:3:5: kubernetes targets come with a later version of devmount; use `local: DIR` for now"
+            "devmount.yml:3:5: kubernetes needs `deployment: NAME` or `selector: {LABEL: VALUE}` to find the Deployment"
         );
         assert!(error("target: /srv\n").contains("1:9: target must be a mapping of local, kubernetes"));
         assert!(error("target:\n  local:\n").contains("target.local (the directory to serve) needs a value"));
         assert!(error("target:\n  local: [a]\n").contains("2:10: a list where a single value belongs"));
+    }
+
+    fn kubernetes(text: &str) -> KubernetesTarget {
+        match ok(text).target {
+            ManifestTarget::Kubernetes(k) => *k,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn kubernetes_every_field() {
+        let k = kubernetes(
+            r#"
+target:
+  kubernetes:
+    namespace: team-a
+    deployment: api.v2
+    container: app
+    image: registry.example/api:dev
+    command: ["npm", "run", "dev server"]
+    workdir: /srv/app
+    environment: {NODE_ENV: development, PORT: 3000}
+    resources:
+      requests: {cpu: 500m, memory: 1Gi}
+      limits: {memory: 2.5Gi, example.com/gpu: 1, cpu: 2e3}
+    securityContext:
+      runAsUser: 1000
+      runAsGroup: 0
+      runAsNonRoot: true
+      fsGroup: 2000
+      privileged: false
+      allowPrivilegeEscalation: False
+      readOnlyRootFilesystem: TRUE
+      capabilities: {add: [SYS_PTRACE], drop: []}
+    persistentVolume:
+      enabled: true
+      size: 20Gi
+      storageClass: fast-ssd
+      accessMode: ReadWriteOncePod
+    volumes:
+      - /root/.cache/go-build
+      - /go/pkg/mod
+    timeout: 90s
+    context: kind-dev
+"#,
+        );
+        assert_eq!(k.namespace.as_deref(), Some("team-a"));
+        assert_eq!(k.workload, Workload::Deployment("api.v2".into()));
+        assert_eq!(k.context.as_deref(), Some("kind-dev"));
+        assert_eq!(k.timeout, Duration::from_secs(90));
+        let pairs = |p: &[(&str, &str)]| -> Vec<(String, String)> {
+            p.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        };
+        let expected = DevSettings {
+            container: Some("app".into()),
+            image: Some("registry.example/api:dev".into()),
+            command: Some("npm run 'dev server'".into()),
+            workdir: Some("/srv/app".into()),
+            environment: pairs(&[("NODE_ENV", "development"), ("PORT", "3000")]),
+            resources: ResourceOverrides {
+                requests: pairs(&[("cpu", "500m"), ("memory", "1Gi")]),
+                limits: pairs(&[("memory", "2.5Gi"), ("example.com/gpu", "1"), ("cpu", "2e3")]),
+            },
+            security_context: SecurityOverrides {
+                run_as_user: Some(1000),
+                run_as_group: Some(0),
+                run_as_non_root: Some(true),
+                fs_group: Some(2000),
+                privileged: Some(false),
+                allow_privilege_escalation: Some(false),
+                read_only_root_filesystem: Some(true),
+                capabilities_add: Some(vec!["SYS_PTRACE".into()]),
+                capabilities_drop: Some(Vec::new()),
+            },
+            persistent_volume: PersistentVolume {
+                enabled: true,
+                size: "20Gi".into(),
+                storage_class: Some("fast-ssd".into()),
+                access_mode: "ReadWriteOncePod".into(),
+            },
+            volumes: vec!["/root/.cache/go-build".into(), "/go/pkg/mod".into()],
+            server_image: None,
+        };
+        assert_eq!(k.dev, expected);
+    }
+
+    #[test]
+    fn kubernetes_defaults() {
+        let k = kubernetes("target: {kubernetes: {deployment: web}}\n");
+        assert_eq!(k.namespace, None);
+        assert_eq!(k.context, None);
+        assert_eq!(k.timeout, DEFAULT_KUBE_TIMEOUT);
+        assert_eq!(k.dev, DevSettings::default());
+        assert!(k.dev.persistent_volume.enabled, "the persistent volume is on by default");
+        assert_eq!(k.dev.persistent_volume.size, "5Gi");
+        assert_eq!(k.dev.persistent_volume.access_mode, "ReadWriteOnce");
+
+        let k = kubernetes(
+            "target:\n  kubernetes:\n    selector: {app: web, app.kubernetes.io/part-of: shop, tier: \"\"}\n    serverImage: ghcr.io/me/devmount-server:1\n    persistentVolume: {enabled: false}\n    timeout: 2m\n",
+        );
+        let selector = Workload::Selector(vec![
+            ("app".into(), "web".into()),
+            ("app.kubernetes.io/part-of".into(), "shop".into()),
+            ("tier".into(), "".into()),
+        ]);
+        assert_eq!(k.workload, selector);
+        assert_eq!(selector.to_string(), "app=web,app.kubernetes.io/part-of=shop,tier=");
+        assert_eq!(Workload::Deployment("web".into()).to_string(), "deployment/web");
+        let labels: BTreeMap<String, String> =
+            [("app", "web"), ("app.kubernetes.io/part-of", "shop"), ("tier", ""), ("x", "y")]
+                .into_iter()
+                .map(|(a, b)| (a.into(), b.into()))
+                .collect();
+        assert!(selector.matches("any", &labels));
+        assert!(!selector.matches("any", &BTreeMap::new()));
+        assert!(Workload::Deployment("web".into()).matches("web", &BTreeMap::new()));
+        assert!(!Workload::Deployment("web".into()).matches("api", &labels));
+        assert_eq!(
+            kubernetes("target: {kubernetes: {deployment: a, command: make run}}\n").dev.command.as_deref(),
+            Some("make run")
+        );
+        assert_eq!(k.dev.server_image.as_deref(), Some("ghcr.io/me/devmount-server:1"));
+        assert!(!k.dev.persistent_volume.enabled);
+        assert_eq!(k.timeout, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn kubernetes_errors() {
+        let k = |body: &str| error(&format!("target:\n  kubernetes:\n    deployment: web\n{body}"));
+        assert_eq!(
+            k("    namespce: x\n"),
+            "devmount.yml:4:5: unknown key \"namespce\"; known keys here: namespace, deployment, selector, container, image, command, workdir, environment, resources, securityContext, persistentVolume, volumes, serverImage, timeout, context"
+        );
+        assert_eq!(
+            k("    selector: {app: web}\n"),
+            "devmount.yml:4:15: kubernetes has both deployment and selector; give exactly one"
+        );
+        assert_eq!(
+            k("    securityContext:\n      runAsUsr: 1\n"),
+            "devmount.yml:5:7: unknown key \"runAsUsr\"; known keys here: runAsUser, runAsGroup, runAsNonRoot, fsGroup, privileged, allowPrivilegeEscalation, readOnlyRootFilesystem, capabilities"
+        );
+        assert!(k("    resources: {request: {cpu: 1}}\n")
+            .contains("unknown key \"request\"; known keys here: requests, limits"));
+        assert!(k("    persistentVolume: {size: 1Gi, class: x}\n")
+            .contains("unknown key \"class\"; known keys here: enabled, size, storageClass, accessMode"));
+        assert!(
+            k("    securityContext: {capabilities: {remove: [X]}}\n").contains("known keys here: add, drop")
+        );
+
+        // Wrong types and forms: one line each, at the value.
+        assert_eq!(
+            k("    container: App\n"),
+            "devmount.yml:4:16: kubernetes.container \"App\" is not a Kubernetes name: at most 63 lowercase letters, digits and '-', starting and ending with a letter or digit"
+        );
+        assert!(error("target: {kubernetes: {deployment: -web}}\n")
+            .contains("kubernetes.deployment \"-web\" is not a Kubernetes name"));
+        assert!(k("    namespace: a.b\n").contains("kubernetes.namespace \"a.b\" is not a Kubernetes name"));
+        assert!(k("    image: [a]\n").contains("4:12: a list where a single value belongs"));
+        assert!(k("    image: my image\n").contains("kubernetes.image \"my image\" has spaces in it"));
+        assert!(k("    image:\n").contains("kubernetes.image needs a value"));
+        assert!(k("    command: \" \"\n").contains("kubernetes.command is empty"));
+        assert!(k("    command: {a: b}\n").contains("a mapping where a single value belongs"));
+        assert!(k("    command: [\"a\\0b\"]\n").contains("kubernetes.command cannot be quoted for sh"));
+        for bad in ["work", "/", "/a/", "/a//b", "/a/./b", "/a/../b"] {
+            let message = k(&format!("    workdir: \"{bad}\"\n"));
+            assert!(message.contains("give an absolute path other than /"), "{bad}: {message}");
+        }
+        assert!(k("    volumes: /go\n").contains("kubernetes.volumes must be a list"));
+        assert_eq!(k("    volumes: [/go, /go]\n"), "devmount.yml:4:20: kubernetes.volumes lists /go twice");
+        assert_eq!(
+            k("    persistentVolume: {enabled: false}\n    volumes: [/go]\n"),
+            "devmount.yml:5:14: kubernetes.volumes live on the persistent volume, which is off; remove them or enable persistentVolume"
+        );
+        assert!(k("    persistentVolume: {enabled: no}\n")
+            .contains("persistentVolume.enabled \"no\": write true or false"));
+        assert!(k("    persistentVolume: {size: 10GB}\n")
+            .contains("persistentVolume.size \"10GB\" is not a quantity"));
+        assert!(k("    persistentVolume: {accessMode: ReadOnlyMany}\n").contains(
+            "accessMode \"ReadOnlyMany\": give one of ReadWriteOnce, ReadWriteOncePod, ReadWriteMany"
+        ));
+        assert!(k("    persistentVolume: {storageClass: Fast}\n")
+            .contains("storageClass \"Fast\" is not a Kubernetes name"));
+        assert!(k("    persistentVolume: 5Gi\n")
+            .contains("kubernetes.persistentVolume must be a mapping of enabled"));
+        assert_eq!(
+            k("    command: make\n    serverImage: x/server\n"),
+            "devmount.yml:4:14: kubernetes.command runs under the image's sh, and serverImage is for images without one; drop one of them"
+        );
+        for bad in ["0", "-1", "1.5", "5 m", "5d", "m", "99999999999999999h"] {
+            let message = k(&format!("    timeout: \"{bad}\"\n"));
+            assert!(message.contains("kubernetes.timeout"), "{bad}: {message}");
+        }
+        assert!(k("    resources: {limits: {memory: 1GB}}\n")
+            .contains("kubernetes.resources.limits.memory \"1GB\" is not a quantity"));
+        assert!(k("    resources: {limits: {\"bad name\": 1}}\n").contains("resource name \"bad name\""));
+        assert!(
+            k("    resources: {limits: [cpu]}\n").contains("kubernetes.resources.limits must be a mapping")
+        );
+        for bad in ["-1", "1.5", "x", "+3", "4294967296"] {
+            let message = k(&format!("    securityContext: {{runAsUser: \"{bad}\"}}\n"));
+            assert!(message.contains("give a user or group id"), "{bad}: {message}");
+        }
+        assert!(k("    securityContext: {privileged: 1}\n").contains("privileged \"1\": write true or false"));
+        assert!(k("    securityContext: {capabilities: {add: [net_admin]}}\n")
+            .contains("capabilities.add: \"net_admin\" is not a capability name"));
+        assert!(k("    environment: {1A: x}\n").contains("environment variable \"1A\""));
+        assert!(error("target: {kubernetes: {selector: {}}}\n")
+            .contains("kubernetes.selector needs at least one label"));
+        assert!(error("target: {kubernetes: {selector: {-a: b}}}\n")
+            .contains("selector label \"-a\" is not a Kubernetes label key"));
+        assert!(error("target: {kubernetes: {selector: {a: b c}}}\n")
+            .contains("selector value \"b c\" is not a Kubernetes label value"));
+        assert!(error("target: {kubernetes: [web]}\n")
+            .contains("target.kubernetes must be a mapping of namespace"));
+    }
+
+    #[test]
+    fn quantities_and_label_keys() {
+        for good in ["1", "0", "500m", "1.5Gi", ".5", "1.", "2e3", "1E-2", "1e+9", "64Mi", "100k", "3n"] {
+            assert!(is_quantity(good), "{good}");
+        }
+        for bad in ["", ".", "-1", "+1", "1GB", "1gi", "e3", "1e", "1 Gi", "1.2.3", "1Ki2"] {
+            assert!(!is_quantity(bad), "{bad}");
+        }
+        for good in ["app", "app.kubernetes.io/name", "a_b.c-d", "x/y"] {
+            assert!(is_label_key(good), "{good}");
+        }
+        for bad in ["", "/a", "a/", "-a", "A.b/c", "a/b/c", &"a".repeat(64)] {
+            assert!(!is_label_key(bad), "{bad}");
+        }
     }
 
     #[test]

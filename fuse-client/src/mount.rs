@@ -12,6 +12,11 @@
 //! mounted), mounts, and answers the control socket ([`crate::control`]). When the mount goes
 //! (`devmount down`, `umount`, SIGTERM) it drains the journal, stops the forwards, says goodbye
 //! to the server, stops the local server and removes its socket.
+//!
+//! With a kubernetes target the daemon first swaps the Deployment, waits for the dev pod and
+//! puts the server in it ([`crate::kube::start`]); every connection then goes through the
+//! port-forward of [`crate::kube::Route`], and after the unmount [`crate::kube::finish`]
+//! restores the Deployment.
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
@@ -34,6 +39,7 @@ use crate::fs::{Fs, IdMap};
 use crate::fuse::FuseFs;
 use crate::guard::AbortGuard;
 use crate::journal::{Config as JournalConfig, Journal, Sender, SenderConfig};
+use crate::kube::{self, KubeEndpoint};
 use crate::local_server::{LocalServer, StartOptions};
 use crate::reconnect::Dial;
 use crate::session::{self, ConnectOptions, Session, Target};
@@ -66,6 +72,9 @@ pub enum Endpoint {
     Ssh { target: Target, identity: PathBuf, known_hosts: PathBuf },
     /// A devmount-server the daemon starts over `dir` (canonical) with fresh keys, and stops.
     Local { dir: PathBuf, server: StartOptions },
+    /// A Deployment's container, swapped for a dev container the daemon uploads the server
+    /// to and reaches through port-forwards; restored when the session ends.
+    Kube(Box<KubeEndpoint>),
 }
 
 /// What `devmount mount` or `devmount up` was asked to do.
@@ -73,7 +82,8 @@ pub enum Endpoint {
 pub struct MountArgs {
     pub endpoint: Endpoint,
     /// Names the journal: what one mount leaves pending, the next mount with the same key
-    /// replays. It must not change with the connection (a local server's port does).
+    /// replays. It must not change with the connection (a local server's port does). For
+    /// [`Endpoint::Kube`] the daemon names it once it has read the Deployment.
     pub journal_key: String,
     pub mountpoint: PathBuf,
     pub foreground: bool,
@@ -216,6 +226,11 @@ pub fn run(mut args: MountArgs, progress: &mut dyn Progress) -> Result<()> {
                 *bin = absolute(bin)?;
             }
         }
+        Endpoint::Kube(kube) => {
+            if let Some(bin) = &mut kube.server_bin {
+                *bin = absolute(bin)?;
+            }
+        }
     }
     if args.foreground {
         return serve(args, Report::Here(Some(progress)));
@@ -322,10 +337,25 @@ impl Report<'_> {
     }
 }
 
+impl Progress for Report<'_> {
+    fn step(&mut self, what: &str) {
+        Report::step(self, what);
+    }
+
+    fn note(&mut self, text: &str) {
+        Report::note(self, text);
+    }
+
+    /// The start ends with [`Report::end`].
+    fn finish(&mut self) {}
+}
+
 /// A started session: what serving and shutting down need.
 struct Running {
     runtime: tokio::runtime::Runtime,
     started: Started,
+    /// The cluster side of a kubernetes session, restored at the end.
+    kube: Option<kube::Started>,
 }
 
 /// What runs on the runtime.
@@ -354,7 +384,7 @@ fn serve(args: MountArgs, mut report: Report) -> Result<()> {
         detach_stdio(&args.mountpoint);
     }
     report.end(Ok(()));
-    let Running { runtime, started: Started { fuse, guard, daemon, keeper, stop } } = running;
+    let Running { runtime, started: Started { fuse, guard, daemon, keeper, stop }, kube } = running;
     let mountpoint = args.mountpoint.clone();
     runtime.spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -371,6 +401,12 @@ fn serve(args: MountArgs, mut report: Report) -> Result<()> {
     let joined = fuse.join();
     drop(guard);
     runtime.block_on(shutdown(&daemon, stop, keeper));
+    if let Some(kube) = kube {
+        match runtime.block_on(kube::finish(kube)) {
+            Ok(done) => tracing::info!("{}", done.join("; ")),
+            Err(e) => tracing::warn!("{e:#}; `devmount down --force` restores it"),
+        }
+    }
     if let Some(server) = &daemon.server {
         let stopped = server.lock().unwrap_or_else(std::sync::PoisonError::into_inner).stop();
         if let Err(e) = stopped {
@@ -386,20 +422,26 @@ fn serve(args: MountArgs, mut report: Report) -> Result<()> {
     }
 }
 
-/// Starts the local server (if any), connects, starts the forwards, mounts, and answers the
-/// control socket.
+/// Starts the local server (or the swap, with a kubernetes target), connects, starts the
+/// forwards, mounts, and answers the control socket.
 fn start(args: &MountArgs, report: &mut Report) -> Result<Running> {
     let options = ConnectOptions::default();
-    let (dial, server) = match &args.endpoint {
-        Endpoint::Ssh { target, identity, known_hosts } => (
-            Dial {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("devmount-io")
+        .build()
+        .context("cannot start the async runtime")?;
+    let (dial, server, kube, key) = match &args.endpoint {
+        Endpoint::Ssh { target, identity, known_hosts } => {
+            let dial = Dial {
                 target: target.clone(),
                 identity: identity.clone(),
                 known_hosts: known_hosts.clone(),
                 options,
-            },
-            None,
-        ),
+                transport: None,
+            };
+            (dial, None, None, args.journal_key.clone())
+        }
         Endpoint::Local { dir, server } => {
             report.step("starting devmount-server");
             let server = LocalServer::start(dir, &state_dir()?, server)?;
@@ -408,33 +450,60 @@ fn start(args: &MountArgs, report: &mut Report) -> Result<Running> {
                 identity: server.identity().to_owned(),
                 known_hosts: server.known_hosts().to_owned(),
                 options,
+                transport: None,
             };
-            (dial, Some(server))
+            (dial, Some(server), None, args.journal_key.clone())
+        }
+        Endpoint::Kube(endpoint) => {
+            let state = state_dir()?;
+            let started = runtime.block_on(async {
+                let started = kube::start(endpoint, &args.mountpoint, &state, report).await?;
+                let stream = started.route.connect(|step| report.step(step)).await;
+                anyhow::Ok((started, stream))
+            })?;
+            let (started, stream) = started;
+            let files = &started.files;
+            let dial = Dial {
+                target: started.place.target(),
+                identity: files.identity(),
+                known_hosts: files.known_hosts(),
+                options,
+                transport: Some(started.route.clone()),
+            };
+            let key = started.place.journal_key();
+            match stream {
+                Ok(stream) => {
+                    *started.route.first.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        Some(stream);
+                    (dial, None, Some(started), key)
+                }
+                Err(e) => return Err(runtime.block_on(kube::abandon(started, e))),
+            }
         }
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("devmount-io")
-        .build()
-        .context("cannot start the async runtime")?;
-    let started = {
+    let result = {
         // What a failed start drops (channels of the connection) needs the runtime to close.
         let _context = runtime.enter();
-        start_on(&runtime, args, report, dial, server)?
+        start_on(&runtime, args, &key, report, dial, server)
     };
-    Ok(Running { runtime, started })
+    match (result, kube) {
+        (Ok(started), kube) => Ok(Running { runtime, started, kube }),
+        (Err(e), Some(kube)) => Err(runtime.block_on(kube::abandon(kube, e))),
+        (Err(e), None) => Err(e),
+    }
 }
 
 /// [`start`]'s part on the runtime: the connection, forwards, mount and control socket.
 fn start_on(
     runtime: &tokio::runtime::Runtime,
     args: &MountArgs,
+    key: &str,
     report: &mut Report,
     dial: Dial,
     server: Option<LocalServer>,
 ) -> Result<Started> {
     report.step(&format!("connecting to {}", dial.target.address()));
-    let (fs, feed, ssh) = runtime.block_on(setup(args, &dial, report))?;
+    let (fs, feed, ssh) = runtime.block_on(setup(args, key, &dial, report))?;
     let ssh = Arc::new(ssh);
     let (current, sessions) = watch::channel(Some(ssh.clone()));
     let forwards = if args.forwards.is_empty() {
@@ -534,10 +603,11 @@ async fn shutdown(daemon: &Daemon, stop: watch::Sender<bool>, keeper: JoinHandle
 /// The connection, the file system over it, and its feed (devmount-server only).
 async fn setup(
     args: &MountArgs,
+    key: &str,
     dial: &Dial,
     report: &mut Report<'_>,
 ) -> Result<(Arc<Fs>, Option<session::FeedStream>, Session)> {
-    let session = session::connect(&dial.target, &dial.identity, &dial.known_hosts, &dial.options).await?;
+    let session = dial.session().await?;
     let (sftp, info) = session.open_sftp().await?;
     let base = dial.target.path.clone();
     let root = sftp.stat(&base).await.map_err(|e| {
@@ -553,7 +623,6 @@ async fn setup(
     }
     let remote = Arc::new(Remote::new(sftp, info, &base));
     let feed = if remote.is_devmount() { Some(session.open_feed().await?) } else { None };
-    let key = &args.journal_key;
     let (journal, recovered) = Journal::open(&state_dir()?, key, args.journal.clone())
         .map_err(|e| anyhow!("{e}; is another devmount mounting {key}?"))?;
     if !recovered.ops.is_empty() {

@@ -18,6 +18,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use devmount_server::sftp::client::SftpClient;
+use futures::future::BoxFuture;
+use tokio::io::DuplexStream;
 use tokio::sync::watch;
 
 use crate::echo::Work;
@@ -34,13 +36,35 @@ pub struct Dial {
     pub identity: PathBuf,
     pub known_hosts: PathBuf,
     pub options: ConnectOptions,
+    /// Where the bytes go: `None` is TCP to the target; a transport (a Kubernetes
+    /// port-forward) gives a new stream for each connection.
+    pub transport: Option<Arc<dyn Transport>>,
+}
+
+/// A way to the server other than TCP.
+pub trait Transport: Send + Sync {
+    /// A new stream that reaches the server; called for each connection, so it may find a
+    /// new pod first.
+    fn open(&self) -> BoxFuture<'_, Result<DuplexStream>>;
 }
 
 impl Dial {
+    /// An authenticated connection over the transport.
+    pub async fn session(&self) -> Result<Session> {
+        let (target, identity, known_hosts, options) =
+            (&self.target, &self.identity, &self.known_hosts, &self.options);
+        Ok(match &self.transport {
+            None => session::connect(target, identity, known_hosts, options).await?,
+            Some(transport) => {
+                let stream = transport.open().await?;
+                session::connect_stream(stream, target, identity, known_hosts, options).await?
+            }
+        })
+    }
+
     /// A connection, its SFTP client, and (with devmount-server) its feed.
     pub async fn connect(&self, with_feed: bool) -> Result<(Session, SftpClient, Option<FeedStream>)> {
-        let session =
-            session::connect(&self.target, &self.identity, &self.known_hosts, &self.options).await?;
+        let session = self.session().await?;
         let (sftp, _) = session.open_sftp().await?;
         let feed = if with_feed { Some(session.open_feed().await?) } else { None };
         Ok((session, sftp, feed))

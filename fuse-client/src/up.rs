@@ -12,9 +12,13 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::cache::CacheConfig;
 use crate::forward::{Direction, ForwardSpec};
 use crate::journal::Config as JournalConfig;
+use crate::kube::state::SessionFiles as KubeFiles;
+use crate::kube::swap::RestoreOptions;
+use crate::kube::{translate, upload, KubeEndpoint};
 use crate::local_server::StartOptions;
-use crate::manifest::{self, Manifest, ManifestTarget};
+use crate::manifest::{self, KubernetesTarget, Manifest, ManifestTarget};
 use crate::mount::{self, Endpoint, MountArgs, Progress};
+use crate::sessions::Selector;
 
 /// The smallest `--journal-max`.
 pub const MIN_JOURNAL: u64 = 1 << 20;
@@ -45,9 +49,13 @@ pub struct UpArgs {
     /// Serve in this process instead of a background daemon.
     #[arg(long)]
     pub foreground: bool,
-    /// The devmount-server binary (default: the one next to devmount).
+    /// The devmount-server binary (default: the one next to devmount; for a kubernetes
+    /// target, the static one scripts/build-static-server builds).
     #[arg(long, value_name = "PATH")]
     pub server_bin: Option<PathBuf>,
+    /// The kubeconfig context (default: the manifest's, else the current one).
+    #[arg(long, value_name = "NAME")]
+    pub context: Option<String>,
     /// Show how long each step of the start takes.
     #[arg(short, long)]
     pub verbose: bool,
@@ -68,36 +76,78 @@ pub fn run(args: UpArgs) -> Result<()> {
         Some(path) => Some(Manifest::load(path)?),
         None => Manifest::find(&std::env::current_dir().context("cannot read the current directory")?)?,
     };
-    let dir = match (&args.local, &manifest) {
-        (Some(dir), _) => dir.clone(),
+    let served = match (&args.local, &manifest) {
+        (Some(dir), _) => Served::Local(dir.clone()),
         (None, Some(m)) => match &m.target {
-            ManifestTarget::Local(dir) => dir.clone(),
+            ManifestTarget::Local(dir) => Served::Local(dir.clone()),
+            ManifestTarget::Kubernetes(k) => Served::Kube(k.clone()),
         },
         (None, None) => bail!(
             "nothing to serve: give --local DIR, or run where a {} says what to serve (`devmount init` writes one)",
             manifest::FILE_NAME
         ),
     };
-    let dir = served_dir(&dir)?;
+    if let (Some(context), Served::Local(_)) = (&args.context, &served) {
+        bail!("--context {context} is for a kubernetes target; the target here is a local directory");
+    }
     let forwards = forwards(&args, manifest.as_ref())?;
     if let Some(name) = &args.name {
         manifest::check_name(name).map_err(|e| anyhow!("--{e}"))?;
     }
-    let name = match (&args.name, &manifest) {
-        (Some(name), _) => name.clone(),
-        (None, Some(m)) => m.name.clone(),
-        (None, None) => manifest::default_name(&dir),
-    };
 
     crate::sessions::reap(&args.mountpoint)?;
     let mountpoint = mount::check_mountpoint(&args.mountpoint)?;
-    if mountpoint.starts_with(&dir) {
-        bail!(
-            "the mount point {} is inside the served directory {}: the server would see its own mount; pick a mount point outside it",
-            mountpoint.display(),
-            dir.display()
-        );
-    }
+    let allow_forward: Vec<u16> =
+        forwards.iter().filter(|f| f.direction == Direction::Local).map(|f| f.connect).collect();
+    let allow_reverse: Vec<u16> =
+        forwards.iter().filter(|f| f.direction == Direction::Remote).map(|f| f.listen).collect();
+    let (endpoint, journal_key, what, name) = match served {
+        Served::Local(dir) => {
+            let dir = served_dir(&dir)?;
+            if mountpoint.starts_with(&dir) {
+                bail!(
+                    "the mount point {} is inside the served directory {}: the server would see its own mount; pick a mount point outside it",
+                    mountpoint.display(),
+                    dir.display()
+                );
+            }
+            let server = StartOptions {
+                server_bin: args.server_bin.clone(),
+                allow_forward,
+                allow_reverse,
+                ..StartOptions::default()
+            };
+            let key = format!("local:{}", dir.to_string_lossy());
+            let what = dir.display().to_string();
+            let name = args.name.clone().or(manifest.as_ref().map(|m| m.name.clone()));
+            (Endpoint::Local { dir: dir.clone(), server }, key, what, name.unwrap_or_else(|| manifest::default_name(&dir)))
+        }
+        Served::Kube(mut target) => {
+            if args.context.is_some() {
+                target.context = args.context.clone();
+            }
+            let what = format!("{}'s dev container", target.workload);
+            let server_bin = match (&target.dev.server_image, &args.server_bin) {
+                (None, explicit) => Some(upload::find_server(explicit.as_deref())?),
+                (Some(image), Some(_)) => bail!(
+                    "--server-bin uploads a server, and the manifest's serverImage ({image}) brings its own; drop one of them"
+                ),
+                (Some(_), None) => None,
+            };
+            let endpoint = KubeEndpoint {
+                target: *target,
+                server_bin,
+                allow_forward,
+                allow_reverse,
+                server_dir: std::env::var(SERVER_DIR_ENV)
+                    .unwrap_or_else(|_| translate::SERVER_DIR.to_owned()),
+            };
+            // A kubernetes target comes from a manifest, which has a name.
+            let name = args.name.clone().or(manifest.as_ref().map(|m| m.name.clone())).unwrap_or_default();
+            // The daemon names the journal once it has read the Deployment.
+            (Endpoint::Kube(Box::new(endpoint)), String::new(), what, name)
+        }
+    };
     crate::sessions::check_name_free(&name, &mountpoint)?;
 
     let settings = manifest.as_ref().map(|m| m.cache).unwrap_or_default();
@@ -123,23 +173,9 @@ pub fn run(args: UpArgs) -> Result<()> {
         journal.max_bytes = bytes;
     }
 
-    let server = StartOptions {
-        server_bin: args.server_bin.clone(),
-        allow_forward: forwards
-            .iter()
-            .filter(|f| f.direction == Direction::Local)
-            .map(|f| f.connect)
-            .collect(),
-        allow_reverse: forwards
-            .iter()
-            .filter(|f| f.direction == Direction::Remote)
-            .map(|f| f.listen)
-            .collect(),
-        ..StartOptions::default()
-    };
     let mount_args = MountArgs {
-        journal_key: format!("local:{}", dir.to_string_lossy()),
-        endpoint: Endpoint::Local { dir: dir.clone(), server },
+        journal_key,
+        endpoint,
         mountpoint: mountpoint.clone(),
         foreground: args.foreground,
         cache,
@@ -153,9 +189,99 @@ pub fn run(args: UpArgs) -> Result<()> {
     if !args.foreground && std::io::stderr().is_terminal() {
         eprintln!(
             "devmount: {} is mounted at {}; `devmount exec CMD` runs commands there, `devmount down` ends it",
-            dir.display(),
+            what,
             mountpoint.display()
         );
+    }
+    Ok(())
+}
+
+/// What a session serves.
+enum Served {
+    Local(PathBuf),
+    Kube(Box<KubernetesTarget>),
+}
+
+/// Where the server is uploaded to in the pod, instead of the dev Deployment's emptyDir: for
+/// a fake API server whose exec runs on this machine (tests/src/kube_api), where `.` is the
+/// pod's own directory.
+pub const SERVER_DIR_ENV: &str = "DEVMOUNT_KUBE_SERVER_DIR";
+
+/// `devmount down` as given on the command line.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct DownArgs {
+    /// The mount point (default: the mount holding the current directory, or the only one).
+    pub mountpoint: Option<PathBuf>,
+    /// Show how long each step takes.
+    #[arg(short, long)]
+    pub verbose: bool,
+    /// Restore the Deployment even if it was changed since the swap (those changes are lost).
+    #[arg(long)]
+    pub force: bool,
+    /// Delete the persistent volume's claim too (the workdir's files with it).
+    #[arg(long)]
+    pub volumes: bool,
+    /// The manifest whose `name` is the session's; without a session here, the manifest whose
+    /// kubernetes target to restore (default: ./devmount.yml).
+    #[arg(short = 'm', long = "manifest", value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
+    /// The kubeconfig context (default: the session's, else the manifest's, else the current).
+    #[arg(long, value_name = "NAME")]
+    pub context: Option<String>,
+}
+
+/// `devmount down`: ends the session here, if there is one (its daemon restores the
+/// Deployment), then, for a kubernetes target, finishes in the cluster what is left: a restore
+/// the daemon refused (with `--force`), the claim (with `--volumes`), or a session started on
+/// another machine (from the manifest's target).
+pub fn down(args: DownArgs) -> Result<()> {
+    if args.mountpoint.is_some() && args.manifest.is_some() {
+        bail!("give the mount point or -m FILE, not both: each names the session");
+    }
+    let state = mount::state_dir()?;
+    let selector = Selector { mount: args.mountpoint.clone(), manifest: args.manifest.clone() };
+    let local = crate::sessions::find(&selector);
+    let recorded = match &local {
+        Ok(info) => KubeFiles::for_mountpoint(&state, &info.mountpoint)?,
+        Err(_) => None,
+    };
+    let options = RestoreOptions { force: args.force, volumes: args.volumes };
+    let kube_target = || -> Result<Option<Box<KubernetesTarget>>> {
+        let manifest = match &args.manifest {
+            Some(path) => Some(Manifest::load(path)?),
+            None => Manifest::find(&std::env::current_dir().context("cannot read the current directory")?)?,
+        };
+        Ok(match manifest.map(|m| m.target) {
+            Some(ManifestTarget::Kubernetes(mut k)) => {
+                if args.context.is_some() {
+                    k.context = args.context.clone();
+                }
+                Some(k)
+            }
+            _ => None,
+        })
+    };
+    let cluster_part = match (local, recorded) {
+        (Ok(info), recorded) => {
+            crate::sessions::down(&Selector { mount: Some(info.mountpoint.clone()), manifest: None }, args.verbose)?;
+            // The daemon restored and forgot the session unless the restore was refused; the
+            // claim is for `--volumes` to delete, with the place recorded before.
+            let left = recorded.filter(|(files, _)| options.volumes || files.dir.exists());
+            left.map(|left| (Some(left), None))
+        }
+        (Err(e), _) => match kube_target()? {
+            Some(target) => Some((None, Some(target))),
+            None => return Err(e),
+        },
+    };
+    let Some((recorded, target)) = cluster_part else { return Ok(()) };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let done = runtime.block_on(crate::kube::down(recorded, target.as_deref(), options))?;
+    for line in done {
+        eprintln!("devmount: {line}");
     }
     Ok(())
 }

@@ -1096,7 +1096,10 @@ impl Endpoint {
     /// `devmount sync MOUNTPOINT`, which must succeed: every change made to the mount before
     /// the call is on the server when it returns.
     pub fn sync(&self, mountpoint: &Path) -> Result<Run> {
-        run_ok(self.client()?.arg("sync").arg(mountpoint))
+        // Long: a sync after a GiB of writes drains the whole journal first.
+        let out = run_with(self.client()?.arg("sync").arg(mountpoint), &[], Duration::from_secs(600))?;
+        ensure!(out.success(), "{out}");
+        Ok(out)
     }
 
     /// The `devmount mount` command line for `options`, and its mount point.

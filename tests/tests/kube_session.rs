@@ -1,0 +1,540 @@
+//! `devmount up` and `down` on a kubernetes target, through the `devmount` binary, against the
+//! fake API server (tests/src/kube_api): the swap, the upload through exec, the connection
+//! through a port-forward, the mount, `devmount exec`, a pod replaced under the session, the
+//! restore; an RBAC refusal, a resumed session, and a swap refused on another machine and
+//! restored from there.
+//!
+//! The fake's pods run nothing, so [`Kubelet`] plays the dev container's part: once a dev pod's
+//! directory holds the uploaded server and the ready marker, it starts that server as the
+//! wait script would (the pod spec's arguments, the Secret's keys), serving a directory that
+//! plays the persistent volume, and maps the pod's port to it. Exec in the fake runs on this
+//! machine in the pod's directory, so `devmount up` uploads there (`DEVMOUNT_KUBE_SERVER_DIR=.`).
+//!
+//! Needs the static server (`scripts/build-static-server`), which `devmount up` finds beside
+//! the debug binaries' target directory.
+
+use std::collections::HashMap;
+use std::fs;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{anyhow, ensure, Context, Result};
+use devmount_tests::kube_api::{FakeKube, PodFault, NAMESPACE};
+use devmount_tests::{client_bin, command, find_daemon, retry, run, Proc, Run};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::PostParams;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+use tempfile::TempDir;
+
+/// How long a step may take on a loaded 2-core machine.
+const DEADLINE: Duration = Duration::from_secs(60);
+/// The label and annotations devmount puts on what it swaps.
+const SESSION_LABEL: &str = "devmount.dev/session";
+/// The server's port in the pod, as the dev Deployment's arguments give it.
+const SERVER_PORT: u16 = 22022;
+
+/// The fake cluster, a sandbox for `devmount` (state, sockets, mount point, manifest) and the
+/// kubelet stand-in.
+struct Cluster {
+    fake: Arc<FakeKube>,
+    runtime: tokio::runtime::Runtime,
+    root: TempDir,
+    kubelet: Option<Kubelet>,
+}
+
+impl Cluster {
+    fn start() -> Result<Cluster> {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        let root = tempfile::Builder::new().prefix("devmount-kube-").tempdir()?;
+        let base = fs::canonicalize(root.path())?;
+        let fake = Arc::new(runtime.block_on(FakeKube::start(base.join("pods")))?);
+        fake.write_kubeconfig(&base.join("kubeconfig"))?;
+        for dir in ["state", "state2", "mnt", "mnt2", "volume"] {
+            fs::create_dir(base.join(dir))?;
+        }
+        for dir in ["run", "run2"] {
+            fs::DirBuilder::new().mode(0o700).create(base.join(dir))?;
+        }
+        let kubelet = Kubelet::start(fake.clone(), base.join("kubelet"))?;
+        let cluster = Cluster { fake, runtime, root, kubelet: Some(kubelet) };
+        cluster.manifest("")?;
+        Ok(cluster)
+    }
+
+    /// Writes ./devmount.yml for deployment `web`, with `extra` lines under `kubernetes:`. The
+    /// fake's pods see this machine's files: the workdir is the sandbox's `volume`.
+    fn manifest(&self, extra: &str) -> Result<()> {
+        let text = format!(
+            "target:\n  kubernetes:\n    deployment: web\n    workdir: {}\n    timeout: 60s\n{extra}",
+            self.path("volume").display()
+        );
+        Ok(fs::write(self.path("devmount.yml"), text)?)
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        fs::canonicalize(self.root.path()).unwrap_or_else(|_| self.root.path().to_owned()).join(rel)
+    }
+
+    /// `devmount ARGS...` on this machine (`state`), or another one (`state2`, with `run2`).
+    fn devmount_as(&self, state: &str, args: &[&str]) -> Result<Run> {
+        let mut cmd: Command = command(client_bin()?);
+        let run_dir = if state == "state" { "run" } else { "run2" };
+        cmd.env("XDG_STATE_HOME", self.path(state))
+            .env("XDG_RUNTIME_DIR", self.path(run_dir))
+            .env("KUBECONFIG", self.path("kubeconfig"))
+            .env("DEVMOUNT_KUBE_SERVER_DIR", ".")
+            .env_remove("DEVMOUNT_LOG")
+            .current_dir(self.path(""))
+            .args(args);
+        run(&mut cmd)
+    }
+
+    fn devmount(&self, args: &[&str]) -> Result<Run> {
+        self.devmount_as("state", args)
+    }
+
+    fn ok(&self, args: &[&str]) -> Result<Run> {
+        let out = self.devmount(args)?;
+        ensure!(out.success(), "{out}");
+        Ok(out)
+    }
+
+    fn mnt(&self) -> PathBuf {
+        self.path("mnt")
+    }
+
+    /// Creates Deployment `web`: two replicas, a probe, a sidecar; returns it as stored.
+    fn deploy(&self) -> Result<Value> {
+        self.fake.create(json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "web", "namespace": NAMESPACE, "labels": {"app": "web"}},
+            "spec": {
+                "replicas": 2,
+                "selector": {"matchLabels": {"app": "web"}},
+                "template": {
+                    "metadata": {"labels": {"app": "web"}},
+                    "spec": {"containers": [
+                        {"name": "app", "image": "busybox:1.36", "command": ["httpd", "-f"],
+                         "workingDir": "/srv", "env": [{"name": "MODE", "value": "prod"}],
+                         "readinessProbe": {"tcpSocket": {"port": 80}}},
+                        {"name": "sidecar", "image": "busybox:1.36", "command": ["sleep", "1d"]}
+                    ]}
+                }
+            }
+        }))?;
+        self.deployment()
+    }
+
+    fn deployment(&self) -> Result<Value> {
+        self.fake.get("deployments", NAMESPACE, "web").ok_or_else(|| anyhow!("deployment/web is gone"))
+    }
+
+    /// Changes the Deployment as another tool would, through the API.
+    fn change(&self, edit: impl FnOnce(&mut Deployment)) -> Result<()> {
+        let mut deployment: Deployment = serde_json::from_value(self.deployment()?)?;
+        edit(&mut deployment);
+        let path = self.path("kubeconfig");
+        self.runtime.block_on(async {
+            let config =
+                Config::from_custom_kubeconfig(Kubeconfig::read_from(&path)?, &KubeConfigOptions::default())
+                    .await?;
+            let api: Api<Deployment> = Api::namespaced(Client::try_from(config)?, NAMESPACE);
+            api.replace("web", &PostParams::default(), &deployment).await?;
+            anyhow::Ok(())
+        })
+    }
+
+    /// The session daemons' logs, together.
+    fn daemon_log(&self) -> Result<String> {
+        let mut text = String::new();
+        for entry in fs::read_dir(self.path("state/devmount/log"))? {
+            text.push_str(&fs::read_to_string(entry?.path())?);
+        }
+        Ok(text)
+    }
+
+    fn secrets(&self) -> Vec<Value> {
+        self.fake.list("secrets", NAMESPACE)
+    }
+
+    /// The running dev pod's name.
+    fn dev_pod(&self) -> Result<String> {
+        retry("a running dev pod", DEADLINE, || {
+            dev_pods(&self.fake)
+                .into_iter()
+                .find(|p| p.pointer("/status/phase").and_then(Value::as_str) == Some("Running"))
+                .and_then(|p| p.pointer("/metadata/name").and_then(Value::as_str).map(str::to_owned))
+                .ok_or_else(|| anyhow!("no running dev pod"))
+        })
+    }
+
+    /// Checks that `devmount exec cat FILE` in the mount prints `text`.
+    fn exec_sees(&self, file: &str, text: &str) -> Result<()> {
+        let mut cmd = command(client_bin()?);
+        cmd.env("XDG_STATE_HOME", self.path("state"))
+            .env("XDG_RUNTIME_DIR", self.path("run"))
+            .current_dir(self.mnt())
+            .args(["exec", "-T", "cat", file]);
+        let out = run(&mut cmd)?;
+        ensure!(out.success() && out.stdout_text() == text, "`devmount exec cat {file}`: {out}");
+        Ok(())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let mnt = self.mnt();
+        if is_mount_point(&mnt) {
+            let _ = self.devmount(&["down", mnt.to_str().unwrap_or_default(), "--force"]);
+            if is_mount_point(&mnt) {
+                let _ = run(command("fusermount3").arg("-u").arg("-z").arg(&mnt));
+            }
+        }
+        if let Ok(pid) = find_daemon(&client_bin().unwrap_or_default(), "up", mnt.as_os_str()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        drop(self.kubelet.take());
+    }
+}
+
+fn is_mount_point(path: &Path) -> bool {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let path = path.to_string_lossy();
+    info.lines().any(|l| l.split(' ').nth(4) == Some(&*path))
+}
+
+/// The pods of the dev Deployment (those with devmount's session label), not being deleted.
+fn dev_pods(fake: &FakeKube) -> Vec<Value> {
+    fake.list("pods", NAMESPACE)
+        .into_iter()
+        .filter(|p| p.pointer(&format!("/metadata/labels/{}", SESSION_LABEL.replace('/', "~1"))).is_some())
+        .filter(|p| p.pointer("/metadata/deletionTimestamp").is_none())
+        .collect()
+}
+
+/// Plays the dev container: starts each dev pod's uploaded server once it is ready, as the
+/// wait script would, and restarts it when it exits (restartPolicy Always).
+struct Kubelet {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Kubelet {
+    fn start(fake: Arc<FakeKube>, dir: PathBuf) -> Result<Kubelet> {
+        fs::create_dir(&dir)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut servers: HashMap<String, Proc> = HashMap::new();
+            while !stopping.load(Ordering::Relaxed) {
+                let pods = dev_pods(&fake);
+                let names: Vec<String> = pods
+                    .iter()
+                    .filter_map(|p| p.pointer("/metadata/name").and_then(Value::as_str).map(str::to_owned))
+                    .collect();
+                servers.retain(|name, _| names.contains(name));
+                for pod in &pods {
+                    let name = pod.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default();
+                    let running =
+                        servers.get_mut(name).is_some_and(|p| p.try_wait().is_ok_and(|s| s.is_none()));
+                    let pod_dir = fake.pod_dir(NAMESPACE, name);
+                    if running || !pod_dir.join("ready").exists() {
+                        continue;
+                    }
+                    match serve(&fake, pod, &pod_dir, &dir) {
+                        Ok(proc) => {
+                            servers.insert(name.to_owned(), proc);
+                        }
+                        Err(e) => eprintln!("kubelet: pod {name}: {e:#}"),
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        Ok(Kubelet { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for Kubelet {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Starts the server uploaded to `pod_dir` with the dev container's arguments, its pod-only
+/// paths replaced by this machine's: the listen address by a free port, the authorized keys by
+/// a file holding the Secret's; maps the pod's port to it.
+fn serve(fake: &FakeKube, pod: &Value, pod_dir: &Path, keys_dir: &Path) -> Result<Proc> {
+    let name = pod.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default();
+    let containers = pod.pointer("/spec/containers").and_then(Value::as_array).context("no containers")?;
+    let dev = containers
+        .iter()
+        .find(|c| c["args"].as_array().is_some_and(|a| a.iter().any(|v| v == "--host-key-env")))
+        .context("no dev container")?;
+    let secret_name = dev["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find_map(|e| e.pointer("/valueFrom/secretKeyRef/name").and_then(Value::as_str))
+        .context("no secretKeyRef")?;
+    let secret: Secret =
+        serde_json::from_value(fake.get("secrets", NAMESPACE, secret_name).context("no session Secret")?)?;
+    let value = |key: &str| -> Result<Vec<u8>> {
+        let data = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .with_context(|| format!("no {key} in the Secret"))?;
+        Ok(data.0.clone())
+    };
+    let authorized = keys_dir.join(format!("{name}.authorized_keys"));
+    fs::write(&authorized, value("authorized_keys")?)?;
+    let mut args: Vec<String> = Vec::new();
+    let mut given = dev["args"].as_array().context("no args")?.iter().filter_map(Value::as_str);
+    while let Some(arg) = given.next() {
+        args.push(arg.to_owned());
+        match arg {
+            "--listen" => {
+                given.next();
+                args.push("127.0.0.1:0".into());
+            }
+            "--authorized-keys" => {
+                given.next();
+                args.push(authorized.to_string_lossy().into_owned());
+            }
+            _ => {}
+        }
+    }
+    let host_key = String::from_utf8(value("host_key")?)?;
+    let mut cmd = command(pod_dir.join("devmount-server"));
+    cmd.args(&args).env("DEVMOUNT_HOST_KEY", host_key);
+    let proc = Proc::spawn(&mut cmd)?;
+    let (port, _) = devmount_tests::wait_ready(&proc)?;
+    fake.map_pod_port(NAMESPACE, name, SERVER_PORT, ([127, 0, 0, 1], port).into());
+    Ok(proc)
+}
+
+/// Annotations but the revision, which the Deployment controller sets and counts up at each
+/// rollout; `None` for none.
+fn without_revision(annotations: &serde_json::Map<String, Value>) -> Option<serde_json::Map<String, Value>> {
+    let kept = annotations.iter().filter(|(k, _)| k.as_str() != "deployment.kubernetes.io/revision");
+    let kept: serde_json::Map<String, Value> = kept.map(|(k, v)| (k.clone(), v.clone())).collect();
+    (!kept.is_empty()).then_some(kept)
+}
+
+/// The fields of a Deployment that a restore must give back exactly.
+fn restorable(deployment: &Value) -> Value {
+    json!({
+        "spec": deployment["spec"],
+        "labels": deployment.pointer("/metadata/labels"),
+        "annotations": deployment
+            .pointer("/metadata/annotations")
+            .and_then(Value::as_object)
+            .and_then(without_revision),
+    })
+}
+
+#[test]
+fn up_edit_exec_pod_replaced_down_restores() -> Result<()> {
+    let cluster = Cluster::start()?;
+    let original = cluster.deploy()?;
+    let mnt = cluster.mnt();
+    let mnt_arg = mnt.to_str().context("mount point")?;
+    let up = cluster.ok(&["up", mnt_arg])?;
+    ensure!(is_mount_point(&mnt), "`devmount up` returned, but nothing is mounted\n{up}");
+
+    let dev = cluster.deployment()?;
+    ensure!(dev.pointer("/spec/replicas") == Some(&json!(1)), "not swapped: {dev}");
+    ensure!(cluster.secrets().len() == 1, "one session Secret: {:?}", cluster.secrets());
+
+    fs::write(mnt.join("hello.txt"), "hi from the laptop\n")?;
+    cluster.exec_sees("hello.txt", "hi from the laptop\n")?;
+    ensure!(fs::read_to_string(cluster.path("volume/hello.txt"))? == "hi from the laptop\n");
+
+    // The port-forward breaks, the pod stays: the session reconnects to the same server.
+    let first = cluster.dev_pod()?;
+    cluster.fake.cut_streams(NAMESPACE, &first)?;
+    fs::write(mnt.join("cut.txt"), "written after the forward broke\n")?;
+    retry("exec after the forward broke", DEADLINE, || {
+        cluster.exec_sees("cut.txt", "written after the forward broke\n")
+    })?;
+    ensure!(cluster.daemon_log()?.contains("reconnected to web.default:22022"), "{}", cluster.daemon_log()?);
+
+    // The pod goes (a drain); the session finds the new one, uploads again, reconnects.
+    cluster.fake.replace_pod(NAMESPACE, &first)?;
+    let second = retry("a new dev pod", DEADLINE, || {
+        let pod = cluster.dev_pod()?;
+        ensure!(pod != first, "still {pod}");
+        Ok(pod)
+    })?;
+    retry("the upload to the new pod", DEADLINE, || {
+        ensure!(cluster.fake.pod_dir(NAMESPACE, &second).join("ready").exists(), "not yet");
+        Ok(())
+    })?;
+    fs::write(mnt.join("after.txt"), "written after the pod was replaced\n")?;
+    retry("exec over the new connection", DEADLINE, || {
+        cluster.exec_sees("after.txt", "written after the pod was replaced\n")
+    })?;
+
+    let down = cluster.ok(&["down", mnt_arg])?;
+    ensure!(!is_mount_point(&mnt), "still mounted after down\n{down}");
+    let restored = retry("the restore", DEADLINE, || {
+        let now = cluster.deployment()?;
+        ensure!(now.pointer("/spec/replicas") == Some(&json!(2)), "not restored yet: {now}");
+        Ok(now)
+    })?;
+    assert_eq!(restorable(&restored), restorable(&original), "restored exactly");
+    ensure!(cluster.secrets().is_empty(), "the session Secret is deleted: {:?}", cluster.secrets());
+    ensure!(
+        cluster.fake.list("persistentvolumeclaims", NAMESPACE).len() == 1,
+        "the claim is kept without --volumes"
+    );
+    let volumes = cluster.ok(&["down", "--volumes"])?;
+    ensure!(
+        cluster.fake.list("persistentvolumeclaims", NAMESPACE).is_empty(),
+        "--volumes deletes it\n{volumes}"
+    );
+    Ok(())
+}
+
+#[test]
+fn rbac_denied_is_one_line_and_leaves_nothing() -> Result<()> {
+    let cluster = Cluster::start()?;
+    let original = cluster.deploy()?;
+    cluster.fake.deny("update", "deployments");
+    let mnt = cluster.mnt();
+    let up = cluster.devmount(&["up", mnt.to_str().context("mount point")?])?;
+    ensure!(!up.success(), "{up}");
+    let err = up.stderr_text();
+    ensure!(
+        err.contains("RBAC denied: cannot update deployments in namespace default (")
+            && err.contains("ask for the Role in docs/kubernetes.md#rbac"),
+        "{up}"
+    );
+    ensure!(!is_mount_point(&mnt));
+    ensure!(cluster.secrets().is_empty(), "the Secret is deleted again: {:?}", cluster.secrets());
+    assert_eq!(restorable(&cluster.deployment()?), restorable(&original));
+    Ok(())
+}
+
+#[test]
+fn a_pod_that_cannot_start_is_named_and_the_swap_undone() -> Result<()> {
+    let cluster = Cluster::start()?;
+    let original = cluster.deploy()?;
+    cluster.fake.set_fault(NAMESPACE, "web", Some(PodFault::ImagePullBackOff));
+    let mnt = cluster.mnt();
+    let up = cluster.devmount(&["up", mnt.to_str().context("mount point")?])?;
+    ensure!(!up.success(), "{up}");
+    let err = up.stderr_text();
+    ensure!(
+        err.contains("the image of container app cannot be pulled (ImagePullBackOff: ")
+            && err.contains("check kubernetes.image")
+            && err.contains("deployment/web is restored"),
+        "{up}"
+    );
+    ensure!(cluster.secrets().is_empty(), "the Secret is deleted again: {:?}", cluster.secrets());
+    assert_eq!(restorable(&cluster.deployment()?), restorable(&original));
+    Ok(())
+}
+
+#[test]
+fn an_autoscaler_that_would_fight_the_swap_is_named() -> Result<()> {
+    let cluster = Cluster::start()?;
+    let original = cluster.deploy()?;
+    cluster.fake.create(json!({
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "web", "namespace": NAMESPACE},
+        "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
+                 "minReplicas": 2, "maxReplicas": 5}
+    }))?;
+    let up = cluster.devmount(&["up", cluster.mnt().to_str().context("mount point")?])?;
+    ensure!(!up.success(), "{up}");
+    ensure!(
+        up.stderr_text().contains("HorizontalPodAutoscaler web scales deployment/web up to 5 pods"),
+        "{up}"
+    );
+    ensure!(cluster.secrets().is_empty(), "nothing applied: {:?}", cluster.secrets());
+    let now = cluster.deployment()?;
+    assert_eq!(restorable(&now), restorable(&original));
+    assert_eq!(
+        now.pointer("/metadata/generation"),
+        original.pointer("/metadata/generation"),
+        "never written"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_missing_storage_class_is_named() -> Result<()> {
+    let cluster = Cluster::start()?;
+    let original = cluster.deploy()?;
+    cluster.manifest("    persistentVolume: {storageClass: fast}\n")?;
+    let up = cluster.devmount(&["up", cluster.mnt().to_str().context("mount point")?])?;
+    ensure!(!up.success(), "{up}");
+    ensure!(
+        up.stderr_text().contains(
+            "the persistent volume cannot be made: storageclass.storage.k8s.io \"fast\" not found; set kubernetes.persistentVolume.storageClass"
+        ),
+        "{up}"
+    );
+    assert_eq!(restorable(&cluster.deployment()?), restorable(&original));
+    let claims = cluster.fake.list("persistentvolumeclaims", NAMESPACE);
+    ensure!(claims.is_empty(), "the claim with the wrong class is deleted again: {claims:?}");
+    Ok(())
+}
+
+#[test]
+fn resumed_here_refused_elsewhere_restored_from_anywhere() -> Result<()> {
+    let cluster = Cluster::start()?;
+    let original = cluster.deploy()?;
+    // As on clusters before 1.30: exec cannot close stdin alone, which `head -c` allows for.
+    cluster.fake.set_exec_stdin_close(false);
+    let mnt = cluster.mnt();
+    let mnt_arg = mnt.to_str().context("mount point")?;
+    cluster.ok(&["up", mnt_arg])?;
+    fs::write(mnt.join("kept.txt"), "kept\n")?;
+    cluster.ok(&["sync"])?;
+    let session = cluster.deployment()?.pointer("/metadata/labels/devmount.dev~1session").cloned();
+
+    // The daemon dies; the swap stays. `up` again resumes it, with the same session.
+    let pid = find_daemon(&client_bin()?, "up", mnt.as_os_str())?;
+    kill(Pid::from_raw(pid), Signal::SIGKILL)?;
+    retry("the daemon's end", DEADLINE, || {
+        ensure!(find_daemon(&client_bin()?, "up", mnt.as_os_str()).is_err(), "still there");
+        Ok(())
+    })?;
+    let again = cluster.ok(&["up", mnt_arg])?;
+    ensure!(again.stderr_text().contains("resuming it"), "{again}");
+    ensure!(cluster.deployment()?.pointer("/metadata/labels/devmount.dev~1session").cloned() == session);
+    cluster.exec_sees("kept.txt", "kept\n")?;
+
+    // Another machine (its own state) is refused, and can restore the Deployment.
+    let elsewhere =
+        cluster.devmount_as("state2", &["up", cluster.path("mnt2").to_str().unwrap_or_default()])?;
+    ensure!(!elsewhere.success(), "{elsewhere}");
+    ensure!(elsewhere.stderr_text().contains("is already in dev mode for session"), "{elsewhere}");
+
+    cluster.change(|d| d.spec.replicas = Some(3))?;
+    let refused = cluster.devmount_as("state2", &["down"])?;
+    ensure!(!refused.success(), "{refused}");
+    ensure!(refused.stderr_text().contains("was changed since the swap (spec.replicas)"), "{refused}");
+    let forced = cluster.devmount_as("state2", &["down", "--force"])?;
+    ensure!(forced.success(), "{forced}");
+    assert_eq!(restorable(&cluster.deployment()?), restorable(&original));
+    Ok(())
+}
