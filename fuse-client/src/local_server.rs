@@ -171,7 +171,8 @@ impl LocalServer {
     pub fn start(dir: &Path, state_dir: &Path, options: &StartOptions) -> Result<LocalServer> {
         let root = served_dir(dir)?;
         let bin = server_binary(options.server_bin.as_deref())?;
-        let session_dir = new_session_dir(state_dir)?;
+        let name: String = random_bytes::<8>()?.iter().map(|b| format!("{b:02x}")).collect();
+        let session_dir = new_session_dir(&state_dir.join("local"), &name)?;
         let keys = SessionKeys::write(&session_dir)?;
         let log = session_dir.join("server.log");
         OpenOptions::new()
@@ -612,15 +613,14 @@ fn server_binary(explicit: Option<&Path>) -> Result<PathBuf> {
     Ok(bin)
 }
 
-/// A new, empty directory `STATE/local/<random>`, mode 0700.
-fn new_session_dir(state_dir: &Path) -> Result<PathBuf> {
-    let parent = state_dir.join("local");
+/// A new, empty directory `PARENT/NAME`, mode 0700 (and its parent, if need be): one
+/// session's files.
+pub(crate) fn new_session_dir(parent: &Path, name: &str) -> Result<PathBuf> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
-        .create(&parent)
+        .create(parent)
         .with_context(|| format!("cannot create {}", parent.display()))?;
-    let name: String = random_bytes::<8>()?.iter().map(|b| format!("{b:02x}")).collect();
     let dir = parent.join(name);
     // Not recursive: an existing directory is an error, so no session ever shares one.
     fs::DirBuilder::new()

@@ -5,14 +5,13 @@
 //! resumes a swap this machine made instead of refusing it.
 
 use std::fs;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 
 use super::translate::{SessionId, DEFAULT_SERVER_PORT};
-use crate::local_server::{new_key, private_text, public_line, random_bytes, write_private};
+use crate::local_server::{new_key, new_session_dir, private_text, public_line, random_bytes, write_private};
 use crate::session::Target;
 
 /// The user name the client gives devmount-server, which accepts a key whatever the name.
@@ -109,19 +108,9 @@ fn root(state_dir: &Path) -> PathBuf {
 impl SessionFiles {
     /// A new session: a fresh id and keys; the host key is pinned for `target`.
     pub fn create(state_dir: &Path, target: &Target) -> Result<(SessionFiles, NewKeys)> {
-        let parent = root(state_dir);
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&parent)
-            .with_context(|| format!("cannot create {}", parent.display()))?;
         let hex: String = random_bytes::<6>()?.iter().map(|b| format!("{b:02x}")).collect();
         let id = SessionId::new(&hex)?;
-        let dir = parent.join(id.as_str());
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let dir = new_session_dir(&root(state_dir), id.as_str())?;
         let files = SessionFiles { id, dir };
         let client = new_key()?;
         let host = new_key()?;
