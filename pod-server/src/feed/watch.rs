@@ -613,6 +613,14 @@ impl Drop for Watcher {
     }
 }
 
+/// The directory holding `path` (relative to the root; the root is the empty path).
+fn parent_of(path: &[u8]) -> Bytes {
+    match path.iter().rposition(|&b| b == b'/') {
+        Some(i) => Bytes::copy_from_slice(&path[..i]),
+        None => Bytes::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -696,13 +704,5 @@ mod tests {
             "{msgs:?}"
         );
         assert_eq!(w.tree.len(), 0);
-    }
-}
-
-/// The directory holding `path` (relative to the root; the root is the empty path).
-fn parent_of(path: &[u8]) -> Bytes {
-    match path.iter().rposition(|&b| b == b'/') {
-        Some(i) => Bytes::copy_from_slice(&path[..i]),
-        None => Bytes::new(),
     }
 }
