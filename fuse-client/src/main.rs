@@ -37,12 +37,8 @@ enum Command {
         mount: Option<PathBuf>,
         #[command(flatten)]
         manifest: ManifestArg,
-        /// Give the command a terminal (default: when stdin is one).
-        #[arg(short = 't', conflicts_with = "no_tty")]
-        tty: bool,
-        /// Never give the command a terminal.
-        #[arg(short = 'T')]
-        no_tty: bool,
+        #[command(flatten)]
+        tty: TtyArgs,
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
         command: Vec<OsString>,
     },
@@ -52,12 +48,8 @@ enum Command {
         mountpoint: Option<PathBuf>,
         #[command(flatten)]
         manifest: ManifestArg,
-        /// Give the shell a terminal (default: when stdin is one).
-        #[arg(short = 't', conflicts_with = "no_tty")]
-        tty: bool,
-        /// Never give the shell a terminal.
-        #[arg(short = 'T')]
-        no_tty: bool,
+        #[command(flatten)]
+        tty: TtyArgs,
     },
     /// Wait until every change made to the mount so far is on the server.
     Sync {
@@ -131,6 +123,28 @@ enum Command {
     },
 }
 
+/// `-t`/`-T`: whether the remote side gets a terminal.
+#[derive(clap::Args, Debug)]
+struct TtyArgs {
+    /// Give it a terminal (default: when stdin is one).
+    #[arg(short = 't', conflicts_with = "no_tty")]
+    tty: bool,
+    /// Never give it a terminal.
+    #[arg(short = 'T')]
+    no_tty: bool,
+}
+
+impl TtyArgs {
+    /// `None`: as stdin is.
+    fn choice(&self) -> Option<bool> {
+        match (self.tty, self.no_tty) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        }
+    }
+}
+
 /// `-m FILE`: the session is the one the manifest names.
 #[derive(clap::Args, Debug)]
 struct ManifestArg {
@@ -171,27 +185,17 @@ fn main() -> ExitCode {
 
 /// Runs the command; the exit code on success (a remote command's own).
 fn run(cli: Cli) -> anyhow::Result<u8> {
-    let tty = |tty: bool, no_tty: bool| match (tty, no_tty) {
-        (true, _) => Some(true),
-        (_, true) => Some(false),
-        _ => None,
-    };
-    let select = |mount: Option<PathBuf>, manifest: ManifestArg| -> anyhow::Result<Selector> {
-        if mount.is_some() && manifest.manifest.is_some() {
-            anyhow::bail!("give the mount point or -m FILE, not both: each names the session");
-        }
-        Ok(Selector { mount, manifest: manifest.manifest })
-    };
+    let select = |mount: Option<PathBuf>, manifest: ManifestArg| Selector::new(mount, manifest.manifest);
     match cli.command {
         Command::Up(args) => up::run(args).map(|()| 0),
-        Command::Exec { mount, manifest, tty: t, no_tty, command } => sessions::exec(ExecArgs {
+        Command::Exec { mount, manifest, tty, command } => sessions::exec(ExecArgs {
             selector: select(mount, manifest)?,
-            tty: tty(t, no_tty),
+            tty: tty.choice(),
             command: Some(command),
         }),
-        Command::Ssh { mountpoint, manifest, tty: t, no_tty } => sessions::exec(ExecArgs {
+        Command::Ssh { mountpoint, manifest, tty } => sessions::exec(ExecArgs {
             selector: select(mountpoint, manifest)?,
-            tty: tty(t, no_tty),
+            tty: tty.choice(),
             command: None,
         }),
         Command::Sync { mountpoint, manifest } => sessions::sync(&select(mountpoint, manifest)?).map(|()| 0),

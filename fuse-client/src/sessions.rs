@@ -70,6 +70,17 @@ pub struct Selector {
     pub manifest: Option<PathBuf>,
 }
 
+impl Selector {
+    /// A command's MNT (or `--mount`) and `-m FILE`: at most one of them, since each names the
+    /// session.
+    pub fn new(mount: Option<PathBuf>, manifest: Option<PathBuf>) -> Result<Selector> {
+        if mount.is_some() && manifest.is_some() {
+            bail!("give the mount point or -m FILE, not both: each names the session");
+        }
+        Ok(Selector { mount, manifest })
+    }
+}
+
 /// The session meant: `--mount`, else the one named by `-m FILE`, else the one whose mount
 /// holds the current directory, else the one named by `./devmount.yml`, else the only one.
 pub fn find(selector: &Selector) -> Result<Info> {

@@ -101,6 +101,8 @@ pub fn run(args: UpArgs) -> Result<()> {
         forwards.iter().filter(|f| f.direction == Direction::Local).map(|f| f.connect).collect();
     let allow_reverse: Vec<u16> =
         forwards.iter().filter(|f| f.direction == Direction::Remote).map(|f| f.listen).collect();
+    // The flag's name, else the manifest's; a local target without either takes its directory's.
+    let named = args.name.clone().or_else(|| manifest.as_ref().map(|m| m.name.clone()));
     let (endpoint, journal_key, what, name) = match served {
         Served::Local(dir) => {
             let dir = served_dir(&dir)?;
@@ -119,8 +121,8 @@ pub fn run(args: UpArgs) -> Result<()> {
             };
             let key = format!("local:{}", dir.to_string_lossy());
             let what = dir.display().to_string();
-            let name = args.name.clone().or(manifest.as_ref().map(|m| m.name.clone()));
-            (Endpoint::Local { dir: dir.clone(), server }, key, what, name.unwrap_or_else(|| manifest::default_name(&dir)))
+            let name = named.unwrap_or_else(|| manifest::default_name(&dir));
+            (Endpoint::Local { dir, server }, key, what, name)
         }
         Served::Kube(mut target) => {
             if args.context.is_some() {
@@ -143,7 +145,7 @@ pub fn run(args: UpArgs) -> Result<()> {
                     .unwrap_or_else(|_| translate::SERVER_DIR.to_owned()),
             };
             // A kubernetes target comes from a manifest, which has a name.
-            let name = args.name.clone().or(manifest.as_ref().map(|m| m.name.clone())).unwrap_or_default();
+            let name = named.unwrap_or_default();
             // The daemon names the journal once it has read the Deployment.
             (Endpoint::Kube(Box::new(endpoint)), String::new(), what, name)
         }
@@ -235,11 +237,8 @@ pub struct DownArgs {
 /// the daemon refused (with `--force`), the claim (with `--volumes`), or a session started on
 /// another machine (from the manifest's target).
 pub fn down(args: DownArgs) -> Result<()> {
-    if args.mountpoint.is_some() && args.manifest.is_some() {
-        bail!("give the mount point or -m FILE, not both: each names the session");
-    }
+    let selector = Selector::new(args.mountpoint.clone(), args.manifest.clone())?;
     let state = mount::state_dir()?;
-    let selector = Selector { mount: args.mountpoint.clone(), manifest: args.manifest.clone() };
     let local = crate::sessions::find(&selector);
     let recorded = match &local {
         Ok(info) => KubeFiles::for_mountpoint(&state, &info.mountpoint)?,
