@@ -356,6 +356,13 @@ impl Daemon {
             journal.pending_ops,
             human_bytes(journal.pending_bytes)
         ));
+        let sending = self.fs.sending();
+        if sending != Default::default() {
+            out.push_str(&format!(
+                "  sending:  {} in flight, {} waiting for the connection, {} waiting for a conflict copy\n",
+                sending.in_flight, sending.parked, sending.resolving
+            ));
+        }
         let cache = self.fs.cache().stats();
         out.push_str(&format!(
             "  cache:    attributes {} ({}), listings {} names ({}), data {} ({})\n",

@@ -1090,6 +1090,10 @@ impl Endpoint {
             .create(&runtime)
             .with_context(|| format!("creating {}", runtime.display()))?;
         cmd.env("XDG_STATE_HOME", self.state_home()).env("XDG_RUNTIME_DIR", &runtime);
+        if std::env::var_os("DEVMOUNT_LOG").is_none() {
+            // The daemon's reconnects and the journal's pauses, for failure messages.
+            cmd.env("DEVMOUNT_LOG", "info,fuser=error");
+        }
         Ok(cmd)
     }
 
@@ -1097,9 +1101,21 @@ impl Endpoint {
     /// the call is on the server when it returns.
     pub fn sync(&self, mountpoint: &Path) -> Result<Run> {
         // Long: a sync after a GiB of writes drains the whole journal first.
-        let out = run_with(self.client()?.arg("sync").arg(mountpoint), &[], Duration::from_secs(600))?;
-        ensure!(out.success(), "{out}");
+        let out = run_with(self.client()?.arg("sync").arg(mountpoint), &[], Duration::from_secs(600))
+            .map_err(|e| e.context(self.status_of(mountpoint)))?;
+        ensure!(out.success(), "{out}\n{}", self.status_of(mountpoint));
         Ok(out)
+    }
+
+    /// `devmount status MOUNTPOINT`'s output, for failure messages.
+    fn status_of(&self, mountpoint: &Path) -> String {
+        let status = self
+            .client()
+            .and_then(|mut cmd| run_with(cmd.arg("status").arg(mountpoint), &[], Duration::from_secs(30)));
+        match status {
+            Ok(run) => format!("--- devmount status ---\n{run}"),
+            Err(e) => format!("--- devmount status failed: {e:#}"),
+        }
     }
 
     /// The `devmount mount` command line for `options`, and its mount point.

@@ -170,6 +170,11 @@ impl Fs {
         &self.journal
     }
 
+    /// Where the journal's requests to the server are.
+    pub fn sending(&self) -> crate::journal::Activity {
+        self.sender.activity()
+    }
+
     /// Drops local entries once the server has their ops and the cache cannot bring back what
     /// was there before, for as long as `fs` lives; run it once per mount.
     ///

@@ -243,21 +243,29 @@ impl Fs {
         self.local_added.notify_one();
         self.nodes().rename(path, &hidden);
         self.cache().local_change(LocalChange::Renamed { from: path, to: &hidden });
+        // The last descriptor may have been released while the rename was being journaled;
+        // that release saw the old name and left the hidden one to us.
+        self.drop_hidden(id).await;
         Ok(true)
     }
 
     /// The last descriptor of node `id` was closed: a hidden name left by
-    /// [`Fs::hide_if_open`] goes now.
+    /// [`Fs::hide_if_open`] goes now. The check and the unnaming happen under the inode
+    /// table's lock, so of a release and an unlink racing here exactly one removes the name.
     pub(super) async fn drop_hidden(&self, id: u64) {
-        let Some(path) = self.nodes().path(id) else { return };
-        if self.is_open(id) || !path.file_name().is_some_and(|n| n.starts_with(HIDDEN_PREFIX.as_bytes())) {
-            return;
-        }
+        let path = {
+            let mut nodes = self.nodes();
+            let Some(path) = nodes.path(id) else { return };
+            if self.is_open(id) || !path.file_name().is_some_and(|n| n.starts_with(HIDDEN_PREFIX.as_bytes())) {
+                return;
+            }
+            nodes.unlink(&path);
+            path
+        };
         match self.append(Op::Unlink { path: bytes(&path) }).await {
             Ok(seq) => {
                 self.set_removed(&path, seq);
                 self.cache().local_change(LocalChange::Removed(&path));
-                self.nodes().unlink(&path);
             }
             Err(e) => tracing::warn!("{}: cannot remove the hidden name: {e}", String::from_utf8_lossy(path.as_bytes())),
         }

@@ -46,7 +46,7 @@ use std::path::PathBuf;
 pub use index::PendingSize;
 pub use log::{Config, Journal, JournalError, Overlay, Recovered, RecoveredOp, Stats};
 pub use op::{Op, OpKind};
-pub use sender::{BarrierError, Conflict, Remote, RemoteError, Resolution, Sender, SenderConfig};
+pub use sender::{Activity, BarrierError, Conflict, Remote, RemoteError, Resolution, Sender, SenderConfig};
 
 /// A journal sequence number: ops are numbered from 1 in the order they were appended.
 pub type Seq = u64;

@@ -161,6 +161,19 @@ struct Shared<R> {
     control: Mutex<Control<R>>,
     wake: Notify,
     paused: AtomicBool,
+    /// What the requests are doing, as of the task's last turn.
+    activity: Mutex<Activity>,
+}
+
+/// Where the sender's requests are (`devmount status`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Activity {
+    /// Sent and not answered yet.
+    pub in_flight: usize,
+    /// Waiting for a connection.
+    pub parked: usize,
+    /// Refused as a conflict, waiting for the conflict copy to be made.
+    pub resolving: usize,
 }
 
 /// Sends a journal to a [`Remote`]. Dropping it stops sending; the journal keeps what is left.
@@ -190,6 +203,7 @@ impl<R: Remote> Sender<R> {
             control: Mutex::new(Control { new_remote: None, flush_upto: 0 }),
             wake: Notify::new(),
             paused: AtomicBool::new(remote.is_none()),
+            activity: Mutex::new(Activity::default()),
         });
         let task = Task {
             journal: journal.clone(),
@@ -223,6 +237,10 @@ impl<R: Remote> Sender<R> {
     /// Whether the sender is waiting for [`Sender::resume`].
     pub fn is_paused(&self) -> bool {
         self.shared.paused.load(Ordering::Relaxed)
+    }
+
+    pub fn activity(&self) -> Activity {
+        *self.shared.activity.lock().expect("sender activity lock poisoned")
     }
 
     /// Resolves once every op up to `seq` is acknowledged or rejected; coalescing holds none of
@@ -331,6 +349,7 @@ impl<R: Remote> Task<R> {
             }
             self.load();
             let hold = self.schedule();
+            self.publish_activity();
             let wake_at = [hold, self.retry_at].into_iter().flatten().min();
             tokio::select! {
                 Some(res) = self.running.join_next_with_id(), if !self.running.is_empty() => self.finished(res),
@@ -347,6 +366,18 @@ impl<R: Remote> Task<R> {
                 _ = tokio::time::sleep_until(wake_at.unwrap_or_else(Instant::now)), if wake_at.is_some() => {}
             }
         }
+    }
+
+    fn publish_activity(&self) {
+        let mut activity = Activity::default();
+        for req in self.reqs.values() {
+            match req.state {
+                ReqState::Running => activity.in_flight += 1,
+                ReqState::Parked => activity.parked += 1,
+                ReqState::Resolving => activity.resolving += 1,
+            }
+        }
+        *self.shared.activity.lock().expect("sender activity lock poisoned") = activity;
     }
 
     fn load(&mut self) {
