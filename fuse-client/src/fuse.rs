@@ -499,10 +499,10 @@ impl Filesystem for FuseFs {
                 let Some(entry) = fs.plus_entry(ino.0, &item.name).await else { continue };
                 let a = attr(entry.attr.id, &entry.attr.stat);
                 if reply.add(INodeNo(entry.attr.id), i as u64 + 3, OsStr::from_bytes(&item.name), &entry.ttl, &a, Generation(0)) {
+                    // Full: the kernel never sees this entry, so holds no reference to it.
+                    fs.forget(entry.attr.id, 1);
                     break;
                 }
-                // Each entry given with attributes is a reference the kernel now holds.
-                fs.nodes().looked_up(entry.attr.id);
             }
             reply.ok();
         });

@@ -97,8 +97,15 @@ pub async fn keep(
                 fs.feed_applied(None);
             }));
         }
+        let sftp = fs.remote().sftp();
         tokio::select! {
             why = session.closed() => tracing::warn!("connection to {address} lost: {why}; reconnecting"),
+            // The channel can end under a connection that lives on; nothing would bring the
+            // mount's requests back but a new one.
+            why = sftp.closed() => {
+                tracing::warn!("the SFTP session with {address} ended ({why}); reconnecting");
+                session.end().await;
+            }
             () = stopped(&mut stop) => {
                 current.send_replace(None);
                 goodbye(session).await;

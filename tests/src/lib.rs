@@ -1480,8 +1480,10 @@ fn local_user_name() -> Result<String> {
 }
 
 /// OpenSSH's `sshd` on a free port of loopback with its own configuration and host key,
-/// accepting one generated client key for the local user, with `internal-sftp`. Its temporary
-/// directory is laid out as [`Server`]'s: `root/` (served, by path), `keys/`.
+/// accepting one generated client key for the local user, with its `sftp-server` program (a
+/// process of its own per session, as OpenSSH installs it; `internal-sftp` where it is
+/// missing). Its temporary directory is laid out as [`Server`]'s: `root/` (served, by path),
+/// `keys/`.
 pub struct Sshd {
     proc: Proc,
     endpoint: Endpoint,
@@ -1490,6 +1492,7 @@ pub struct Sshd {
 }
 
 const SSHD: &str = "/usr/sbin/sshd";
+const SFTP_SERVER: &str = "/usr/lib/openssh/sftp-server";
 
 impl Sshd {
     pub fn start() -> Result<Sshd> {
@@ -1520,6 +1523,7 @@ impl Sshd {
             attempt += 1;
             let port = free_port()?;
             let config = keys.join("sshd_config");
+            let subsystem = if Path::new(SFTP_SERVER).is_file() { SFTP_SERVER } else { "internal-sftp" };
             let text = format!(
                 "ListenAddress {HOST}:{port}\n\
                  HostKey {}\n\
@@ -1531,7 +1535,7 @@ impl Sshd {
                  UsePAM no\n\
                  StrictModes no\n\
                  PidFile {}\n\
-                 Subsystem sftp internal-sftp\n",
+                 Subsystem sftp {subsystem}\n",
                 host_key.display(),
                 authorized.display(),
                 keys.join("sshd.pid").display()
@@ -1586,6 +1590,37 @@ impl Sshd {
     pub fn log(&self) -> String {
         String::from_utf8_lossy(&self.proc.stderr()).into_owned()
     }
+
+    /// The `sftp-server` processes serving this sshd's sessions.
+    pub fn sftp_servers(&self) -> Vec<i32> {
+        descendants(self.proc.child.id() as i32)
+            .into_iter()
+            .filter(|&pid| comm(pid).as_deref() == Some("sftp-server"))
+            .collect()
+    }
+}
+
+/// Every process below `root` (its children, theirs, ...).
+fn descendants(root: i32) -> Vec<i32> {
+    let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
+    let parents: Vec<(i32, i32)> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| Some((pid, parent_pid(pid)?)))
+        .collect();
+    let mut found = vec![root];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(parents.iter().filter(|&&(_, p)| p == parent).map(|&(pid, _)| pid));
+        i += 1;
+    }
+    found.split_off(1)
+}
+
+/// A process's command name (`/proc/PID/comm`).
+fn comm(pid: i32) -> Option<String> {
+    Some(fs::read_to_string(format!("/proc/{pid}/comm")).ok()?.trim_end().to_owned())
 }
 
 impl Drop for Sshd {

@@ -1108,6 +1108,38 @@ fn a_dropped_connection_loses_nothing() -> Result<()> {
     Ok(())
 }
 
+/// The SFTP session ends under an SSH connection that lives on (the server's sftp-server
+/// dies): the mount connects again, and what was written before and after is on the server.
+#[test]
+fn an_ended_sftp_session_is_replaced() -> Result<()> {
+    let sshd = Sshd::start()?;
+    let e = sshd.endpoint();
+    let mount = e.mount(MountOptions::new())?;
+    let mnt = mount.path().to_owned();
+    fs::write(mnt.join("before"), b"written before\n")?;
+    e.sync(&mnt).with_context(|| mount.log())?;
+    let servers = sshd.sftp_servers();
+    if servers.is_empty() {
+        println!("skipped: this sshd runs internal-sftp, whose session cannot end alone");
+        return Ok(());
+    }
+    for pid in servers {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    // In a child with a deadline: without a new session the write would wait for ever.
+    let wrote =
+        run_with(command("tee").arg(mnt.join("after")), b"written after\n", Duration::from_secs(120))?;
+    ensure!(wrote.success(), "{wrote}\n{}", mount.log());
+    timed("devmount sync after the SFTP session ended", || e.sync(&mnt)).with_context(|| mount.log())?;
+    for (name, want) in [("before", "written before\n"), ("after", "written after\n")] {
+        let got = fs::read(sshd.root().join(name)).with_context(|| format!("{name}\n{}", mount.log()))?;
+        ensure!(got == want.as_bytes(), "{name}: {:?}\n{}", String::from_utf8_lossy(&got), mount.log());
+    }
+    ensure!(mount.log().contains("reconnected"), "no reconnect logged:\n{}", mount.log());
+    mount.unmount()?;
+    Ok(())
+}
+
 /// A file changed in the pod while a change made here is still queued (the relay holds the
 /// connection): the mount's version takes the name, the pod's is kept as a conflict copy
 /// beside it, for an in-place rewrite and for an editor's rename over the file.

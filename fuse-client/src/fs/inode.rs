@@ -70,8 +70,17 @@ impl Nodes {
         self.by_path.get(path).copied()
     }
 
+    /// [`Nodes::id_for`], counting one reference the kernel takes to the node. One step under
+    /// the table's lock: a `forget` of the node's previous reference handled between finding
+    /// the id and counting would drop the node the kernel is about to be given.
+    pub fn lookup(&mut self, path: &RelPath, dev: u64, ino: u64) -> u64 {
+        let id = self.id_for(path, dev, ino);
+        self.looked_up(id);
+        id
+    }
+
     /// The id for `path` whose stat says (`dev`, `ino`); `ino` 0 means the server gave none.
-    /// Does not count a lookup: [`Nodes::looked_up`] does, once the kernel is told.
+    /// Does not count a lookup: [`Nodes::lookup`] does.
     pub fn id_for(&mut self, path: &RelPath, dev: u64, ino: u64) -> u64 {
         if path.is_root() {
             return ROOT_ID;
@@ -120,7 +129,7 @@ impl Nodes {
     }
 
     /// The kernel now holds one more reference to `id`.
-    pub fn looked_up(&mut self, id: u64) {
+    fn looked_up(&mut self, id: u64) {
         if let Some(node) = self.by_id.get_mut(&id) {
             node.lookups += 1;
         }
@@ -251,6 +260,18 @@ mod tests {
         assert_eq!(n.id_of(&p("a")), None);
         n.forget(ROOT_ID, 10);
         assert_eq!(n.path(ROOT_ID), Some(RelPath::root()));
+    }
+
+    #[test]
+    fn a_forget_of_the_previous_reference_keeps_a_node_looked_up_again() {
+        let mut n = Nodes::new();
+        let id = n.lookup(&p("dir"), 0, 0);
+        // The kernel evicted its inode and looks the name up again before the forget arrives.
+        assert_eq!(n.lookup(&p("dir"), 0, 0), id);
+        n.forget(id, 1);
+        assert_eq!(n.path(id), Some(p("dir")), "the kernel holds the node it was given again");
+        n.forget(id, 1);
+        assert_eq!(n.path(id), None);
     }
 
     #[test]

@@ -379,9 +379,7 @@ impl Fs {
     /// The entry for `path` with `stat` (remote ids), counted as a kernel reference: for the
     /// echo thread's requests, answered from what the feed reported.
     pub fn echo_entry(&self, path: &RelPath, stat: FullStat) -> Entry {
-        let entry = self.entry(path, stat, Duration::ZERO);
-        self.nodes().looked_up(entry.attr.id);
-        entry
+        self.entry(path, stat, Duration::ZERO)
     }
 
     /// Starts a request whose reply goes into the cache. The ticket's floor is the sequence a
@@ -414,20 +412,14 @@ impl Fs {
         }
     }
 
+    /// The entry the kernel is given for `path`: one more reference it holds to the node.
     fn entry(&self, path: &RelPath, stat: FullStat, ttl: Duration) -> Entry {
-        let id = self.nodes().id_for(path, stat.dev, stat.ino);
+        let id = self.nodes().lookup(path, stat.dev, stat.ino);
         Entry { attr: Attr { id, stat: self.ids.to_local(stat) }, ttl }
     }
 
     /// lookup: the kernel takes a reference to the node it returns.
     pub async fn lookup(&self, parent: u64, name: &OsStr) -> Result<Entry> {
-        let entry = self.resolve(parent, name).await?;
-        self.nodes().looked_up(entry.attr.id);
-        Ok(entry)
-    }
-
-    /// The entry for `name` in `parent`, without counting a kernel reference.
-    pub async fn resolve(&self, parent: u64, name: &OsStr) -> Result<Entry> {
         let path = self.child(parent, name)?;
         if let Some(e) = lock(&self.local).get(&path) {
             let stat = e.stat.ok_or(Errno::ENOENT)?;
@@ -523,7 +515,8 @@ impl Fs {
 
     /// The entry to give the kernel for `name` of a listing snapshot, as of now: a name deleted
     /// since the snapshot is left out (`None`), so a directory handle opened before a change
-    /// never brings back what the feed already removed.
+    /// never brings back what the feed already removed. Counted as a reference the kernel
+    /// takes: [`Fs::forget`] it if the entry does not make it into the reply.
     pub async fn plus_entry(&self, dir: u64, name: &[u8]) -> Option<Entry> {
         let path = self.path_of(dir).ok()?.join(name).ok()?;
         if let Some(e) = lock(&self.local).get(&path) {
@@ -533,7 +526,7 @@ impl Fs {
         match cached {
             Lookup::Found { stat, ttl } => Some(self.entry(&path, stat, ttl)),
             Lookup::Missing { .. } => None,
-            Lookup::Unknown => self.resolve(dir, OsStr::from_bytes(name)).await.ok(),
+            Lookup::Unknown => self.lookup(dir, OsStr::from_bytes(name)).await.ok(),
         }
     }
 

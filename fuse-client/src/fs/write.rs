@@ -122,9 +122,7 @@ impl Fs {
     /// A new name made here, for the kernel: counted as a lookup.
     fn made(&self, path: &RelPath, stat: FullStat) -> Entry {
         self.cache().local_change(LocalChange::Created(path));
-        let entry = self.entry(path, stat, Duration::ZERO);
-        self.nodes().looked_up(entry.attr.id);
-        entry
+        self.entry(path, stat, Duration::ZERO)
     }
 
     /// A new open file for the kernel, with the access mode and O_APPEND of `flags`.
@@ -148,10 +146,17 @@ impl Fs {
             if flags & libc::O_EXCL != 0 {
                 return Err(Errno::EEXIST);
             }
-            let entry = self.entry(&path, stat, Duration::ZERO);
-            self.nodes().looked_up(entry.attr.id);
-            let (fh, _) = self.open(entry.attr.id, flags).await?;
-            return Ok((self.getattr(entry.attr.id).await?, fh));
+            let id = self.entry(&path, stat, Duration::ZERO).attr.id;
+            let opened = async {
+                let (fh, _) = self.open(id, flags).await?;
+                Ok((self.getattr(id).await?, fh))
+            }
+            .await;
+            if opened.is_err() {
+                // The kernel gets an error, not the entry: it holds no reference.
+                self.forget(id, 1);
+            }
+            return opened;
         }
         let perm = mode & !umask & 0o7777;
         let seq = self.append(Op::Create { path: bytes(&path), mode: perm, exclusive: true }).await?;

@@ -464,6 +464,12 @@ impl Session {
         Ok(elapsed)
     }
 
+    /// Ends the connection under every user of it, without waiting for the server: for a
+    /// connection about to be replaced.
+    pub async fn end(&self) {
+        let _ = self.handle.disconnect(Disconnect::ByApplication, "", "en").await;
+    }
+
     /// Says goodbye to the server and waits (briefly) for the connection to end.
     pub async fn disconnect(self) {
         let _ = self.handle.disconnect(Disconnect::ByApplication, "", "en").await;

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{AbortHandle, JoinSet};
 
 use crate::proto::sftp::{
@@ -153,6 +153,8 @@ struct Pending {
 
 struct Shared {
     pending: Mutex<Pending>,
+    /// Why the session ended, once it has.
+    ended: watch::Sender<Option<Arc<str>>>,
 }
 
 impl Shared {
@@ -162,11 +164,20 @@ impl Shared {
         self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Fails every pending request and refuses new ones.
-    fn close(&self) {
+    /// Fails every pending request and refuses new ones; `why` is what [`SftpClient::closed`]
+    /// reports (the first reason given).
+    fn close(&self, why: String) {
         let mut pending = self.pending();
         pending.closed = true;
         pending.waiters.clear();
+        drop(pending);
+        self.ended.send_if_modified(|ended| {
+            let first = ended.is_none();
+            if first {
+                *ended = Some(why.into());
+            }
+            first
+        });
     }
 }
 
@@ -268,7 +279,8 @@ impl SftpClient {
             return Err(SftpError::Protocol(DecodeError::Invalid("server does not speak SFTP version 3")));
         }
 
-        let shared = Arc::new(Shared { pending: Mutex::new(Pending::default()) });
+        let shared =
+            Arc::new(Shared { pending: Mutex::new(Pending::default()), ended: watch::Sender::new(None) });
         let (outbox, frames) = mpsc::unbounded_channel();
         tokio::spawn(write_loop(wr, frames, shared.clone()));
         let reader = tokio::spawn(read_loop(rd, buf, shared.clone())).abort_handle();
@@ -307,6 +319,16 @@ impl SftpClient {
 
     pub fn info(&self) -> &ServerInfo {
         &self.info
+    }
+
+    /// Resolves once the session has ended, with why: the server closed the channel or the
+    /// connection under it broke, or the server broke the protocol. The SSH connection may
+    /// outlive the channel, so whoever keeps a connection for this client watches this too.
+    pub async fn closed(&self) -> Arc<str> {
+        let mut ended = self.core.shared.ended.subscribe();
+        // The sender lives in `shared`, which `self` holds, so the wait ends with a reason.
+        let why = ended.wait_for(Option::is_some).await.ok().and_then(|why| why.clone());
+        why.unwrap_or_else(|| "closed".into())
     }
 
     /// Requests sent and not yet answered.
@@ -762,7 +784,7 @@ async fn write_loop<S: AsyncWrite>(
         .await;
         if let Err(err) = result {
             tracing::debug!("SFTP connection lost while writing: {err}");
-            shared.close();
+            shared.close(format!("cannot write to the server: {err}"));
             return;
         }
     }
@@ -793,7 +815,7 @@ async fn read_loop<S: AsyncRead>(mut rd: ReadHalf<S>, mut buf: BytesMut, shared:
         }
     };
     tracing::debug!("SFTP connection lost: {why}");
-    shared.close();
+    shared.close(why);
 }
 
 #[cfg(test)]
@@ -1037,6 +1059,22 @@ mod tests {
         let req = peer.recv().await.unwrap();
         peer.send(req.id.wrapping_add(1000), attrs_sized(0)).await;
         assert!(matches!(stat.await.unwrap(), Err(SftpError::ConnectionLost)));
+        let why = timeout(Duration::from_secs(10), client.closed()).await.expect("closed() resolves");
+        assert!(why.contains("unknown request id"), "{why}");
+    }
+
+    #[tokio::test]
+    async fn closed_resolves_when_the_server_ends_the_channel() {
+        let (client, peer) = pair(Config::default(), &[], None).await;
+        let waiting = tokio::spawn({
+            let c = client.clone();
+            async move { c.closed().await }
+        });
+        drop(peer);
+        let why = timeout(Duration::from_secs(10), waiting).await.expect("closed() resolves").unwrap();
+        assert_eq!(&*why, "closed by the server");
+        // Later callers get the same answer at once.
+        assert_eq!(&*client.closed().await, "closed by the server");
     }
 
     #[tokio::test]
