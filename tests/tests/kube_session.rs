@@ -1,8 +1,8 @@
 //! `devmount up` and `down` on a kubernetes target, through the `devmount` binary, against the
 //! fake API server (tests/src/kube_api): the swap, the upload through exec, the connection
 //! through a port-forward, the mount, `devmount exec`, a pod replaced under the session, the
-//! restore; an RBAC refusal, a resumed session, and a swap refused on another machine and
-//! restored from there.
+//! restore; OpenSSH's `ssh` and `sftp` through `devmount ssh-config`; an RBAC refusal, a resumed
+//! session, and a swap refused on another machine and restored from there.
 //!
 //! The fake's pods run nothing, so [`Kubelet`] plays the dev container's part: once a dev pod's
 //! directory holds the uploaded server and the ready marker, it starts that server as the
