@@ -41,6 +41,7 @@ use crate::guard::AbortGuard;
 use crate::journal::{Config as JournalConfig, Journal, Sender, SenderConfig};
 use crate::kube::{self, KubeEndpoint};
 use crate::local_server::{LocalServer, StartOptions};
+use crate::proxy::SshAccess;
 use crate::reconnect::Dial;
 use crate::session::{self, ConnectOptions, Session, Target};
 
@@ -431,7 +432,7 @@ fn start(args: &MountArgs, report: &mut Report) -> Result<Running> {
         .thread_name("devmount-io")
         .build()
         .context("cannot start the async runtime")?;
-    let (dial, server, kube, key) = match &args.endpoint {
+    let (dial, server, kube, key, access) = match &args.endpoint {
         Endpoint::Ssh { target, identity, known_hosts } => {
             let dial = Dial {
                 target: target.clone(),
@@ -440,7 +441,7 @@ fn start(args: &MountArgs, report: &mut Report) -> Result<Running> {
                 options,
                 transport: None,
             };
-            (dial, None, None, args.journal_key.clone())
+            (dial, None, None, args.journal_key.clone(), None)
         }
         Endpoint::Local { dir, server } => {
             report.step("starting devmount-server");
@@ -452,7 +453,8 @@ fn start(args: &MountArgs, report: &mut Report) -> Result<Running> {
                 options,
                 transport: None,
             };
-            (dial, Some(server), None, args.journal_key.clone())
+            let access = SshAccess::local(&server);
+            (dial, Some(server), None, args.journal_key.clone(), Some(access))
         }
         Endpoint::Kube(endpoint) => {
             let state = state_dir()?;
@@ -471,11 +473,11 @@ fn start(args: &MountArgs, report: &mut Report) -> Result<Running> {
                 transport: Some(started.route.clone()),
             };
             let key = started.place.journal_key();
-            match stream {
-                Ok(stream) => {
+            match stream.and_then(|stream| files.ssh_access().map(|access| (stream, access))) {
+                Ok((stream, access)) => {
                     *started.route.first.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
                         Some(stream);
-                    (dial, None, Some(started), key)
+                    (dial, None, Some(started), key, Some(access))
                 }
                 Err(e) => return Err(runtime.block_on(kube::abandon(started, e))),
             }
@@ -484,7 +486,7 @@ fn start(args: &MountArgs, report: &mut Report) -> Result<Running> {
     let result = {
         // What a failed start drops (channels of the connection) needs the runtime to close.
         let _context = runtime.enter();
-        start_on(&runtime, args, &key, report, dial, server)
+        start_on(&runtime, args, &key, report, dial, server, access)
     };
     match (result, kube) {
         (Ok(started), kube) => Ok(Running { runtime, started, kube }),
@@ -501,6 +503,7 @@ fn start_on(
     report: &mut Report,
     dial: Dial,
     server: Option<LocalServer>,
+    access: Option<SshAccess>,
 ) -> Result<Started> {
     report.step(&format!("connecting to {}", dial.target.address()));
     let (fs, feed, ssh) = runtime.block_on(setup(args, key, &dial, report))?;
@@ -520,7 +523,7 @@ fn start_on(
         fs: fs.clone(),
         sessions,
         forwards: Mutex::new(forwards),
-        ssh: server.as_ref().map(crate::proxy::SshAccess::local),
+        ssh: access,
         server: server.map(|s| Arc::new(Mutex::new(s))),
         environment: args.environment.clone(),
         gave_up: Default::default(),

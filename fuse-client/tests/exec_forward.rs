@@ -73,7 +73,8 @@ fn start_server() -> Fixture {
     let echo_port = echo.local_addr().unwrap().port();
     let dead_port = free_port();
     let reverse_ports = [free_port(), free_port(), free_port()];
-    let allow = AllowList { forward: [echo_port, dead_port].into(), reverse: reverse_ports.into() };
+    let allow =
+        AllowList { forward: [echo_port, dead_port].into(), reverse: reverse_ports.into(), own: None };
 
     common::spawn_server(
         listener,

@@ -1,11 +1,12 @@
 //! Port forwarding, allow-listed both ways and always on the pod's loopback.
 //!
 //! `direct-tcpip` (the client's `-L`) may reach only the ports given with `--allow-forward`,
-//! on 127.0.0.1; `tcpip-forward` (the client's `-R`) may bind only the ports given with
-//! `--allow-reverse`, on 127.0.0.1. Nothing here ever listens on or connects to another address.
+//! on 127.0.0.1, and the server's own SSH port, at the loopback address it listens on;
+//! `tcpip-forward` (the client's `-R`) may bind only the ports given with `--allow-reverse`, on
+//! 127.0.0.1. Nothing here ever listens on or connects to an address off loopback.
 
 use std::collections::BTreeSet;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use russh::server::{ChannelOpenHandle, Handle, Msg};
 use russh::{Channel, ChannelOpenFailure};
@@ -17,6 +18,26 @@ use tokio::task::JoinHandle;
 pub struct AllowList {
     pub forward: BTreeSet<u16>,
     pub reverse: BTreeSet<u16>,
+    /// The server's own listen address, when it is on loopback (or all addresses): a
+    /// `direct-tcpip` to its port reaches it there. That only gives an authenticated client a
+    /// second SSH session (OpenSSH's `ssh`, `scp`, `sftp` through `devmount proxy`), never a way
+    /// past the allow-list, so it is allowed without `--allow-forward`.
+    pub own: Option<SocketAddr>,
+}
+
+impl AllowList {
+    /// Where a `direct-tcpip` to loopback `port` connects, if it is allowed: the server's own
+    /// listener for its own port, even on another loopback address than 127.0.0.1 (where that
+    /// port may be some other program's); 127.0.0.1 for a port of `--allow-forward`.
+    fn direct_target(&self, port: u16) -> Option<SocketAddr> {
+        match self.own {
+            Some(own) if own.port() == port => {
+                let ip = if own.ip().is_unspecified() { IpAddr::from(Ipv4Addr::LOCALHOST) } else { own.ip() };
+                Some(SocketAddr::new(ip, port))
+            }
+            _ => self.forward.contains(&port).then(|| SocketAddr::from((Ipv4Addr::LOCALHOST, port))),
+        }
+    }
 }
 
 /// Whether a `direct-tcpip` target names the pod's loopback. Other hosts are refused even on
@@ -25,8 +46,8 @@ fn is_loopback_name(host: &str) -> bool {
     matches!(host, "127.0.0.1" | "localhost" | "::1" | "[::1]")
 }
 
-/// Answers a `direct-tcpip` request: connects to `127.0.0.1:port` when allowed and pumps bytes
-/// until either side closes. Runs as its own task so a slow connect never holds the session.
+/// Answers a `direct-tcpip` request: connects to the port on loopback when allowed and pumps
+/// bytes until either side closes. Runs as its own task so a slow connect never holds the session.
 pub async fn direct(
     allow: &AllowList,
     channel: Channel<Msg>,
@@ -34,13 +55,13 @@ pub async fn direct(
     port: u32,
     reply: ChannelOpenHandle,
 ) {
-    let allowed = u16::try_from(port).ok().filter(|p| allow.forward.contains(p) && is_loopback_name(&host));
-    let Some(port) = allowed else {
+    let allowed =
+        u16::try_from(port).ok().filter(|_| is_loopback_name(&host)).and_then(|p| allow.direct_target(p));
+    let Some(target) = allowed else {
         tracing::warn!("refused direct-tcpip to {host}:{port}: not in --allow-forward on loopback");
         reply.reject(ChannelOpenFailure::AdministrativelyProhibited).await;
         return;
     };
-    let target = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let mut tcp = match TcpStream::connect(target).await {
         Ok(tcp) => tcp,
         Err(e) => {
@@ -101,7 +122,12 @@ pub async fn reverse(allow: &AllowList, handle: Handle, address: &str, port: u32
             let address = address.clone();
             tokio::spawn(async move {
                 let channel = match handle
-                    .channel_open_forwarded_tcpip(address, u32::from(port), peer.ip().to_string(), u32::from(peer.port()))
+                    .channel_open_forwarded_tcpip(
+                        address,
+                        u32::from(port),
+                        peer.ip().to_string(),
+                        u32::from(peer.port()),
+                    )
                     .await
                 {
                     Ok(c) => c,
@@ -118,4 +144,25 @@ pub async fn reverse(allow: &AllowList, handle: Handle, address: &str, port: u32
         }
     });
     Some(Reverse { task })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_own_port_reaches_the_own_listener_and_others_need_the_allow_list() {
+        let allow = AllowList {
+            forward: [8080].into(),
+            own: Some(SocketAddr::from(([127, 3, 4, 5], 22022))),
+            ..AllowList::default()
+        };
+        assert_eq!(allow.direct_target(22022), Some(SocketAddr::from(([127, 3, 4, 5], 22022))));
+        assert_eq!(allow.direct_target(8080), Some(SocketAddr::from(([127, 0, 0, 1], 8080))));
+        assert_eq!(allow.direct_target(22), None);
+        let everywhere =
+            AllowList { own: Some(SocketAddr::from(([0, 0, 0, 0], 2222))), ..AllowList::default() };
+        assert_eq!(everywhere.direct_target(2222), Some(SocketAddr::from(([127, 0, 0, 1], 2222))));
+        assert_eq!(AllowList::default().direct_target(2222), None);
+    }
 }

@@ -83,6 +83,7 @@ fn run(args: Args) -> Result<()> {
     let allow = AllowList {
         forward: args.allow_forward.iter().copied().collect(),
         reverse: args.allow_reverse.iter().copied().collect(),
+        own: None,
     };
     // Each SFTP connection runs its quick metadata requests on at most two blocking threads,
     // and each request that may block for long (a read of a FIFO can block for good) on one of
@@ -110,11 +111,9 @@ async fn serve(
         .await
         .with_context(|| format!("cannot listen on {listen}; pick another port or use port 0"))?;
     let local = listener.local_addr()?;
-    // Its own SSH port may always be reached with direct-tcpip: that only gives an
-    // authenticated client a second SSH session (OpenSSH's `ssh`, `scp`, `sftp` through
-    // `devmount proxy`), never a way past the allow-list.
+    // Its own SSH port may always be reached with direct-tcpip (see `AllowList::own`).
     if local.ip().is_loopback() || local.ip().is_unspecified() {
-        allow.forward.insert(local.port());
+        allow.own = Some(local);
     }
     let fingerprint = keys::fingerprint(host_key.public_key());
     let config = Arc::new(ssh::config(host_key));

@@ -1,13 +1,14 @@
 //! `devmount up` and `down` on a kubernetes target, through the `devmount` binary, against the
 //! fake API server (tests/src/kube_api): the swap, the upload through exec, the connection
 //! through a port-forward, the mount, `devmount exec`, a pod replaced under the session, the
-//! restore; an RBAC refusal, a resumed session, and a swap refused on another machine and
-//! restored from there.
+//! restore; OpenSSH's `ssh` and `sftp` through `devmount ssh-config`; an RBAC refusal, a resumed
+//! session, and a swap refused on another machine and restored from there.
 //!
 //! The fake's pods run nothing, so [`Kubelet`] plays the dev container's part: once a dev pod's
 //! directory holds the uploaded server and the ready marker, it starts that server as the
 //! wait script would (the pod spec's arguments, the Secret's keys), serving a directory that
-//! plays the persistent volume, and maps the pod's port to it. Exec in the fake runs on this
+//! plays the persistent volume, on the pod's port at a loopback address of the pod's own, and
+//! maps the pod's port to it. Exec in the fake runs on this
 //! machine in the pod's directory, so `devmount up` uploads there (`DEVMOUNT_KUBE_SERVER_DIR=.`).
 //!
 //! Needs the static server (`scripts/build-static-server`), which `devmount up` finds beside
@@ -15,10 +16,11 @@
 
 use std::collections::HashMap;
 use std::fs;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -40,8 +42,6 @@ use tempfile::TempDir;
 const DEADLINE: Duration = Duration::from_secs(60);
 /// The label and annotations devmount puts on what it swaps.
 const SESSION_LABEL: &str = "devmount.dev/session";
-/// The server's port in the pod, as the dev Deployment's arguments give it.
-const SERVER_PORT: u16 = 22022;
 
 /// The fake cluster, a sandbox for `devmount` (state, sockets, mount point, manifest) and the
 /// kubelet stand-in.
@@ -85,18 +85,23 @@ impl Cluster {
         fs::canonicalize(self.root.path()).unwrap_or_else(|_| self.root.path().to_owned()).join(rel)
     }
 
-    /// `devmount ARGS...` on this machine (`state`), or another one (`state2`, with `run2`).
-    fn devmount_as(&self, state: &str, args: &[&str]) -> Result<Run> {
-        let mut cmd: Command = command(client_bin()?);
+    /// `program` run on this machine (`state`), or another one (`state2`, with `run2`), in the
+    /// sandbox: `devmount`, or an OpenSSH client whose `ProxyCommand` is `devmount proxy`.
+    fn command_as(&self, state: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd: Command = command(program);
         let run_dir = if state == "state" { "run" } else { "run2" };
         cmd.env("XDG_STATE_HOME", self.path(state))
             .env("XDG_RUNTIME_DIR", self.path(run_dir))
             .env("KUBECONFIG", self.path("kubeconfig"))
             .env("DEVMOUNT_KUBE_SERVER_DIR", ".")
             .env_remove("DEVMOUNT_LOG")
-            .current_dir(self.path(""))
-            .args(args);
-        run(&mut cmd)
+            .current_dir(self.path(""));
+        cmd
+    }
+
+    /// `devmount ARGS...` on this machine (`state`), or another one (`state2`).
+    fn devmount_as(&self, state: &str, args: &[&str]) -> Result<Run> {
+        run(self.command_as(state, client_bin()?).args(args))
     }
 
     fn devmount(&self, args: &[&str]) -> Result<Run> {
@@ -276,8 +281,9 @@ impl Drop for Kubelet {
 }
 
 /// Starts the server uploaded to `pod_dir` with the dev container's arguments, its pod-only
-/// paths replaced by this machine's: the listen address by a free port, the authorized keys by
-/// a file holding the Secret's; maps the pod's port to it.
+/// parts replaced by this machine's: the listen address's 127.0.0.1 by the pod's own loopback
+/// address (the port stays, so the server's own port is the pod's, as `devmount proxy` asks
+/// for it), the authorized keys by a file holding the Secret's; maps the pod's port to it.
 fn serve(fake: &FakeKube, pod: &Value, pod_dir: &Path, keys_dir: &Path) -> Result<Proc> {
     let name = pod.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default();
     let containers = pod.pointer("/spec/containers").and_then(Value::as_array).context("no containers")?;
@@ -304,13 +310,16 @@ fn serve(fake: &FakeKube, pod: &Value, pod_dir: &Path, keys_dir: &Path) -> Resul
     let authorized = keys_dir.join(format!("{name}.authorized_keys"));
     fs::write(&authorized, value("authorized_keys")?)?;
     let mut args: Vec<String> = Vec::new();
+    let mut listen = None;
     let mut given = dev["args"].as_array().context("no args")?.iter().filter_map(Value::as_str);
     while let Some(arg) = given.next() {
         args.push(arg.to_owned());
         match arg {
             "--listen" => {
-                given.next();
-                args.push("127.0.0.1:0".into());
+                let in_pod: SocketAddr = given.next().context("--listen without a value")?.parse()?;
+                let here = SocketAddr::from((pod_loopback(), in_pod.port()));
+                args.push(here.to_string());
+                listen = Some(here);
             }
             "--authorized-keys" => {
                 given.next();
@@ -323,9 +332,21 @@ fn serve(fake: &FakeKube, pod: &Value, pod_dir: &Path, keys_dir: &Path) -> Resul
     let mut cmd = command(pod_dir.join("devmount-server"));
     cmd.args(&args).env("DEVMOUNT_HOST_KEY", host_key);
     let proc = Proc::spawn(&mut cmd)?;
-    let (port, _) = devmount_tests::wait_ready(&proc)?;
-    fake.map_pod_port(NAMESPACE, name, SERVER_PORT, ([127, 0, 0, 1], port).into());
+    devmount_tests::wait_ready(&proc)?;
+    let listen = listen.context("no --listen")?;
+    fake.map_pod_port(NAMESPACE, name, listen.port(), listen);
     Ok(proc)
+}
+
+/// A loopback address for one pod's server (all of 127.0.0.0/8 is loopback, so the server can
+/// listen on the pod's port as in a pod): from this process's id and a count, never
+/// 127.0.0.1. Another test process whose id agrees in the low 16 bits may hold it; then the
+/// server cannot listen, exits, and the kubelet's next look starts it on the next address.
+fn pod_loopback() -> Ipv4Addr {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let [_, _, high, low] = std::process::id().to_be_bytes();
+    let count = NEXT.fetch_add(1, Ordering::Relaxed);
+    Ipv4Addr::new(127, high, low, (count % 253 + 2) as u8)
 }
 
 /// Annotations but the revision, which the Deployment controller sets and counts up at each
@@ -407,6 +428,96 @@ fn up_edit_exec_pod_replaced_down_restores() -> Result<()> {
     ensure!(
         cluster.fake.list("persistentvolumeclaims", NAMESPACE).is_empty(),
         "--volumes deletes it\n{volumes}"
+    );
+    Ok(())
+}
+
+/// The value of `key` in an ssh config block, unquoted.
+fn config_value<'t>(block: &'t str, key: &str) -> Option<&'t str> {
+    block
+        .lines()
+        .find_map(|line| line.trim().strip_prefix(key)?.strip_prefix(' '))
+        .map(|value| value.trim_matches('"'))
+}
+
+#[test]
+fn openssh_clients_reach_the_pod_through_ssh_config() -> Result<()> {
+    let cluster = Cluster::start()?;
+    cluster.deploy()?;
+    let mnt = cluster.mnt();
+    let mnt_arg = mnt.to_str().context("mount point")?;
+    cluster.ok(&["up", mnt_arg])?;
+    fs::write(mnt.join("hello.txt"), "hi from the laptop\n")?;
+    cluster.ok(&["sync"])?;
+
+    let config = cluster.ok(&["ssh-config"])?.stdout_text();
+    let alias = config_value(&config, "Host").ok_or_else(|| anyhow!("no Host line: {config}"))?.to_owned();
+    ensure!(config_value(&config, "StrictHostKeyChecking") == Some("yes"), "{config}");
+    ensure!(config_value(&config, "HostKeyAlias") == Some(alias.as_str()), "{config}");
+    // The pinned key is the session's, kept with its other files on this machine.
+    let known =
+        PathBuf::from(config_value(&config, "UserKnownHostsFile").ok_or_else(|| anyhow!("{config}"))?);
+    ensure!(known.starts_with(cluster.path("state/devmount/kube")), "{config}");
+    ensure!(fs::read_to_string(&known)?.starts_with(&format!("{alias} ssh-ed25519 ")), "{config}");
+    let path = cluster.path("ssh_config");
+    fs::write(&path, &config)?;
+    let cfg = path.to_str().context("config path")?;
+    let ssh = |command: &str| {
+        run(cluster.command_as("state", "ssh").args(["-F", cfg, "-o", "BatchMode=yes", &alias, command]))
+    };
+
+    let out = ssh("echo hi; cat hello.txt")?;
+    ensure!(out.success() && out.stdout_text() == "hi\nhi from the laptop\n", "{out}");
+    let volume = cluster.path("volume");
+    let batch = format!(
+        "put {} {}\nget {} {}\n",
+        path.display(),
+        volume.join("uploaded").display(),
+        volume.join("hello.txt").display(),
+        cluster.path("fetched.txt").display()
+    );
+    fs::write(cluster.path("batch"), batch)?;
+    let out = run(cluster.command_as("state", "sftp").args([
+        "-F",
+        cfg,
+        "-o",
+        "BatchMode=yes",
+        "-b",
+        "batch",
+        &alias,
+    ]))?;
+    ensure!(out.success(), "{out}");
+    ensure!(
+        fs::read_to_string(cluster.path("fetched.txt"))? == "hi from the laptop\n",
+        "sftp fetched something else"
+    );
+    retry("sftp's upload in the mount", DEADLINE, || {
+        ensure!(fs::read_to_string(mnt.join("uploaded"))? == config, "not yet");
+        Ok(())
+    })?;
+
+    // The pod goes: the block still works over the session's new connection to the new pod's
+    // server, whose host key is the session's (from the Secret).
+    let first = cluster.dev_pod()?;
+    cluster.fake.replace_pod(NAMESPACE, &first)?;
+    retry("ssh to the new pod", DEADLINE, || {
+        let pod = cluster.dev_pod()?;
+        ensure!(pod != first, "still {pod}");
+        let out = ssh("echo hi again")?;
+        ensure!(out.success() && out.stdout_text() == "hi again\n", "{out}");
+        Ok(())
+    })?;
+
+    // Without the session the block is refused by `devmount proxy`, in one line naming why.
+    cluster.ok(&["down", mnt_arg])?;
+    let out = ssh("echo hi")?;
+    ensure!(!out.success(), "{out}");
+    ensure!(
+        out.stderr_text().contains(&format!(
+            "no devmount session named {} is running",
+            alias.strip_prefix("devmount-").unwrap_or_default()
+        )),
+        "{out}"
     );
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! What this machine keeps of a Kubernetes session: `STATE/kube/<session id>/`, mode 0700,
 //! with the client key (`id_ed25519`), the `known_hosts` line pinning the session's host key,
-//! and `place`, the cluster coordinates and the mount point. The cluster holds the rest (the
+//! `place`, the cluster coordinates and the mount point, and once `devmount ssh-config` ran,
+//! `ssh_known_hosts`, the same host key pinned for OpenSSH under the `Host` alias. The cluster holds the rest (the
 //! swap, the Secret), so `devmount down` works without these files; with them, `devmount up`
 //! resumes a swap this machine made instead of refusing it.
 
@@ -12,6 +13,7 @@ use bytes::Bytes;
 
 use super::translate::{SessionId, DEFAULT_SERVER_PORT};
 use crate::local_server::{new_key, new_session_dir, private_text, public_line, random_bytes, write_private};
+use crate::proxy::SshAccess;
 use crate::session::Target;
 
 /// The user name the client gives devmount-server, which accepts a key whatever the name.
@@ -159,6 +161,31 @@ impl SessionFiles {
         write_private(&self.known_hosts(), &format!("[{}]:{} {host_public}\n", target.host, target.port))
     }
 
+    /// The pinned host key, `ssh-ed25519 AAAA...`, from the line [`SessionFiles::pin`] wrote.
+    fn host_public_key(&self) -> Result<String> {
+        let path = self.known_hosts();
+        let text = fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let key = text.lines().find_map(|line| line.split_once(' ')).map(|(_, key)| key.trim());
+        key.filter(|key| !key.is_empty()).map(str::to_owned).with_context(|| {
+            format!(
+                "{} holds no host key; `devmount down` ends the session, and `devmount up` starts one with new keys",
+                path.display()
+            )
+        })
+    }
+
+    /// How OpenSSH clients reach the session's server through the session: as the session
+    /// does, to the port the dev container's server listens on in the pod.
+    pub fn ssh_access(&self) -> Result<SshAccess> {
+        Ok(SshAccess {
+            port: DEFAULT_SERVER_PORT,
+            user: SSH_USER.to_owned(),
+            identity: self.identity(),
+            host_key: self.host_public_key()?,
+            dir: self.dir.clone(),
+        })
+    }
+
     /// Records where the session works and where it is mounted.
     pub fn record(&self, place: &Place, mountpoint: &Path) -> Result<()> {
         let path = self.dir.join("place");
@@ -231,6 +258,11 @@ mod tests {
         files.record(&place(), mnt).unwrap();
         let found = SessionFiles::find(state.path(), files.id.as_str()).unwrap();
         assert_eq!(found.place(), Some((place(), mnt.to_owned())));
+        let access = found.ssh_access().unwrap();
+        assert_eq!((access.port, access.user.as_str()), (DEFAULT_SERVER_PORT, SSH_USER));
+        assert_eq!((access.identity, access.dir), (files.identity(), files.dir.clone()));
+        assert!(pinned.ends_with(&format!(" {}\n", access.host_key)), "{pinned} {}", access.host_key);
+        assert!(access.host_key.starts_with("ssh-ed25519 AAAA"), "{}", access.host_key);
         let (by_mount, recorded) = SessionFiles::for_mountpoint(state.path(), mnt).unwrap().unwrap();
         assert_eq!((by_mount.id, recorded), (files.id.clone(), place()));
         assert!(SessionFiles::for_mountpoint(state.path(), Path::new("/other")).unwrap().is_none());
