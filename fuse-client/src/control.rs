@@ -213,6 +213,8 @@ pub struct Daemon {
     pub mountpoint: PathBuf,
     pub name: Option<String>,
     pub target: Target,
+    /// Where the session works, when the target alone does not say (Kubernetes).
+    pub place: Option<String>,
     pub fs: Arc<Fs>,
     /// The current connection, published by [`crate::reconnect::keep`].
     pub sessions: SessionWatch,
@@ -332,7 +334,7 @@ impl Daemon {
                     format!("local {} (devmount-server on 127.0.0.1:{port}, not running)", root.display())
                 }
             },
-            None => self.target.to_string(),
+            None => self.place.clone().unwrap_or_else(|| self.target.to_string()),
         };
         out.push_str(&format!("  target:   {target}\n"));
         let server = server.map(|(_, _, state)| state);

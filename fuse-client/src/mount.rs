@@ -486,13 +486,20 @@ fn start(args: &MountArgs, report: &mut Report) -> Result<Running> {
     let result = {
         // What a failed start drops (channels of the connection) needs the runtime to close.
         let _context = runtime.enter();
-        start_on(&runtime, args, &key, report, dial, server, access)
+        let place = kube.as_ref().map(|k| k.place.describe());
+        start_on(&runtime, args, &key, report, dial, server, Reach { access, place })
     };
     match (result, kube) {
         (Ok(started), kube) => Ok(Running { runtime, started, kube }),
         (Err(e), Some(kube)) => Err(runtime.block_on(kube::abandon(kube, e))),
         (Err(e), None) => Err(e),
     }
+}
+
+/// What `status` and OpenSSH clients are told of a session beyond its SSH target.
+struct Reach {
+    access: Option<SshAccess>,
+    place: Option<String>,
 }
 
 /// [`start`]'s part on the runtime: the connection, forwards, mount and control socket.
@@ -503,7 +510,7 @@ fn start_on(
     report: &mut Report,
     dial: Dial,
     server: Option<LocalServer>,
-    access: Option<SshAccess>,
+    reach: Reach,
 ) -> Result<Started> {
     report.step(&format!("connecting to {}", dial.target.address()));
     let (fs, feed, ssh) = runtime.block_on(setup(args, key, &dial, report))?;
@@ -520,10 +527,11 @@ fn start_on(
         mountpoint: args.mountpoint.clone(),
         name: args.name.clone(),
         target: dial.target.clone(),
+        place: reach.place,
         fs: fs.clone(),
         sessions,
         forwards: Mutex::new(forwards),
-        ssh: access,
+        ssh: reach.access,
         server: server.map(|s| Arc::new(Mutex::new(s))),
         environment: args.environment.clone(),
         gave_up: Default::default(),

@@ -39,6 +39,14 @@ impl Place {
         )
     }
 
+    /// Where the session works, for `devmount status`.
+    pub fn describe(&self) -> String {
+        format!(
+            "kubernetes deployment {}/{} (context {}), container {}, workdir {}",
+            self.namespace, self.deployment, self.context, self.container, self.workdir
+        )
+    }
+
     /// What the SSH connection is checked as: `DEPLOYMENT.NAMESPACE` on the server's port,
     /// with the workdir (the server's `--root`) as the path.
     pub fn target(&self) -> Target {
