@@ -467,7 +467,7 @@ impl Converter<'_> {
                 }
             }
             "container" => kube.container = Some(self.reader.dns_name(value, "container", DnsName::Label)?),
-            "image" => kube.image = self.image(value)?,
+            "image" => kube.image = self.image(key_node, value)?,
             "command" => kube.command = self.command(key_node, value)?,
             "workdir" => kube.workdir = Some(self.path(value, "workdir")?),
             "environment" => kube.environment = self.environment(value)?,
@@ -533,10 +533,10 @@ impl Converter<'_> {
         self.reader.pod_path(&scalar(node, trimmed), what)
     }
 
-    fn image(&mut self, node: &Node) -> Result<Option<String>, ManifestError> {
+    fn image(&mut self, key: &Node, node: &Node) -> Result<Option<String>, ManifestError> {
         if let YamlData::Mapping(_) = &self.reader.plain(node)?.data {
             self.dropped(
-                node,
+                key,
                 "image",
                 "describes an image for okteto to build, and devmount builds none (build and push it, then set kubernetes.image)",
             );
