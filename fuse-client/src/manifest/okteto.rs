@@ -431,6 +431,10 @@ impl Converter<'_> {
         value: &'n Node<'t>,
         dev: &mut Dev<'n, 't>,
     ) -> Result<(), ManifestError> {
+        // An empty value is the same as leaving the field out, for okteto as for devmount.
+        if self.reader.is_null(value) {
+            return Ok(());
+        }
         let kube = &mut dev.out.target.kubernetes;
         match key {
             "namespace" => {
@@ -554,10 +558,7 @@ impl Converter<'_> {
         let single = match &self.reader.plain(node)?.data {
             YamlData::Sequence(items) if items.len() == 1 => self.reader.text(&items[0])?,
             YamlData::Sequence(_) => None,
-            _ => match self.reader.text(node)? {
-                None => return Ok(None),
-                text => text,
-            },
+            _ => self.reader.text(node)?,
         };
         if let Some(shell) =
             single.map(str::trim).filter(|w| SHELLS.contains(&w.rsplit('/').next().unwrap_or(w)))
@@ -607,7 +608,6 @@ impl Converter<'_> {
                     }
                 }
             }
-            _ if self.reader.is_null(node) => {}
             _ => {
                 return Err(self.reader.error(
                     node,
@@ -711,7 +711,6 @@ impl Converter<'_> {
                 }
                 resources
             }
-            _ if self.reader.is_null(node) => None,
             _ => Some(node),
         };
         let Some(value) = value else { return Ok(None) };
@@ -735,6 +734,8 @@ impl Converter<'_> {
         let Some((_, remote)) = self.reader.text(first)?.and_then(|t| t.rsplit_once(':')) else {
             return Ok(None);
         };
+        // A path okteto fills in, or one devmount would refuse, is not taken for the workdir;
+        // the note then says only that `sync` is dropped.
         if has_variable(remote) {
             return Ok(None);
         }
@@ -848,6 +849,10 @@ mod tests {
             body("namespace: a\ncontext: x\ndev:\n  web:\n    namespace: b\n"),
             "name: web\ntarget:\n  kubernetes:\n    namespace: b\n    deployment: web\n    context: x\n"
         );
+        // Empty values are left out, dropped fields too: nothing is lost.
+        let empty = ok("name: web\nimage:\nnamespace: ~\nenvironment: []\nsync:\nautocreate:\n");
+        assert!(empty.manifest.ends_with("name: web\ntarget:\n  kubernetes:\n    deployment: web\n"));
+        assert_eq!(empty.notes.len(), 1, "only okteto's root user: {:?}", empty.notes);
         // A dev container with nothing more than its name.
         assert!(ok("dev:\n  api:\n")
             .manifest
