@@ -12,7 +12,7 @@ use devmount::kube::render;
 use devmount::mount::{self, Endpoint, MountArgs};
 use devmount::session::Target;
 use devmount::sessions::{self, ExecArgs, Selector};
-use devmount::up::{self, DownArgs, Spinner, UpArgs};
+use devmount::up::{self, DownArgs, InitArgs, Spinner, UpArgs};
 
 /// Develop inside a Kubernetes pod: mount its workdir, run commands in it, forward its ports.
 #[derive(Parser, Debug)]
@@ -83,8 +83,9 @@ enum Command {
         /// The session's name, as `devmount status` shows it.
         name: String,
     },
-    /// Write a commented devmount.yml in the current directory.
-    Init,
+    /// Write a commented devmount.yml in the current directory, or, with --from-okteto, the one
+    /// an okteto manifest's dev container maps to.
+    Init(InitArgs),
     /// Print, offline, what a session on the Deployment in FILE applies: the dev Deployment, the
     /// persistent volume's claim and the Secret (its values as placeholders), with the
     /// kubernetes settings of ./devmount.yml or -m.
@@ -205,7 +206,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             sessions::ssh_config(&select(mountpoint, manifest)?).map(|()| 0)
         }
         Command::Proxy { name } => sessions::proxy(&name).map(|()| 0),
-        Command::Init => up::init().map(|()| 0),
+        Command::Init(args) => up::init(args).map(|()| 0),
         Command::Render { file, manifest } => render::run(&file, manifest.as_deref()).map(|()| 0),
         Command::Mount {
             target,

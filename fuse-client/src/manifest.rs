@@ -19,6 +19,8 @@ use std::time::Duration;
 
 use saphyr::{MarkedYaml, ScalarStyle, YamlData, YamlLoader};
 
+pub mod okteto;
+
 /// The manifest's file name, looked for in the current directory.
 pub const FILE_NAME: &str = "devmount.yml";
 

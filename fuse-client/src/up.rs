@@ -16,7 +16,7 @@ use crate::kube::state::SessionFiles as KubeFiles;
 use crate::kube::swap::RestoreOptions;
 use crate::kube::{translate, upload, KubeEndpoint};
 use crate::local_server::StartOptions;
-use crate::manifest::{self, KubernetesTarget, Manifest, ManifestTarget};
+use crate::manifest::{self, okteto, KubernetesTarget, Manifest, ManifestTarget};
 use crate::mount::{self, Endpoint, MountArgs, Progress};
 use crate::sessions::Selector;
 
@@ -338,24 +338,71 @@ fn forwards(args: &UpArgs, manifest: Option<&Manifest>) -> Result<Vec<ForwardSpe
     Ok(specs)
 }
 
-/// `devmount init`: writes the starter manifest to `./devmount.yml`, never over an existing one.
-pub fn init() -> Result<()> {
+/// `devmount init` as given on the command line.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct InitArgs {
+    /// Write what the dev container of this okteto manifest maps to, instead of the starter file
+    /// (FILE defaults to ./okteto.yml); each okteto field that does not map is named on stderr.
+    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = okteto::DEFAULT_FILE)]
+    pub from_okteto: Option<PathBuf>,
+    /// The dev container to convert, when the okteto manifest has several.
+    #[arg(long, value_name = "NAME", requires = "from_okteto")]
+    pub dev: Option<String>,
+    /// Replace an existing devmount.yml.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `devmount init`: writes `./devmount.yml`, the starter file or an okteto manifest's dev
+/// container, never over an existing one without `--force`.
+pub fn init(args: InitArgs) -> Result<()> {
+    let (text, notes, done) = match &args.from_okteto {
+        None => (
+            manifest::STARTER.to_owned(),
+            Vec::new(),
+            format!(
+                "wrote {}; it serves ./workspace (create it, or change target.local), then run `devmount up ./mnt`",
+                manifest::FILE_NAME
+            ),
+        ),
+        Some(file) => {
+            let source = match std::fs::read_to_string(file) {
+                Ok(source) => source,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+                    "{} does not exist; give the okteto manifest's path: --from-okteto FILE",
+                    file.display()
+                ),
+                Err(e) => bail!("cannot read {}: {e}", file.display()),
+            };
+            let converted = okteto::convert(&source, file, args.dev.as_deref())?;
+            let done = format!(
+                "wrote {} from the dev container {} of {}{}; `devmount render -f DEPLOYMENT.yaml` shows the swap, `devmount up ./mnt` starts the session",
+                manifest::FILE_NAME,
+                converted.dev,
+                file.display(),
+                if converted.notes.is_empty() { "" } else { ", less the fields named above" }
+            );
+            (converted.manifest, converted.notes, done)
+        }
+    };
     let path = Path::new(manifest::FILE_NAME);
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .and_then(|mut f| std::io::Write::write_all(&mut f, manifest::STARTER.as_bytes()));
+    let mut options = std::fs::OpenOptions::new();
+    if args.force {
+        options.write(true).create(true).truncate(true);
+    } else {
+        options.write(true).create_new(true);
+    }
+    let written = options.open(path).and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()));
     match written {
         Ok(()) => {
-            eprintln!(
-                "devmount: wrote {}; it serves ./workspace (create it, or change target.local), then run `devmount up ./mnt`",
-                manifest::FILE_NAME
-            );
+            for note in notes {
+                eprintln!("devmount: {note}");
+            }
+            eprintln!("devmount: {done}");
             Ok(())
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            bail!("{} already exists; edit it, or remove it to start again", manifest::FILE_NAME)
+            bail!("{} already exists; edit it, or give --force to replace it", manifest::FILE_NAME)
         }
         Err(e) => Err(e).with_context(|| format!("cannot write {}", manifest::FILE_NAME)),
     }
