@@ -1102,16 +1102,15 @@ impl Endpoint {
     pub fn sync(&self, mountpoint: &Path) -> Result<Run> {
         // Long: a sync after a GiB of writes drains the whole journal first.
         let out = run_with(self.client()?.arg("sync").arg(mountpoint), &[], Duration::from_secs(600))
-            .map_err(|e| e.context(self.status_of(mountpoint)))?;
-        ensure!(out.success(), "{out}\n{}", self.status_of(mountpoint));
+            .map_err(|e| e.context(self.status()))?;
+        ensure!(out.success(), "{out}\n{}", self.status());
         Ok(out)
     }
 
-    /// `devmount status MOUNTPOINT`'s output, for failure messages.
-    fn status_of(&self, mountpoint: &Path) -> String {
-        let status = self
-            .client()
-            .and_then(|mut cmd| run_with(cmd.arg("status").arg(mountpoint), &[], Duration::from_secs(30)));
+    /// `devmount status` of this endpoint's sessions, for failure messages.
+    fn status(&self) -> String {
+        let status =
+            self.client().and_then(|mut cmd| run_with(cmd.arg("status"), &[], Duration::from_secs(30)));
         match status {
             Ok(run) => format!("--- devmount status ---\n{run}"),
             Err(e) => format!("--- devmount status failed: {e:#}"),

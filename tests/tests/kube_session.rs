@@ -381,6 +381,9 @@ fn up_edit_exec_pod_replaced_down_restores() -> Result<()> {
     let dev = cluster.deployment()?;
     ensure!(dev.pointer("/spec/replicas") == Some(&json!(1)), "not swapped: {dev}");
     ensure!(cluster.secrets().len() == 1, "one session Secret: {:?}", cluster.secrets());
+    let status = cluster.ok(&["status"])?.stdout_text();
+    let place = format!("kubernetes deployment {NAMESPACE}/web");
+    ensure!(status.contains(&place) && status.contains("container app"), "status names the place: {status}");
 
     fs::write(mnt.join("hello.txt"), "hi from the laptop\n")?;
     cluster.exec_sees("hello.txt", "hi from the laptop\n")?;
