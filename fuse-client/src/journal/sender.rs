@@ -1244,14 +1244,16 @@ mod tests {
         j.append(create("x")).unwrap();
         j.append(Op::Mkdir { path: b("d"), mode: 0o755 }).unwrap();
         let lost = next_ops(&mut calls, 2).await;
+        assert_eq!(sender.activity(), Activity { in_flight: 2, parked: 0, resolving: 0 });
         drop(lost);
         timeout(Duration::from_secs(10), async {
-            while !sender.is_paused() {
+            while sender.activity().parked < 2 {
                 tokio::task::yield_now().await;
             }
         })
         .await
         .unwrap();
+        assert!(sender.is_paused());
         let (remote, mut calls) = manual();
         sender.resume(remote);
         for c in next_ops(&mut calls, 2).await {
