@@ -7,9 +7,11 @@
 //! After a deliberate change to the swap, regenerate the expected files with
 //! `DEVMOUNT_BLESS=1 cargo test -p devmount --test kube_render` and review their diff.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod cli;
 
+use std::path::{Path, PathBuf};
+
+use cli::{devmount, failure};
 use devmount::kube::render;
 use devmount::kube::translate::{self, Session, SessionId};
 use devmount::manifest::Manifest;
@@ -178,25 +180,6 @@ fn session_inputs_reach_the_output() {
 }
 
 // `devmount render` as a user runs it.
-
-fn devmount(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_devmount"))
-        .args(args)
-        .current_dir(dir)
-        .env_remove("DEVMOUNT_LOG")
-        .output()
-        .expect("devmount runs")
-}
-
-/// The one-line error of a failed run.
-fn failure(dir: &Path, args: &[&str]) -> String {
-    let out = devmount(dir, args);
-    assert_eq!(out.status.code(), Some(255), "{args:?}: {out:?}");
-    assert!(out.stdout.is_empty(), "{args:?}: nothing on stdout");
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(stderr.lines().count(), 1, "{args:?}: one line: {stderr}");
-    stderr.trim_end().strip_prefix("devmount: ").unwrap_or_else(|| panic!("{stderr}")).to_owned()
-}
 
 #[test]
 fn cli_prints_the_golden_files() {

@@ -6,10 +6,12 @@
 //! After a deliberate change to the conversion, regenerate the expected files with
 //! `DEVMOUNT_BLESS=1 cargo test -p devmount --test okteto_init` and review their diff.
 
+mod cli;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::time::Duration;
 
+use cli::{devmount, failure};
 use devmount::manifest::okteto::{self, Conversion};
 use devmount::manifest::{Manifest, ManifestTarget, PortForward, Workload, FILE_NAME};
 
@@ -169,25 +171,6 @@ fn golden_files_load_as_devmount_manifests() {
 }
 
 // `devmount init` as a user runs it.
-
-fn devmount(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_devmount"))
-        .args(args)
-        .current_dir(dir)
-        .env_remove("DEVMOUNT_LOG")
-        .output()
-        .expect("devmount runs")
-}
-
-/// The one-line error of a failed run.
-fn failure(dir: &Path, args: &[&str]) -> String {
-    let out = devmount(dir, args);
-    assert_eq!(out.status.code(), Some(255), "{args:?}: {out:?}");
-    assert!(out.stdout.is_empty(), "{args:?}: nothing on stdout");
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(stderr.lines().count(), 1, "{args:?}: one line: {stderr}");
-    stderr.trim_end().strip_prefix("devmount: ").unwrap_or_else(|| panic!("{stderr}")).to_owned()
-}
 
 /// What `devmount init --from-okteto FILE` prints: the case's notes, then what it wrote.
 fn init_stderr(case: &Case, file: &str) -> String {
