@@ -60,8 +60,10 @@ impl Applier {
         }
     }
 
-    /// Closes the handles of `rel` and everything below it.
-    async fn forget(&self, rel: &[u8]) {
+    /// Drops the handles of `rel` and everything below it, and closes them on the server
+    /// without waiting: the op that made them stale (a rename, an unlink, a put) does not
+    /// depend on the close, so it costs no round trip of its own.
+    fn forget(&self, rel: &[u8]) {
         let gone: Vec<Arc<OnceCell<Bytes>>> = {
             let mut handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
             let keys: Vec<Bytes> = handles
@@ -72,8 +74,9 @@ impl Applier {
             keys.into_iter().filter_map(|k| handles.remove(&k)).collect()
         };
         for cell in gone {
-            if let Some(h) = cell.get() {
-                let _ = self.sftp().close(h).await;
+            if let Some(h) = cell.get().cloned() {
+                let sftp = self.sftp().clone();
+                tokio::spawn(async move { sftp.close(&h).await });
             }
         }
     }
@@ -100,14 +103,14 @@ impl Applier {
                 }
                 let attrs = Attrs { permissions: Some(*mode & 0o7777), ..Attrs::default() };
                 let h = sftp.open(&abs(path)?, flags, &attrs).await.map_err(remote_error)?;
-                self.forget(path).await;
+                self.forget(path);
                 let cell = Arc::new(OnceCell::new_with(Some(h)));
                 self.handles.lock().unwrap_or_else(|e| e.into_inner()).insert(path.clone(), cell);
             }
             Op::Write { path, offset, data, cond } => {
                 if cond.is_some() {
                     // The condition is checked on the open file: open what the name holds now.
-                    self.forget(path).await;
+                    self.forget(path);
                 }
                 let h = self.handle(path).await?;
                 match cond {
@@ -117,7 +120,7 @@ impl Applier {
             }
             Op::Truncate { path, size, cond } => {
                 if cond.is_some() {
-                    self.forget(path).await;
+                    self.forget(path);
                 }
                 let h = self.handle(path).await?;
                 if let (Some(c), true) = (cond, self.remote.is_devmount()) {
@@ -153,16 +156,16 @@ impl Applier {
                 sftp.hardlink(&abs(from)?, &abs(to)?).await.map_err(remote_error)?;
             }
             Op::Unlink { path } => {
-                self.forget(path).await;
+                self.forget(path);
                 sftp.remove(&abs(path)?).await.map_err(remote_error)?;
             }
             Op::Rmdir { path } => {
-                self.forget(path).await;
+                self.forget(path);
                 sftp.rmdir(&abs(path)?).await.map_err(remote_error)?;
             }
             Op::Rename { from, to, flags, cond } => {
-                self.forget(from).await;
-                self.forget(to).await;
+                self.forget(from);
+                self.forget(to);
                 let (f, t) = (abs(from)?, abs(to)?);
                 if *flags == 0 && cond.is_none() {
                     sftp.posix_rename(&f, &t).await.map_err(remote_error)?;
@@ -181,12 +184,12 @@ impl Applier {
                     sftp.fsync(&h).await.map_err(remote_error)?;
                 }
             }
-            Op::Put { path, mode, exclusive, data, atime, mtime, cond } => {
-                self.forget(path).await;
+            Op::Put { path, mode, exclusive, fsync, data, atime, mtime, cond } => {
+                self.forget(path);
                 let put = Put {
                     path: abs(path)?,
                     excl: *exclusive,
-                    fsync: false,
+                    fsync: *fsync,
                     mode: *mode & 0o7777,
                     atime: *atime,
                     mtime: *mtime,

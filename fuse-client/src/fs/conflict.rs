@@ -41,12 +41,13 @@ pub async fn resolve(remote: &Remote, op: &Op, maybe_applied: bool) -> Resolutio
         Op::Rename { from, to, flags, .. } => {
             (to, Op::Rename { from: from.clone(), to: to.clone(), flags: *flags, cond: None })
         }
-        Op::Put { path, mode, exclusive, data, atime, mtime, .. } => (
+        Op::Put { path, mode, exclusive, fsync, data, atime, mtime, .. } => (
             path,
             Op::Put {
                 path: path.clone(),
                 mode: *mode,
                 exclusive: *exclusive,
+                fsync: *fsync,
                 data: data.clone(),
                 atime: *atime,
                 mtime: *mtime,

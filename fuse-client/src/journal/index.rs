@@ -552,6 +552,7 @@ mod tests {
             path: b("p"),
             mode: 0o644,
             exclusive: false,
+            fsync: false,
             data: b("whole"),
             atime: None,
             mtime: None,

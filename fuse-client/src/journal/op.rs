@@ -81,11 +81,13 @@ pub enum Op {
     },
     /// A whole small file in one request (`put@devmount`): created or atomically replaced, with
     /// exactly `mode` (permission bits) and these times (`None`: the server's now). The sender
-    /// builds it from a new file's create, writes and setattrs.
+    /// builds it from a new file's create, writes and setattrs, and an fsync of it that follows
+    /// (`fsync`: the server syncs the file before it answers).
     Put {
         path: Bytes,
         mode: u32,
         exclusive: bool,
+        fsync: bool,
         data: Bytes,
         atime: Option<Timespec>,
         mtime: Option<Timespec>,
@@ -260,8 +262,9 @@ impl Op {
                 format!("rename {} to {}{how}", p(from), p(to))
             }
             Op::Fsync { path } => format!("fsync {}", p(path)),
-            Op::Put { path, mode, data, .. } => {
-                format!("put of {} bytes to {} mode {mode:o}", data.len(), p(path))
+            Op::Put { path, mode, data, fsync, .. } => {
+                let synced = if *fsync { ", synced" } else { "" };
+                format!("put of {} bytes to {} mode {mode:o}{synced}", data.len(), p(path))
             }
         }
     }
@@ -324,10 +327,10 @@ impl Op {
                 buf.put_u32(*flags);
                 put_cond(buf, cond);
             }
-            Op::Put { path, mode, exclusive, data, atime, mtime, cond } => {
+            Op::Put { path, mode, exclusive, fsync, data, atime, mtime, cond } => {
                 buf.put_string(path);
                 buf.put_u32(*mode);
-                buf.put_bool(*exclusive);
+                buf.put_u8(u8::from(*exclusive) | u8::from(*fsync) << 1);
                 for t in [atime, mtime] {
                     match t {
                         Some(t) => {
@@ -373,11 +376,15 @@ impl Op {
             13 => {
                 let path = r.string()?;
                 let mode = r.u32()?;
-                let exclusive = get_bool(&mut r)?;
+                let flags = r.u8()?;
+                if flags & !0b11 != 0 {
+                    return Err(DecodeError::Invalid("put flags"));
+                }
+                let (exclusive, fsync) = (flags & 1 != 0, flags & 2 != 0);
                 let atime = get_opt_time(&mut r)?;
                 let mtime = get_opt_time(&mut r)?;
                 let cond = get_cond(&mut r)?;
-                Op::Put { path, mode, exclusive, data: r.rest(), atime, mtime, cond }
+                Op::Put { path, mode, exclusive, fsync, data: r.rest(), atime, mtime, cond }
             }
             t => return Err(DecodeError::UnknownType(t)),
         };
@@ -392,10 +399,11 @@ impl Op {
             Op::Write { path, offset, cond, .. } => {
                 Op::Write { path: path.clone(), offset: *offset, data: Bytes::new(), cond: *cond }
             }
-            Op::Put { path, mode, exclusive, atime, mtime, cond, .. } => Op::Put {
+            Op::Put { path, mode, exclusive, fsync, atime, mtime, cond, .. } => Op::Put {
                 path: path.clone(),
                 mode: *mode,
                 exclusive: *exclusive,
+                fsync: *fsync,
                 data: Bytes::new(),
                 atime: *atime,
                 mtime: *mtime,
@@ -516,6 +524,7 @@ mod tests {
                 path: b("p"),
                 mode: 0o600,
                 exclusive: false,
+                fsync: true,
                 data: b("xyz"),
                 atime: None,
                 mtime: Some(t),

@@ -463,7 +463,7 @@ impl<R: Remote> Task<R> {
             if !self.has_capacity() {
                 break;
             }
-            match self.plan(i, &blocks, flush_upto) {
+            match self.plan(i, &blocks, flush_upto, all_before_done) {
                 Plan::Hold(t) => hold = Some(hold.map_or(t, |h| h.min(t))),
                 Plan::Send(idxs, op) => self.start(idxs, op),
             }
@@ -473,14 +473,15 @@ impl<R: Remote> Task<R> {
         hold
     }
 
-    fn plan(&self, i: usize, blocks: &Blocks, flush_upto: Seq) -> Plan {
+    /// `settled`: every op before `i` is done.
+    fn plan(&self, i: usize, blocks: &Blocks, flush_upto: Seq, settled: bool) -> Plan {
         let slot = &self.queue[i];
         if slot.maybe_applied {
             return Plan::Send(vec![i], slot.op.clone());
         }
         match &slot.op {
             Op::Create { path, mode, exclusive: true } if self.config.put_max > 0 => {
-                self.plan_put(i, path, *mode, flush_upto)
+                self.plan_put(i, path, *mode, flush_upto, settled)
             }
             Op::Write { path, offset, data, cond } if data.len() < self.config.max_write => {
                 self.plan_write(i, path, *offset, data, *cond, blocks)
@@ -492,8 +493,13 @@ impl<R: Remote> Task<R> {
     /// The later queued ops that may join a request for `path` started at `i`: those on
     /// `path` itself, until an op on a related path that cannot join, an op that already left,
     /// or a barrier. `join` says whether an op joins; `false` ends the run. Returns the joined
-    /// indices and whether the run was ended (rather than running off the queue's end).
-    fn follow(&self, i: usize, path: &Bytes, mut join: impl FnMut(&Op) -> bool) -> (Vec<usize>, bool) {
+    /// indices and the op that ended the run (`None`: it ran off the queue's end).
+    fn follow(
+        &self,
+        i: usize,
+        path: &Bytes,
+        mut join: impl FnMut(&Op) -> bool,
+    ) -> (Vec<usize>, Option<usize>) {
         let mut idxs = vec![i];
         for j in i + 1..self.queue.len() {
             let s = &self.queue[j];
@@ -501,17 +507,17 @@ impl<R: Remote> Task<R> {
                 continue;
             }
             if s.op.is_barrier() {
-                return (idxs, true);
+                return (idxs, Some(j));
             }
             if !s.op.paths().any(|p| related(p, path)) {
                 continue;
             }
             if s.req.is_some() || s.maybe_applied || !s.op.paths().all(|p| p == path) || !join(&s.op) {
-                return (idxs, true);
+                return (idxs, Some(j));
             }
             idxs.push(j);
         }
-        (idxs, false)
+        (idxs, None)
     }
 
     /// A write, with the plain writes that continue it; the merged write keeps the first one's
@@ -550,13 +556,16 @@ impl<R: Remote> Task<R> {
         Plan::Send(idxs, Op::Write { path: path.clone(), offset, data: merged.freeze(), cond })
     }
 
-    fn plan_put(&self, i: usize, path: &Bytes, mode: u32, flush_upto: Seq) -> Plan {
+    /// A new file's create with the writes, truncates and setattrs that follow it, as one put;
+    /// an fsync of the file right after joins it when nothing else before the fsync is left
+    /// (its barrier then holds), so an editor's save costs one round trip.
+    fn plan_put(&self, i: usize, path: &Bytes, mode: u32, flush_upto: Seq, settled: bool) -> Plan {
         let max = self.config.put_max as u64;
         let mut content: Vec<u8> = Vec::new();
         let mut mode = mode & 0o7777;
         let mut atime = None;
         let mut mtime = None;
-        let (idxs, ended) = self.follow(i, path, |op| match op {
+        let (mut idxs, ended) = self.follow(i, path, |op| match op {
             Op::Write { offset, data, cond: None, .. }
                 if offset.checked_add(data.len() as u64).is_some_and(|end| end <= max) =>
             {
@@ -588,10 +597,21 @@ impl<R: Remote> Task<R> {
             }
             _ => false,
         });
+        let fsync = ended.filter(|&j| {
+            let s = &self.queue[j];
+            settled
+                && matches!(&s.op, Op::Fsync { path: p } if p == path)
+                && s.req.is_none()
+                && !s.maybe_applied
+                && (i..j).all(|k| self.queue[k].done || idxs.contains(&k))
+        });
+        if let Some(j) = fsync {
+            idxs.push(j);
+        }
         let slot = &self.queue[i];
         let delay = self.config.coalesce_delay;
         let hold_until = slot.seen + delay;
-        if !ended
+        if ended.is_none()
             && !delay.is_zero()
             && slot.seq > flush_upto
             && self.queue.len() < self.config.lookahead
@@ -603,6 +623,7 @@ impl<R: Remote> Task<R> {
             path: path.clone(),
             mode,
             exclusive: true,
+            fsync: fsync.is_some(),
             data: Bytes::from(content),
             atime,
             mtime,
@@ -1118,6 +1139,7 @@ mod tests {
             path: b(path),
             mode,
             exclusive: true,
+            fsync: false,
             data: b(data),
             atime: None,
             mtime,
@@ -1170,6 +1192,48 @@ mod tests {
         assert!(matches!(&put.op, Op::Put { path, .. } if path == "g"));
         put.ok();
         timeout(Duration::from_secs(10), waiter).await.unwrap().unwrap();
+    }
+
+    /// An editor's save: the rename of the last save, then create, write and fsync of the
+    /// temporary file. The fsync rides in the put once the rename is done; an unrelated op still
+    /// on its way keeps it apart, as the fsync waits for everything before it.
+    #[tokio::test(start_paused = true)]
+    async fn an_fsync_right_after_a_new_file_rides_in_its_put() {
+        let state = tempfile::tempdir().unwrap();
+        let j = journal(state.path());
+        let (remote, mut calls) = manual();
+        let (sender, _conflicts) = Sender::start(j.clone(), Some(remote), config());
+        j.append(Op::Rename { from: b("f.tmp"), to: b("f"), flags: 0, cond: None }).unwrap();
+        j.append(create("f.tmp")).unwrap();
+        j.append(write("f.tmp", 0, "saved")).unwrap();
+        let fsync = j.append(Op::Fsync { path: b("f.tmp") }).unwrap();
+        let rename = next(&mut calls).await;
+        assert!(matches!(rename.op, Op::Rename { .. }), "{:?}", rename.op);
+        nothing_more(&mut calls).await;
+        rename.ok();
+        let put = next(&mut calls).await;
+        assert!(
+            matches!(&put.op, Op::Put { path, data, fsync: true, .. } if path == "f.tmp" && data == "saved"),
+            "{:?}",
+            put.op
+        );
+        put.ok();
+        timeout(Duration::from_secs(10), sender.wait(fsync)).await.unwrap();
+        assert_eq!(j.stats().pending_ops, 0);
+
+        j.append(write("elsewhere", 0, "x")).unwrap();
+        j.append(create("g")).unwrap();
+        let fsync = j.append(Op::Fsync { path: b("g") }).unwrap();
+        let mut first = next_ops(&mut calls, 2).await;
+        assert!(first.iter().any(|c| matches!(&c.op, Op::Put { path, fsync: false, .. } if path == "g")));
+        nothing_more(&mut calls).await;
+        for c in first.drain(..) {
+            c.ok();
+        }
+        let alone = next(&mut calls).await;
+        assert_eq!(alone.op, Op::Fsync { path: b("g") });
+        alone.ok();
+        timeout(Duration::from_secs(10), sender.wait(fsync)).await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]
