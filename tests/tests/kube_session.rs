@@ -1,20 +1,25 @@
 //! `devmount up` and `down` on a kubernetes target, through the `devmount` binary, against the
 //! fake API server (tests/src/kube_api): the swap, the upload through exec, the connection
 //! through a port-forward, the mount, `devmount exec`, a pod replaced under the session, the
-//! restore; OpenSSH's `ssh` and `sftp` through `devmount ssh-config`; an RBAC refusal, a resumed
-//! session, and a swap refused on another machine and restored from there.
+//! restore; the same with `serverImage`, whose init container brings the server; OpenSSH's
+//! `ssh` and `sftp` through `devmount ssh-config`; an RBAC refusal, a resumed session, and a
+//! swap refused on another machine and restored from there.
 //!
-//! The fake's pods run nothing, so [`Kubelet`] plays the dev container's part: once a dev pod's
-//! directory holds the uploaded server and the ready marker, it starts that server as the
-//! wait script would (the pod spec's arguments, the Secret's keys), serving a directory that
-//! plays the persistent volume, on the pod's port at a loopback address of the pod's own, and
-//! maps the pod's port to it. Exec in the fake runs on this
-//! machine in the pod's directory, so `devmount up` uploads there (`DEVMOUNT_KUBE_SERVER_DIR=.`).
+//! The fake's pods run nothing, so [`Kubelet`] plays the kubelet's part from each dev pod's
+//! spec: it runs the init container that copies the server from `serverImage` (the static
+//! server plays that image's), and starts the dev container's server as its command would:
+//! the wait script once the pod's directory holds the uploaded server and the ready marker,
+//! or the server itself. The server gets the container's args, its environment (the Secret's
+//! host key) and the Secret volume's authorized keys; it serves a directory that plays the
+//! persistent volume, on the pod's port at a loopback address of the pod's own, and the pod's
+//! port is mapped to it. Exec in the fake runs on this machine in the pod's directory, so
+//! `devmount up` uploads there (`DEVMOUNT_KUBE_SERVER_DIR=.`).
 //!
 //! Needs the static server (`scripts/build-static-server`), which `devmount up` finds beside
 //! the debug binaries' target directory.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsString;
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::DirBuilderExt;
@@ -25,7 +30,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use anyhow::{anyhow, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use devmount_tests::kube_api::{FakeKube, PodFault, NAMESPACE};
 use devmount_tests::{client_bin, command, find_daemon, retry, run, Proc, Run};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -42,6 +47,10 @@ use tempfile::TempDir;
 const DEADLINE: Duration = Duration::from_secs(60);
 /// The label and annotations devmount puts on what it swaps.
 const SESSION_LABEL: &str = "devmount.dev/session";
+/// The `serverImage` the kubelet stand-in knows, and where it holds the server (where
+/// docs/manifest.md says such an image holds it).
+const SERVER_IMAGE: &str = "registry.example/devmount-server:test";
+const SERVER_IN_IMAGE: &str = "/devmount-server";
 
 /// The fake cluster, a sandbox for `devmount` (state, sockets, mount point, manifest) and the
 /// kubelet stand-in.
@@ -65,7 +74,9 @@ impl Cluster {
         for dir in ["run", "run2"] {
             fs::DirBuilder::new().mode(0o700).create(base.join(dir))?;
         }
-        let kubelet = Kubelet::start(fake.clone(), base.join("kubelet"))?;
+        let images =
+            Images::from([((SERVER_IMAGE.to_owned(), SERVER_IN_IMAGE.to_owned()), static_server()?)]);
+        let kubelet = Kubelet::start(fake.clone(), base.join("kubelet"), images)?;
         let cluster = Cluster { fake, runtime, root, kubelet: Some(kubelet) };
         cluster.manifest("")?;
         Ok(cluster)
@@ -213,6 +224,20 @@ impl Drop for Cluster {
     }
 }
 
+/// The static server `devmount up` uploads, where it finds it (`static/` beside the debug
+/// binaries' directory); it plays the server in [`SERVER_IMAGE`] too.
+fn static_server() -> Result<PathBuf> {
+    let client = client_bin()?;
+    let target = client.parent().and_then(Path::parent).context("the binaries' directory has no parent")?;
+    let server = target.join("static/devmount-server");
+    ensure!(
+        server.is_file(),
+        "{} not found: build it with scripts/build-static-server --debug",
+        server.display()
+    );
+    Ok(server)
+}
+
 fn is_mount_point(path: &Path) -> bool {
     let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else { return false };
     let path = path.to_string_lossy();
@@ -228,40 +253,61 @@ fn dev_pods(fake: &FakeKube) -> Vec<Value> {
         .collect()
 }
 
-/// Plays the dev container: starts each dev pod's uploaded server once it is ready, as the
-/// wait script would, and restarts it when it exits (restartPolicy Always).
+/// Images the kubelet stand-in runs init containers from: (image, path in it) -> the file on
+/// this machine that plays it.
+type Images = HashMap<(String, String), PathBuf>;
+
+/// Plays the kubelet for dev pods, from their spec: runs the init containers that copy a file
+/// from their image (serverImage's), starts the dev container's server as its command would
+/// (the wait script's waits for the upload's ready marker), and restarts it when it exits
+/// (restartPolicy Always).
 struct Kubelet {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Kubelet {
-    fn start(fake: Arc<FakeKube>, dir: PathBuf) -> Result<Kubelet> {
+    /// `dir` holds what the kubelet makes for pods (their Secret volumes' files).
+    fn start(fake: Arc<FakeKube>, dir: PathBuf, images: Images) -> Result<Kubelet> {
         fs::create_dir(&dir)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         let thread = std::thread::spawn(move || {
             let mut servers: HashMap<String, Proc> = HashMap::new();
+            let mut initialized: HashSet<String> = HashSet::new();
+            // The last failure per pod, told once: every look tries again.
+            let mut told: HashMap<String, String> = HashMap::new();
             while !stopping.load(Ordering::Relaxed) {
                 let pods = dev_pods(&fake);
-                let names: Vec<String> = pods
-                    .iter()
-                    .filter_map(|p| p.pointer("/metadata/name").and_then(Value::as_str).map(str::to_owned))
-                    .collect();
-                servers.retain(|name, _| names.contains(name));
+                let names: Vec<&str> = pods.iter().map(pod_name).collect();
+                servers.retain(|name, _| names.contains(&name.as_str()));
+                initialized.retain(|name| names.contains(&name.as_str()));
+                told.retain(|name, _| names.contains(&name.as_str()));
                 for pod in &pods {
-                    let name = pod.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default();
+                    let name = pod_name(pod);
                     let running =
                         servers.get_mut(name).is_some_and(|p| p.try_wait().is_ok_and(|s| s.is_none()));
-                    let pod_dir = fake.pod_dir(NAMESPACE, name);
-                    if running || !pod_dir.join("ready").exists() {
+                    if running {
                         continue;
                     }
-                    match serve(&fake, pod, &pod_dir, &dir) {
-                        Ok(proc) => {
+                    let files = PodFiles {
+                        fake: &fake,
+                        pod,
+                        dir: fake.pod_dir(NAMESPACE, name),
+                        secrets: dir.join(name),
+                    };
+                    match files.start(&images, &mut initialized) {
+                        Ok(Some(proc)) => {
                             servers.insert(name.to_owned(), proc);
                         }
-                        Err(e) => eprintln!("kubelet: pod {name}: {e:#}"),
+                        Ok(None) => {}
+                        Err(e) => {
+                            let e = format!("{e:#}");
+                            if told.get(name) != Some(&e) {
+                                eprintln!("kubelet: pod {name}: {e}");
+                                told.insert(name.to_owned(), e);
+                            }
+                        }
                     }
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -280,62 +326,178 @@ impl Drop for Kubelet {
     }
 }
 
-/// Starts the server uploaded to `pod_dir` with the dev container's arguments, its pod-only
-/// parts replaced by this machine's: the listen address's 127.0.0.1 by the pod's own loopback
-/// address (the port stays, so the server's own port is the pod's, as `devmount proxy` asks
-/// for it), the authorized keys by a file holding the Secret's; maps the pod's port to it.
-fn serve(fake: &FakeKube, pod: &Value, pod_dir: &Path, keys_dir: &Path) -> Result<Proc> {
-    let name = pod.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default();
-    let containers = pod.pointer("/spec/containers").and_then(Value::as_array).context("no containers")?;
-    let dev = containers
-        .iter()
-        .find(|c| c["args"].as_array().is_some_and(|a| a.iter().any(|v| v == "--host-key-env")))
-        .context("no dev container")?;
-    let secret_name = dev["env"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find_map(|e| e.pointer("/valueFrom/secretKeyRef/name").and_then(Value::as_str))
-        .context("no secretKeyRef")?;
-    let secret: Secret =
-        serde_json::from_value(fake.get("secrets", NAMESPACE, secret_name).context("no session Secret")?)?;
-    let value = |key: &str| -> Result<Vec<u8>> {
-        let data = secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(key))
-            .with_context(|| format!("no {key} in the Secret"))?;
-        Ok(data.0.clone())
-    };
-    let authorized = keys_dir.join(format!("{name}.authorized_keys"));
-    fs::write(&authorized, value("authorized_keys")?)?;
-    let mut args: Vec<String> = Vec::new();
-    let mut listen = None;
-    let mut given = dev["args"].as_array().context("no args")?.iter().filter_map(Value::as_str);
-    while let Some(arg) = given.next() {
-        args.push(arg.to_owned());
-        match arg {
-            "--listen" => {
-                let in_pod: SocketAddr = given.next().context("--listen without a value")?.parse()?;
-                let here = SocketAddr::from((pod_loopback(), in_pod.port()));
-                args.push(here.to_string());
-                listen = Some(here);
-            }
-            "--authorized-keys" => {
-                given.next();
-                args.push(authorized.to_string_lossy().into_owned());
-            }
-            _ => {}
+fn pod_name(pod: &Value) -> &str {
+    pod.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default()
+}
+
+/// The strings of a JSON array (a command, args); none for anything else.
+fn strings(value: &Value) -> Vec<&str> {
+    value.as_array().into_iter().flatten().filter_map(Value::as_str).collect()
+}
+
+/// One dev pod as the kubelet stand-in runs it.
+struct PodFiles<'a> {
+    fake: &'a FakeKube,
+    pod: &'a Value,
+    /// The fake's directory of the pod, where its exec runs. It plays the pod's emptyDir (the
+    /// dev pod has one, the server's), so the upload (`DEVMOUNT_KUBE_SERVER_DIR=.`) and the
+    /// init container's copy land where the dev container's command looks.
+    dir: PathBuf,
+    /// Where the pod's Secret volumes are written.
+    secrets: PathBuf,
+}
+
+impl PodFiles<'_> {
+    /// Runs the init containers once per pod, then [`PodFiles::serve`].
+    fn start(&self, images: &Images, initialized: &mut HashSet<String>) -> Result<Option<Proc>> {
+        let name = pod_name(self.pod);
+        if !initialized.contains(name) {
+            self.run_init_containers(images)?;
+            initialized.insert(name.to_owned());
+        }
+        self.serve()
+    }
+
+    /// Where `path` in `container` (as the pod spec gives it) is on this machine: in the pod's
+    /// directory for an emptyDir, in `secrets` for a Secret volume (its files written first),
+    /// else `path` itself, as the fake's pods see this machine's files (the claim is the
+    /// directory the workdir names).
+    fn host_path(&self, container: &Value, path: &str) -> Result<PathBuf> {
+        let mount = container["volumeMounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| Some((m, m["mountPath"].as_str()?.trim_end_matches('/'))))
+            .filter(|(_, at)| {
+                path.strip_prefix(at).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            })
+            .max_by_key(|(_, at)| at.len());
+        let Some((mount, at)) = mount else { return Ok(path.into()) };
+        let rest = path[at.len()..].trim_start_matches('/');
+        let volume_name = mount["name"].as_str().unwrap_or_default();
+        let volume = self
+            .pod
+            .pointer("/spec/volumes")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .find(|v| v["name"] == volume_name)
+            .with_context(|| {
+                format!(
+                    "container {} mounts volume {volume_name}, which the pod does not have",
+                    container["name"]
+                )
+            })?;
+        if volume.get("emptyDir").is_some() {
+            fs::create_dir_all(&self.dir)?;
+            Ok(self.dir.join(rest))
+        } else if let Some(source) = volume.get("secret") {
+            let dir = self.secrets.join(volume_name);
+            self.write_secret(source, &dir)?;
+            Ok(dir.join(rest))
+        } else {
+            Ok(path.into())
         }
     }
-    let host_key = String::from_utf8(value("host_key")?)?;
-    let mut cmd = command(pod_dir.join("devmount-server"));
-    cmd.args(&args).env("DEVMOUNT_HOST_KEY", host_key);
-    let proc = Proc::spawn(&mut cmd)?;
-    devmount_tests::wait_ready(&proc)?;
-    let listen = listen.context("no --listen")?;
-    fake.map_pod_port(NAMESPACE, name, listen.port(), listen);
-    Ok(proc)
+
+    /// Writes a Secret volume's files into `dir`: its `items`, or every key.
+    fn write_secret(&self, source: &Value, dir: &Path) -> Result<()> {
+        let name = source["secretName"].as_str().context("a Secret volume without secretName")?;
+        let secret =
+            self.fake.get("secrets", NAMESPACE, name).with_context(|| format!("no Secret {name}"))?;
+        let data = serde_json::from_value::<Secret>(secret)?.data.unwrap_or_default();
+        let items: Vec<(&str, &str)> = match source["items"].as_array() {
+            Some(items) => items
+                .iter()
+                .map(|i| (i["key"].as_str().unwrap_or_default(), i["path"].as_str().unwrap_or_default()))
+                .collect(),
+            None => data.keys().map(|k| (k.as_str(), k.as_str())).collect(),
+        };
+        fs::create_dir_all(dir)?;
+        for (key, path) in items {
+            let value = data.get(key).with_context(|| format!("no {key} in Secret {name}"))?;
+            fs::write(dir.join(path), &value.0)?;
+        }
+        Ok(())
+    }
+
+    /// Runs the init containers that copy a file from their image (`cp FROM TO`, as
+    /// serverImage's does), FROM being looked up in `images`. Others (devmount's seeding) are
+    /// not played: the fake's claim is the directory the workdir names already.
+    fn run_init_containers(&self, images: &Images) -> Result<()> {
+        let inits = self.pod.pointer("/spec/initContainers").and_then(Value::as_array);
+        for init in inits.into_iter().flatten() {
+            let name = init["name"].as_str().unwrap_or_default();
+            let ["cp", from, to] = strings(&init["command"])[..] else { continue };
+            let image = init["image"].as_str().unwrap_or_default();
+            let file = images.get(&(image.to_owned(), from.to_owned())).with_context(|| {
+                format!("init container {name}: cp: can't stat '{from}': no such file in image {image}")
+            })?;
+            let mut to = self.host_path(init, to)?;
+            if to.is_dir() {
+                to.push(Path::new(from).file_name().context("cp from a directory")?);
+            }
+            fs::copy(file, &to).with_context(|| {
+                format!("init container {name}: copying {} to {}", file.display(), to.display())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Starts the dev container's server with its command and args, its environment (the
+    /// Secret's host key through `secretKeyRef`) and its authorized keys file (the Secret
+    /// volume's) as the pod spec gives them; `None` while the wait script would still wait
+    /// for the upload. The listen address's 127.0.0.1 is replaced by the pod's own loopback
+    /// address (the port stays, so the server's own port is the pod's, as `devmount proxy` asks
+    /// for it), and the pod's port is mapped to it.
+    fn serve(&self) -> Result<Option<Proc>> {
+        let containers =
+            self.pod.pointer("/spec/containers").and_then(Value::as_array).context("no containers")?;
+        let dev = containers
+            .iter()
+            .find(|c| strings(&c["args"]).contains(&"--host-key-env"))
+            .context("no dev container")?;
+        let (program, mut given) = match strings(&dev["command"])[..] {
+            // The wait script: it waits for the ready marker beside the uploaded server, then
+            // execs that with the container's args.
+            ["/bin/sh", "-c", ..] => {
+                if !self.dir.join("ready").exists() {
+                    return Ok(None);
+                }
+                (self.dir.join("devmount-server"), Vec::new())
+            }
+            // serverImage's: the server is the command itself.
+            [program, ref rest @ ..] => (self.host_path(dev, program)?, rest.to_vec()),
+            [] => bail!("the dev container has no command"),
+        };
+        given.extend(strings(&dev["args"]));
+        let mut args: Vec<OsString> = Vec::new();
+        let mut listen = None;
+        let mut given = given.into_iter();
+        while let Some(arg) = given.next() {
+            args.push(arg.into());
+            match arg {
+                "--listen" => {
+                    let in_pod: SocketAddr = given.next().context("--listen without a value")?.parse()?;
+                    let here = SocketAddr::from((pod_loopback(), in_pod.port()));
+                    args.push(here.to_string().into());
+                    listen = Some(here);
+                }
+                "--authorized-keys" => {
+                    let path = given.next().context("--authorized-keys without a value")?;
+                    args.push(self.host_path(dev, path)?.into());
+                }
+                _ => {}
+            }
+        }
+        let mut cmd = command(program);
+        cmd.args(&args).envs(self.fake.container_env(NAMESPACE, dev)?);
+        let proc = Proc::spawn(&mut cmd)?;
+        devmount_tests::wait_ready(&proc)?;
+        let listen = listen.context("no --listen")?;
+        self.fake.map_pod_port(NAMESPACE, pod_name(self.pod), listen.port(), listen);
+        Ok(Some(proc))
+    }
 }
 
 /// A loopback address for one pod's server (all of 127.0.0.0/8 is loopback, so the server can

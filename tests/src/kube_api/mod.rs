@@ -62,6 +62,7 @@ mod store;
 mod streams;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -280,6 +281,12 @@ impl FakeKube {
     /// Port-forwards to `pod_port` of this one pod connect to `to` (before its Deployment's map).
     pub fn map_pod_port(&self, namespace: &str, pod: &str, pod_port: u16, to: SocketAddr) {
         self.map_port(namespace, pod, pod_port, to);
+    }
+
+    /// The environment a container of a pod in `namespace` gets from its spec (`container`, as
+    /// JSON): literal values and `secretKeyRef`s, as exec gives it.
+    pub fn container_env(&self, namespace: &str, container: &Value) -> Result<Vec<(String, OsString)>> {
+        streams::container_env(&self.shared, namespace, container).map_err(|e| anyhow!(e.message))
     }
 
     /// The working directory of exec in a pod.
