@@ -195,6 +195,34 @@ impl Cluster {
         })
     }
 
+    /// Replaces dev pod `pod` as a drain would; returns the new running one's name.
+    fn replace_dev_pod(&self, pod: &str) -> Result<String> {
+        self.fake.replace_pod(NAMESPACE, pod)?;
+        retry("a new dev pod", DEADLINE, || {
+            let new = self.dev_pod()?;
+            ensure!(new != pod, "still {new}");
+            Ok(new)
+        })
+    }
+
+    /// `devmount down` unmounts `mnt` and restores the Deployment exactly as `original`, and
+    /// deletes the session Secret.
+    fn down_restores(&self, mnt: &Path, original: &Value) -> Result<()> {
+        let down = self.ok(&["down", mnt.to_str().context("mount point")?])?;
+        ensure!(!is_mount_point(mnt), "still mounted after down\n{down}");
+        let restored = retry("the restore", DEADLINE, || {
+            let now = self.deployment()?;
+            ensure!(
+                now.pointer("/spec/replicas") == original.pointer("/spec/replicas"),
+                "not restored yet: {now}"
+            );
+            Ok(now)
+        })?;
+        assert_eq!(restorable(&restored), restorable(original), "restored exactly");
+        ensure!(self.secrets().is_empty(), "the session Secret is deleted: {:?}", self.secrets());
+        Ok(())
+    }
+
     /// Checks that `devmount exec cat FILE` in the mount prints `text`.
     fn exec_sees(&self, file: &str, text: &str) -> Result<()> {
         let mut cmd = command(client_bin()?);
@@ -561,12 +589,7 @@ fn up_edit_exec_pod_replaced_down_restores() -> Result<()> {
     ensure!(cluster.daemon_log()?.contains("reconnected to web.default:22022"), "{}", cluster.daemon_log()?);
 
     // The pod goes (a drain); the session finds the new one, uploads again, reconnects.
-    cluster.fake.replace_pod(NAMESPACE, &first)?;
-    let second = retry("a new dev pod", DEADLINE, || {
-        let pod = cluster.dev_pod()?;
-        ensure!(pod != first, "still {pod}");
-        Ok(pod)
-    })?;
+    let second = cluster.replace_dev_pod(&first)?;
     retry("the upload to the new pod", DEADLINE, || {
         ensure!(cluster.fake.pod_dir(NAMESPACE, &second).join("ready").exists(), "not yet");
         Ok(())
@@ -576,15 +599,7 @@ fn up_edit_exec_pod_replaced_down_restores() -> Result<()> {
         cluster.exec_sees("after.txt", "written after the pod was replaced\n")
     })?;
 
-    let down = cluster.ok(&["down", mnt_arg])?;
-    ensure!(!is_mount_point(&mnt), "still mounted after down\n{down}");
-    let restored = retry("the restore", DEADLINE, || {
-        let now = cluster.deployment()?;
-        ensure!(now.pointer("/spec/replicas") == Some(&json!(2)), "not restored yet: {now}");
-        Ok(now)
-    })?;
-    assert_eq!(restorable(&restored), restorable(&original), "restored exactly");
-    ensure!(cluster.secrets().is_empty(), "the session Secret is deleted: {:?}", cluster.secrets());
+    cluster.down_restores(&mnt, &original)?;
     ensure!(
         cluster.fake.list("persistentvolumeclaims", NAMESPACE).len() == 1,
         "the claim is kept without --volumes"
@@ -595,6 +610,39 @@ fn up_edit_exec_pod_replaced_down_restores() -> Result<()> {
         "--volumes deletes it\n{volumes}"
     );
     Ok(())
+}
+
+#[test]
+fn server_image_brings_the_server_in_an_init_container() -> Result<()> {
+    let cluster = Cluster::start()?;
+    let original = cluster.deploy()?;
+    cluster.manifest(&format!("    serverImage: {SERVER_IMAGE}\n"))?;
+    let mnt = cluster.mnt();
+    let up = cluster.ok(&["up", mnt.to_str().context("mount point")?])?;
+    ensure!(is_mount_point(&mnt), "`devmount up` returned, but nothing is mounted\n{up}");
+
+    // The init container's copy is the server that runs; nothing was uploaded (the upload
+    // writes the ready marker).
+    let server = fs::read(static_server()?)?;
+    let first = cluster.dev_pod()?;
+    let pod_dir = cluster.fake.pod_dir(NAMESPACE, &first);
+    ensure!(fs::read(pod_dir.join("devmount-server"))? == server, "not the image's server\n{up}");
+    ensure!(!pod_dir.join("ready").exists(), "uploaded anyway\n{up}");
+
+    fs::write(mnt.join("hello.txt"), "hi from the laptop\n")?;
+    cluster.exec_sees("hello.txt", "hi from the laptop\n")?;
+    ensure!(fs::read_to_string(cluster.path("volume/hello.txt"))? == "hi from the laptop\n");
+
+    // The pod goes: the new pod's init container copies the server again, and the session
+    // reconnects to it without uploading.
+    let second = cluster.replace_dev_pod(&first)?;
+    fs::write(mnt.join("after.txt"), "written after the pod was replaced\n")?;
+    retry("exec over the new connection", DEADLINE, || {
+        cluster.exec_sees("after.txt", "written after the pod was replaced\n")
+    })?;
+    ensure!(!cluster.fake.pod_dir(NAMESPACE, &second).join("ready").exists(), "uploaded to {second}");
+
+    cluster.down_restores(&mnt, &original)
 }
 
 /// The value of `key` in an ssh config block, unquoted.
