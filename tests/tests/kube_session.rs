@@ -2,8 +2,8 @@
 //! fake API server (tests/src/kube_api): the swap, the upload through exec, the connection
 //! through a port-forward, the mount, `devmount exec`, a pod replaced under the session, the
 //! restore; the same with `serverImage`, whose init container brings the server; OpenSSH's
-//! `ssh` and `sftp` through `devmount ssh-config`; an RBAC refusal, a resumed session, and a
-//! swap refused on another machine and restored from there.
+//! `ssh` and `sftp` through `devmount ssh-config`; an RBAC refusal, a server that cannot run,
+//! a resumed session, and a swap refused on another machine and restored from there.
 //!
 //! The fake's pods run nothing, so [`Kubelet`] plays the kubelet's part from each dev pod's
 //! spec: it runs the init container that copies the server from `serverImage` (the static
@@ -51,6 +51,8 @@ const SESSION_LABEL: &str = "devmount.dev/session";
 /// docs/manifest.md says such an image holds it).
 const SERVER_IMAGE: &str = "registry.example/devmount-server:test";
 const SERVER_IN_IMAGE: &str = "/devmount-server";
+/// A `serverImage` whose server cannot run (another version's, say): it exits at once.
+const EXITING_SERVER_IMAGE: &str = "registry.example/devmount-server:exits";
 
 /// The fake cluster, a sandbox for `devmount` (state, sockets, mount point, manifest) and the
 /// kubelet stand-in.
@@ -74,8 +76,10 @@ impl Cluster {
         for dir in ["run", "run2"] {
             fs::DirBuilder::new().mode(0o700).create(base.join(dir))?;
         }
-        let images =
-            Images::from([((SERVER_IMAGE.to_owned(), SERVER_IN_IMAGE.to_owned()), static_server()?)]);
+        let images = Images::from([
+            ((SERVER_IMAGE.to_owned(), SERVER_IN_IMAGE.to_owned()), static_server()?),
+            ((EXITING_SERVER_IMAGE.to_owned(), SERVER_IN_IMAGE.to_owned()), PathBuf::from("/bin/false")),
+        ]);
         let kubelet = Kubelet::start(fake.clone(), base.join("kubelet"), images)?;
         let cluster = Cluster { fake, runtime, root, kubelet: Some(kubelet) };
         cluster.manifest("")?;
@@ -285,10 +289,12 @@ fn dev_pods(fake: &FakeKube) -> Vec<Value> {
 /// this machine that plays it.
 type Images = HashMap<(String, String), PathBuf>;
 
-/// Plays the kubelet for dev pods, from their spec: runs the init containers that copy a file
-/// from their image (serverImage's), starts the dev container's server as its command would
-/// (the wait script's waits for the upload's ready marker), and restarts it when it exits
-/// (restartPolicy Always).
+/// Plays the kubelet for scheduled dev pods, from their spec: runs the init containers that
+/// copy a file from their image (serverImage's), starts the dev container's server as its
+/// command would (the wait script's waits for the upload's ready marker), and restarts it when
+/// it exits (restartPolicy Always). A server that exits [`CRASHES`] times in a row before it is
+/// ready makes the pod's Deployment show `CrashLoopBackOff`, and is not started again (a lone
+/// exit may be another test's server holding the pod's loopback address).
 struct Kubelet {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -303,19 +309,22 @@ impl Kubelet {
         let thread = std::thread::spawn(move || {
             let mut servers: HashMap<String, Proc> = HashMap::new();
             let mut initialized: HashSet<String> = HashSet::new();
+            let mut exits: HashMap<String, u32> = HashMap::new();
             // The last failure per pod, told once: every look tries again.
             let mut told: HashMap<String, String> = HashMap::new();
             while !stopping.load(Ordering::Relaxed) {
-                let pods = dev_pods(&fake);
+                let pods: Vec<Value> =
+                    dev_pods(&fake).into_iter().filter(|p| p.pointer("/spec/nodeName").is_some()).collect();
                 let names: Vec<&str> = pods.iter().map(pod_name).collect();
                 servers.retain(|name, _| names.contains(&name.as_str()));
                 initialized.retain(|name| names.contains(&name.as_str()));
+                exits.retain(|name, _| names.contains(&name.as_str()));
                 told.retain(|name, _| names.contains(&name.as_str()));
                 for pod in &pods {
                     let name = pod_name(pod);
                     let running =
                         servers.get_mut(name).is_some_and(|p| p.try_wait().is_ok_and(|s| s.is_none()));
-                    if running {
+                    if running || exits.get(name).is_some_and(|n| *n >= CRASHES) {
                         continue;
                     }
                     let files = PodFiles {
@@ -324,18 +333,29 @@ impl Kubelet {
                         dir: fake.pod_dir(NAMESPACE, name),
                         secrets: dir.join(name),
                     };
-                    match files.start(&images, &mut initialized) {
-                        Ok(Some(proc)) => {
+                    let failure = match files.start(&images, &mut initialized) {
+                        Ok(Start::Serving(proc)) => {
+                            exits.remove(name);
                             servers.insert(name.to_owned(), proc);
+                            continue;
                         }
-                        Ok(None) => {}
-                        Err(e) => {
-                            let e = format!("{e:#}");
-                            if told.get(name) != Some(&e) {
-                                eprintln!("kubelet: pod {name}: {e}");
-                                told.insert(name.to_owned(), e);
+                        Ok(Start::Waiting) => continue,
+                        Ok(Start::Exited(e)) => {
+                            let count = exits.entry(name.to_owned()).or_default();
+                            *count += 1;
+                            if *count == CRASHES {
+                                if let Some(deployment) = fake.deployment_of(NAMESPACE, name) {
+                                    fake.set_fault(NAMESPACE, &deployment, Some(PodFault::CrashLoopBackOff));
+                                }
                             }
+                            e
                         }
+                        Err(e) => e,
+                    };
+                    let failure = format!("{failure:#}");
+                    if told.get(name) != Some(&failure) {
+                        eprintln!("kubelet: pod {name}: {failure}");
+                        told.insert(name.to_owned(), failure);
                     }
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -352,6 +372,19 @@ impl Drop for Kubelet {
             let _ = thread.join();
         }
     }
+}
+
+/// How many exits in a row before it is ready make a dev container crash-loop.
+const CRASHES: u32 = 3;
+
+/// What became of a dev container's start.
+enum Start {
+    /// Its server is ready.
+    Serving(Proc),
+    /// Its wait script waits for the upload.
+    Waiting,
+    /// Its server ended before it was ready.
+    Exited(anyhow::Error),
 }
 
 fn pod_name(pod: &Value) -> &str {
@@ -377,7 +410,7 @@ struct PodFiles<'a> {
 
 impl PodFiles<'_> {
     /// Runs the init containers once per pod, then [`PodFiles::serve`].
-    fn start(&self, images: &Images, initialized: &mut HashSet<String>) -> Result<Option<Proc>> {
+    fn start(&self, images: &Images, initialized: &mut HashSet<String>) -> Result<Start> {
         let name = pod_name(self.pod);
         if !initialized.contains(name) {
             self.run_init_containers(images)?;
@@ -474,11 +507,11 @@ impl PodFiles<'_> {
 
     /// Starts the dev container's server with its command and args, its environment (the
     /// Secret's host key through `secretKeyRef`) and its authorized keys file (the Secret
-    /// volume's) as the pod spec gives them; `None` while the wait script would still wait
-    /// for the upload. The listen address's 127.0.0.1 is replaced by the pod's own loopback
-    /// address (the port stays, so the server's own port is the pod's, as `devmount proxy` asks
-    /// for it), and the pod's port is mapped to it.
-    fn serve(&self) -> Result<Option<Proc>> {
+    /// volume's) as the pod spec gives them, unless the wait script would still wait for the
+    /// upload. The listen address's 127.0.0.1 is replaced by the pod's own loopback address
+    /// (the port stays, so the server's own port is the pod's, as `devmount proxy` asks for
+    /// it), and the pod's port is mapped to it.
+    fn serve(&self) -> Result<Start> {
         let containers =
             self.pod.pointer("/spec/containers").and_then(Value::as_array).context("no containers")?;
         let dev = containers
@@ -490,7 +523,7 @@ impl PodFiles<'_> {
             // execs that with the container's args.
             ["/bin/sh", "-c", ..] => {
                 if !self.dir.join("ready").exists() {
-                    return Ok(None);
+                    return Ok(Start::Waiting);
                 }
                 (self.dir.join("devmount-server"), Vec::new())
             }
@@ -520,11 +553,15 @@ impl PodFiles<'_> {
         }
         let mut cmd = command(program);
         cmd.args(&args).envs(self.fake.container_env(NAMESPACE, dev)?);
-        let proc = Proc::spawn(&mut cmd)?;
-        devmount_tests::wait_ready(&proc)?;
+        let mut proc = Proc::spawn(&mut cmd)?;
+        if let Err(e) = devmount_tests::wait_ready(&proc) {
+            // Ended, or ended here: a server that is not ready in time is no use either.
+            proc.kill();
+            return Ok(Start::Exited(e));
+        }
         let listen = listen.context("no --listen")?;
         self.fake.map_pod_port(NAMESPACE, pod_name(self.pod), listen.port(), listen);
-        Ok(Some(proc))
+        Ok(Start::Serving(proc))
     }
 }
 
@@ -643,6 +680,27 @@ fn server_image_brings_the_server_in_an_init_container() -> Result<()> {
     ensure!(!cluster.fake.pod_dir(NAMESPACE, &second).join("ready").exists(), "uploaded to {second}");
 
     cluster.down_restores(&mnt, &original)
+}
+
+#[test]
+fn a_server_that_exits_at_start_is_named_and_the_swap_undone() -> Result<()> {
+    let cluster = Cluster::start()?;
+    let original = cluster.deploy()?;
+    cluster.manifest(&format!("    serverImage: {EXITING_SERVER_IMAGE}\n"))?;
+    let mnt = cluster.mnt();
+    let up = cluster.devmount(&["up", mnt.to_str().context("mount point")?])?;
+    ensure!(!up.success(), "{up}");
+    let err = up.stderr_text();
+    ensure!(
+        err.contains("container app of pod web-")
+            && err.contains("keeps crashing (CrashLoopBackOff")
+            && err.contains("deployment/web is restored"),
+        "{up}"
+    );
+    ensure!(!is_mount_point(&mnt));
+    ensure!(cluster.secrets().is_empty(), "the Secret is deleted again: {:?}", cluster.secrets());
+    assert_eq!(restorable(&cluster.deployment()?), restorable(&original));
+    Ok(())
 }
 
 /// The value of `key` in an ssh config block, unquoted.

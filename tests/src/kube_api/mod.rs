@@ -251,6 +251,12 @@ impl FakeKube {
         state.store.touch();
     }
 
+    /// The Deployment whose ReplicaSet owns pod `pod`, if any: the one whose fault it shows.
+    pub fn deployment_of(&self, namespace: &str, pod: &str) -> Option<String> {
+        let state = self.shared.lock();
+        controller::owning_deployment(&state.store, state.store.find(PODS, namespace, pod)?)
+    }
+
     /// Makes claims of this storage class bind (only `standard` does at start).
     pub fn add_storage_class(&self, name: &str) {
         let mut state = self.shared.lock();
