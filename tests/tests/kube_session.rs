@@ -23,6 +23,7 @@ use std::ffi::OsString;
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -225,6 +226,18 @@ impl Cluster {
         assert_eq!(restorable(&restored), restorable(original), "restored exactly");
         ensure!(self.secrets().is_empty(), "the session Secret is deleted: {:?}", self.secrets());
         Ok(())
+    }
+
+    /// Whether a control socket of a session on this machine accepts a connection (a dead
+    /// daemon's refuses).
+    fn a_socket_answers(&self) -> Result<bool> {
+        for entry in fs::read_dir(self.path("run/devmount"))? {
+            let path = entry?.path();
+            if path.extension() == Some("sock".as_ref()) && UnixStream::connect(&path).is_ok() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Checks that `devmount exec cat FILE` in the mount prints `text`.
@@ -898,6 +911,9 @@ fn resumed_here_refused_elsewhere_restored_from_anywhere() -> Result<()> {
     kill(Pid::from_raw(pid), Signal::SIGKILL)?;
     retry("the daemon's end", DEADLINE, || {
         ensure!(find_daemon(&client_bin()?, "up", mnt.as_os_str()).is_err(), "still there");
+        // Its main thread goes first: the control socket stays open, and `up` takes the
+        // session for a live one, until the last thread is gone.
+        ensure!(!cluster.a_socket_answers()?, "its control socket still answers");
         Ok(())
     })?;
     let again = cluster.ok(&["up", mnt_arg])?;
