@@ -1,23 +1,29 @@
 //! `devmount up` and `down` on a kubernetes target, through the `devmount` binary, against the
 //! fake API server (tests/src/kube_api): the swap, the upload through exec, the connection
 //! through a port-forward, the mount, `devmount exec`, a pod replaced under the session, the
-//! restore; OpenSSH's `ssh` and `sftp` through `devmount ssh-config`; an RBAC refusal, a resumed
-//! session, and a swap refused on another machine and restored from there.
+//! restore; the same with `serverImage`, whose init container brings the server; OpenSSH's
+//! `ssh` and `sftp` through `devmount ssh-config`; an RBAC refusal, a server that cannot run,
+//! a resumed session, and a swap refused on another machine and restored from there.
 //!
-//! The fake's pods run nothing, so [`Kubelet`] plays the dev container's part: once a dev pod's
-//! directory holds the uploaded server and the ready marker, it starts that server as the
-//! wait script would (the pod spec's arguments, the Secret's keys), serving a directory that
-//! plays the persistent volume, on the pod's port at a loopback address of the pod's own, and
-//! maps the pod's port to it. Exec in the fake runs on this
-//! machine in the pod's directory, so `devmount up` uploads there (`DEVMOUNT_KUBE_SERVER_DIR=.`).
+//! The fake's pods run nothing, so [`Kubelet`] plays the kubelet's part from each dev pod's
+//! spec: it runs the init container that copies the server from `serverImage` (the static
+//! server plays that image's), and starts the dev container's server as its command would:
+//! the wait script once the pod's directory holds the uploaded server and the ready marker,
+//! or the server itself. The server gets the container's args, its environment (the Secret's
+//! host key) and the Secret volume's authorized keys; it serves a directory that plays the
+//! persistent volume, on the pod's port at a loopback address of the pod's own, and the pod's
+//! port is mapped to it. Exec in the fake runs on this machine in the pod's directory, so
+//! `devmount up` uploads there (`DEVMOUNT_KUBE_SERVER_DIR=.`).
 //!
 //! Needs the static server (`scripts/build-static-server`), which `devmount up` finds beside
 //! the debug binaries' target directory.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsString;
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -25,7 +31,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use anyhow::{anyhow, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use devmount_tests::kube_api::{FakeKube, PodFault, NAMESPACE};
 use devmount_tests::{client_bin, command, find_daemon, retry, run, Proc, Run};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -42,6 +48,12 @@ use tempfile::TempDir;
 const DEADLINE: Duration = Duration::from_secs(60);
 /// The label and annotations devmount puts on what it swaps.
 const SESSION_LABEL: &str = "devmount.dev/session";
+/// The `serverImage` the kubelet stand-in knows, and where it holds the server (where
+/// docs/manifest.md says such an image holds it).
+const SERVER_IMAGE: &str = "registry.example/devmount-server:test";
+const SERVER_IN_IMAGE: &str = "/devmount-server";
+/// A `serverImage` whose server cannot run (another version's, say): it exits at once.
+const EXITING_SERVER_IMAGE: &str = "registry.example/devmount-server:exits";
 
 /// The fake cluster, a sandbox for `devmount` (state, sockets, mount point, manifest) and the
 /// kubelet stand-in.
@@ -65,7 +77,11 @@ impl Cluster {
         for dir in ["run", "run2"] {
             fs::DirBuilder::new().mode(0o700).create(base.join(dir))?;
         }
-        let kubelet = Kubelet::start(fake.clone(), base.join("kubelet"))?;
+        let images = Images::from([
+            ((SERVER_IMAGE.to_owned(), SERVER_IN_IMAGE.to_owned()), static_server()?),
+            ((EXITING_SERVER_IMAGE.to_owned(), SERVER_IN_IMAGE.to_owned()), PathBuf::from("/bin/false")),
+        ]);
+        let kubelet = Kubelet::start(fake.clone(), base.join("kubelet"), images)?;
         let cluster = Cluster { fake, runtime, root, kubelet: Some(kubelet) };
         cluster.manifest("")?;
         Ok(cluster)
@@ -184,6 +200,46 @@ impl Cluster {
         })
     }
 
+    /// Replaces dev pod `pod` as a drain would; returns the new running one's name.
+    fn replace_dev_pod(&self, pod: &str) -> Result<String> {
+        self.fake.replace_pod(NAMESPACE, pod)?;
+        retry("a new dev pod", DEADLINE, || {
+            let new = self.dev_pod()?;
+            ensure!(new != pod, "still {new}");
+            Ok(new)
+        })
+    }
+
+    /// `devmount down` unmounts `mnt` and restores the Deployment exactly as `original`, and
+    /// deletes the session Secret.
+    fn down_restores(&self, mnt: &Path, original: &Value) -> Result<()> {
+        let down = self.ok(&["down", mnt.to_str().context("mount point")?])?;
+        ensure!(!is_mount_point(mnt), "still mounted after down\n{down}");
+        let restored = retry("the restore", DEADLINE, || {
+            let now = self.deployment()?;
+            ensure!(
+                now.pointer("/spec/replicas") == original.pointer("/spec/replicas"),
+                "not restored yet: {now}"
+            );
+            Ok(now)
+        })?;
+        assert_eq!(restorable(&restored), restorable(original), "restored exactly");
+        ensure!(self.secrets().is_empty(), "the session Secret is deleted: {:?}", self.secrets());
+        Ok(())
+    }
+
+    /// Whether a control socket of a session on this machine accepts a connection (a dead
+    /// daemon's refuses).
+    fn a_socket_answers(&self) -> Result<bool> {
+        for entry in fs::read_dir(self.path("run/devmount"))? {
+            let path = entry?.path();
+            if path.extension() == Some("sock".as_ref()) && UnixStream::connect(&path).is_ok() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Checks that `devmount exec cat FILE` in the mount prints `text`.
     fn exec_sees(&self, file: &str, text: &str) -> Result<()> {
         let mut cmd = command(client_bin()?);
@@ -213,6 +269,20 @@ impl Drop for Cluster {
     }
 }
 
+/// The static server `devmount up` uploads, where it finds it (`static/` beside the debug
+/// binaries' directory); it plays the server in [`SERVER_IMAGE`] too.
+fn static_server() -> Result<PathBuf> {
+    let client = client_bin()?;
+    let target = client.parent().and_then(Path::parent).context("the binaries' directory has no parent")?;
+    let server = target.join("static/devmount-server");
+    ensure!(
+        server.is_file(),
+        "{} not found: build it with scripts/build-static-server --debug",
+        server.display()
+    );
+    Ok(server)
+}
+
 fn is_mount_point(path: &Path) -> bool {
     let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else { return false };
     let path = path.to_string_lossy();
@@ -228,40 +298,77 @@ fn dev_pods(fake: &FakeKube) -> Vec<Value> {
         .collect()
 }
 
-/// Plays the dev container: starts each dev pod's uploaded server once it is ready, as the
-/// wait script would, and restarts it when it exits (restartPolicy Always).
+/// Images the kubelet stand-in runs init containers from: (image, path in it) -> the file on
+/// this machine that plays it.
+type Images = HashMap<(String, String), PathBuf>;
+
+/// Plays the kubelet for scheduled dev pods, from their spec: runs the init containers that
+/// copy a file from their image (serverImage's), starts the dev container's server as its
+/// command would (the wait script's waits for the upload's ready marker), and restarts it when
+/// it exits (restartPolicy Always). A server that exits [`CRASHES`] times in a row before it is
+/// ready makes the pod's Deployment show `CrashLoopBackOff`, and is not started again (a lone
+/// exit may be another test's server holding the pod's loopback address).
 struct Kubelet {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Kubelet {
-    fn start(fake: Arc<FakeKube>, dir: PathBuf) -> Result<Kubelet> {
+    /// `dir` holds what the kubelet makes for pods (their Secret volumes' files).
+    fn start(fake: Arc<FakeKube>, dir: PathBuf, images: Images) -> Result<Kubelet> {
         fs::create_dir(&dir)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         let thread = std::thread::spawn(move || {
             let mut servers: HashMap<String, Proc> = HashMap::new();
+            let mut initialized: HashSet<String> = HashSet::new();
+            let mut exits: HashMap<String, u32> = HashMap::new();
+            // The last failure per pod, told once: every look tries again.
+            let mut told: HashMap<String, String> = HashMap::new();
             while !stopping.load(Ordering::Relaxed) {
-                let pods = dev_pods(&fake);
-                let names: Vec<String> = pods
-                    .iter()
-                    .filter_map(|p| p.pointer("/metadata/name").and_then(Value::as_str).map(str::to_owned))
-                    .collect();
-                servers.retain(|name, _| names.contains(name));
+                let pods: Vec<Value> =
+                    dev_pods(&fake).into_iter().filter(|p| p.pointer("/spec/nodeName").is_some()).collect();
+                let names: Vec<&str> = pods.iter().map(pod_name).collect();
+                servers.retain(|name, _| names.contains(&name.as_str()));
+                initialized.retain(|name| names.contains(&name.as_str()));
+                exits.retain(|name, _| names.contains(&name.as_str()));
+                told.retain(|name, _| names.contains(&name.as_str()));
                 for pod in &pods {
-                    let name = pod.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default();
+                    let name = pod_name(pod);
                     let running =
                         servers.get_mut(name).is_some_and(|p| p.try_wait().is_ok_and(|s| s.is_none()));
-                    let pod_dir = fake.pod_dir(NAMESPACE, name);
-                    if running || !pod_dir.join("ready").exists() {
+                    if running || exits.get(name).is_some_and(|n| *n >= CRASHES) {
                         continue;
                     }
-                    match serve(&fake, pod, &pod_dir, &dir) {
-                        Ok(proc) => {
+                    let files = PodFiles {
+                        fake: &fake,
+                        pod,
+                        dir: fake.pod_dir(NAMESPACE, name),
+                        secrets: dir.join(name),
+                    };
+                    let failure = match files.start(&images, &mut initialized) {
+                        Ok(Start::Serving(proc)) => {
+                            exits.remove(name);
                             servers.insert(name.to_owned(), proc);
+                            continue;
                         }
-                        Err(e) => eprintln!("kubelet: pod {name}: {e:#}"),
+                        Ok(Start::Waiting) => continue,
+                        Ok(Start::Exited(e)) => {
+                            let count = exits.entry(name.to_owned()).or_default();
+                            *count += 1;
+                            if *count == CRASHES {
+                                if let Some(deployment) = fake.deployment_of(NAMESPACE, name) {
+                                    fake.set_fault(NAMESPACE, &deployment, Some(PodFault::CrashLoopBackOff));
+                                }
+                            }
+                            e
+                        }
+                        Err(e) => e,
+                    };
+                    let failure = format!("{failure:#}");
+                    if told.get(name) != Some(&failure) {
+                        eprintln!("kubelet: pod {name}: {failure}");
+                        told.insert(name.to_owned(), failure);
                     }
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -280,62 +387,195 @@ impl Drop for Kubelet {
     }
 }
 
-/// Starts the server uploaded to `pod_dir` with the dev container's arguments, its pod-only
-/// parts replaced by this machine's: the listen address's 127.0.0.1 by the pod's own loopback
-/// address (the port stays, so the server's own port is the pod's, as `devmount proxy` asks
-/// for it), the authorized keys by a file holding the Secret's; maps the pod's port to it.
-fn serve(fake: &FakeKube, pod: &Value, pod_dir: &Path, keys_dir: &Path) -> Result<Proc> {
-    let name = pod.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default();
-    let containers = pod.pointer("/spec/containers").and_then(Value::as_array).context("no containers")?;
-    let dev = containers
-        .iter()
-        .find(|c| c["args"].as_array().is_some_and(|a| a.iter().any(|v| v == "--host-key-env")))
-        .context("no dev container")?;
-    let secret_name = dev["env"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find_map(|e| e.pointer("/valueFrom/secretKeyRef/name").and_then(Value::as_str))
-        .context("no secretKeyRef")?;
-    let secret: Secret =
-        serde_json::from_value(fake.get("secrets", NAMESPACE, secret_name).context("no session Secret")?)?;
-    let value = |key: &str| -> Result<Vec<u8>> {
-        let data = secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(key))
-            .with_context(|| format!("no {key} in the Secret"))?;
-        Ok(data.0.clone())
-    };
-    let authorized = keys_dir.join(format!("{name}.authorized_keys"));
-    fs::write(&authorized, value("authorized_keys")?)?;
-    let mut args: Vec<String> = Vec::new();
-    let mut listen = None;
-    let mut given = dev["args"].as_array().context("no args")?.iter().filter_map(Value::as_str);
-    while let Some(arg) = given.next() {
-        args.push(arg.to_owned());
-        match arg {
-            "--listen" => {
-                let in_pod: SocketAddr = given.next().context("--listen without a value")?.parse()?;
-                let here = SocketAddr::from((pod_loopback(), in_pod.port()));
-                args.push(here.to_string());
-                listen = Some(here);
-            }
-            "--authorized-keys" => {
-                given.next();
-                args.push(authorized.to_string_lossy().into_owned());
-            }
-            _ => {}
+/// How many exits in a row before it is ready make a dev container crash-loop.
+const CRASHES: u32 = 3;
+
+/// What became of a dev container's start.
+enum Start {
+    /// Its server is ready.
+    Serving(Proc),
+    /// Its wait script waits for the upload.
+    Waiting,
+    /// Its server ended before it was ready.
+    Exited(anyhow::Error),
+}
+
+fn pod_name(pod: &Value) -> &str {
+    pod.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default()
+}
+
+/// The strings of a JSON array (a command, args); none for anything else.
+fn strings(value: &Value) -> Vec<&str> {
+    value.as_array().into_iter().flatten().filter_map(Value::as_str).collect()
+}
+
+/// One dev pod as the kubelet stand-in runs it.
+struct PodFiles<'a> {
+    fake: &'a FakeKube,
+    pod: &'a Value,
+    /// The fake's directory of the pod, where its exec runs. It plays the pod's emptyDir (the
+    /// dev pod has one, the server's), so the upload (`DEVMOUNT_KUBE_SERVER_DIR=.`) and the
+    /// init container's copy land where the dev container's command looks.
+    dir: PathBuf,
+    /// Where the pod's Secret volumes are written.
+    secrets: PathBuf,
+}
+
+impl PodFiles<'_> {
+    /// Runs the init containers once per pod, then [`PodFiles::serve`].
+    fn start(&self, images: &Images, initialized: &mut HashSet<String>) -> Result<Start> {
+        let name = pod_name(self.pod);
+        if !initialized.contains(name) {
+            self.run_init_containers(images)?;
+            initialized.insert(name.to_owned());
+        }
+        self.serve()
+    }
+
+    /// Where `path` in `container` (as the pod spec gives it) is on this machine: in the pod's
+    /// directory for an emptyDir, in `secrets` for a Secret volume (its files written first),
+    /// else `path` itself, as the fake's pods see this machine's files (the claim is the
+    /// directory the workdir names).
+    fn host_path(&self, container: &Value, path: &str) -> Result<PathBuf> {
+        let mount = container["volumeMounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| Some((m, m["mountPath"].as_str()?.trim_end_matches('/'))))
+            .filter(|(_, at)| {
+                path.strip_prefix(at).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            })
+            .max_by_key(|(_, at)| at.len());
+        let Some((mount, at)) = mount else { return Ok(path.into()) };
+        let rest = path[at.len()..].trim_start_matches('/');
+        let volume_name = mount["name"].as_str().unwrap_or_default();
+        let volume = self
+            .pod
+            .pointer("/spec/volumes")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .find(|v| v["name"] == volume_name)
+            .with_context(|| {
+                format!(
+                    "container {} mounts volume {volume_name}, which the pod does not have",
+                    container["name"]
+                )
+            })?;
+        if volume.get("emptyDir").is_some() {
+            fs::create_dir_all(&self.dir)?;
+            Ok(self.dir.join(rest))
+        } else if let Some(source) = volume.get("secret") {
+            let dir = self.secrets.join(volume_name);
+            self.write_secret(source, &dir)?;
+            Ok(dir.join(rest))
+        } else {
+            Ok(path.into())
         }
     }
-    let host_key = String::from_utf8(value("host_key")?)?;
-    let mut cmd = command(pod_dir.join("devmount-server"));
-    cmd.args(&args).env("DEVMOUNT_HOST_KEY", host_key);
-    let proc = Proc::spawn(&mut cmd)?;
-    devmount_tests::wait_ready(&proc)?;
-    let listen = listen.context("no --listen")?;
-    fake.map_pod_port(NAMESPACE, name, listen.port(), listen);
-    Ok(proc)
+
+    /// Writes a Secret volume's files into `dir`: its `items`, or every key.
+    fn write_secret(&self, source: &Value, dir: &Path) -> Result<()> {
+        let name = source["secretName"].as_str().context("a Secret volume without secretName")?;
+        let secret =
+            self.fake.get("secrets", NAMESPACE, name).with_context(|| format!("no Secret {name}"))?;
+        let data = serde_json::from_value::<Secret>(secret)?.data.unwrap_or_default();
+        let items: Vec<(&str, &str)> = match source["items"].as_array() {
+            Some(items) => items
+                .iter()
+                .map(|i| (i["key"].as_str().unwrap_or_default(), i["path"].as_str().unwrap_or_default()))
+                .collect(),
+            None => data.keys().map(|k| (k.as_str(), k.as_str())).collect(),
+        };
+        fs::create_dir_all(dir)?;
+        for (key, path) in items {
+            let value = data.get(key).with_context(|| format!("no {key} in Secret {name}"))?;
+            fs::write(dir.join(path), &value.0)?;
+        }
+        Ok(())
+    }
+
+    /// Runs the init containers that copy a file from their image (`cp FROM TO`, as
+    /// serverImage's does), FROM being looked up in `images`. Others (devmount's seeding) are
+    /// not played: the fake's claim is the directory the workdir names already.
+    fn run_init_containers(&self, images: &Images) -> Result<()> {
+        let inits = self.pod.pointer("/spec/initContainers").and_then(Value::as_array);
+        for init in inits.into_iter().flatten() {
+            let name = init["name"].as_str().unwrap_or_default();
+            let ["cp", from, to] = strings(&init["command"])[..] else { continue };
+            let image = init["image"].as_str().unwrap_or_default();
+            let file = images.get(&(image.to_owned(), from.to_owned())).with_context(|| {
+                format!("init container {name}: cp: can't stat '{from}': no such file in image {image}")
+            })?;
+            let mut to = self.host_path(init, to)?;
+            if to.is_dir() {
+                to.push(Path::new(from).file_name().context("cp from a directory")?);
+            }
+            fs::copy(file, &to).with_context(|| {
+                format!("init container {name}: copying {} to {}", file.display(), to.display())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Starts the dev container's server with its command and args, its environment (the
+    /// Secret's host key through `secretKeyRef`) and its authorized keys file (the Secret
+    /// volume's) as the pod spec gives them, unless the wait script would still wait for the
+    /// upload. The listen address's 127.0.0.1 is replaced by the pod's own loopback address
+    /// (the port stays, so the server's own port is the pod's, as `devmount proxy` asks for
+    /// it), and the pod's port is mapped to it.
+    fn serve(&self) -> Result<Start> {
+        let containers =
+            self.pod.pointer("/spec/containers").and_then(Value::as_array).context("no containers")?;
+        let dev = containers
+            .iter()
+            .find(|c| strings(&c["args"]).contains(&"--host-key-env"))
+            .context("no dev container")?;
+        let (program, mut given) = match strings(&dev["command"])[..] {
+            // The wait script: it waits for the ready marker beside the uploaded server, then
+            // execs that with the container's args.
+            ["/bin/sh", "-c", ..] => {
+                if !self.dir.join("ready").exists() {
+                    return Ok(Start::Waiting);
+                }
+                (self.dir.join("devmount-server"), Vec::new())
+            }
+            // serverImage's: the server is the command itself.
+            [program, ref rest @ ..] => (self.host_path(dev, program)?, rest.to_vec()),
+            [] => bail!("the dev container has no command"),
+        };
+        given.extend(strings(&dev["args"]));
+        let mut args: Vec<OsString> = Vec::new();
+        let mut listen = None;
+        let mut given = given.into_iter();
+        while let Some(arg) = given.next() {
+            args.push(arg.into());
+            match arg {
+                "--listen" => {
+                    let in_pod: SocketAddr = given.next().context("--listen without a value")?.parse()?;
+                    let here = SocketAddr::from((pod_loopback(), in_pod.port()));
+                    args.push(here.to_string().into());
+                    listen = Some(here);
+                }
+                "--authorized-keys" => {
+                    let path = given.next().context("--authorized-keys without a value")?;
+                    args.push(self.host_path(dev, path)?.into());
+                }
+                _ => {}
+            }
+        }
+        let mut cmd = command(program);
+        cmd.args(&args).envs(self.fake.container_env(NAMESPACE, dev)?);
+        let mut proc = Proc::spawn(&mut cmd)?;
+        if let Err(e) = devmount_tests::wait_ready(&proc) {
+            // Ended, or ended here: a server that is not ready in time is no use either.
+            proc.kill();
+            return Ok(Start::Exited(e));
+        }
+        let listen = listen.context("no --listen")?;
+        self.fake.map_pod_port(NAMESPACE, pod_name(self.pod), listen.port(), listen);
+        Ok(Start::Serving(proc))
+    }
 }
 
 /// A loopback address for one pod's server (all of 127.0.0.0/8 is loopback, so the server can
@@ -399,12 +639,7 @@ fn up_edit_exec_pod_replaced_down_restores() -> Result<()> {
     ensure!(cluster.daemon_log()?.contains("reconnected to web.default:22022"), "{}", cluster.daemon_log()?);
 
     // The pod goes (a drain); the session finds the new one, uploads again, reconnects.
-    cluster.fake.replace_pod(NAMESPACE, &first)?;
-    let second = retry("a new dev pod", DEADLINE, || {
-        let pod = cluster.dev_pod()?;
-        ensure!(pod != first, "still {pod}");
-        Ok(pod)
-    })?;
+    let second = cluster.replace_dev_pod(&first)?;
     retry("the upload to the new pod", DEADLINE, || {
         ensure!(cluster.fake.pod_dir(NAMESPACE, &second).join("ready").exists(), "not yet");
         Ok(())
@@ -414,15 +649,7 @@ fn up_edit_exec_pod_replaced_down_restores() -> Result<()> {
         cluster.exec_sees("after.txt", "written after the pod was replaced\n")
     })?;
 
-    let down = cluster.ok(&["down", mnt_arg])?;
-    ensure!(!is_mount_point(&mnt), "still mounted after down\n{down}");
-    let restored = retry("the restore", DEADLINE, || {
-        let now = cluster.deployment()?;
-        ensure!(now.pointer("/spec/replicas") == Some(&json!(2)), "not restored yet: {now}");
-        Ok(now)
-    })?;
-    assert_eq!(restorable(&restored), restorable(&original), "restored exactly");
-    ensure!(cluster.secrets().is_empty(), "the session Secret is deleted: {:?}", cluster.secrets());
+    cluster.down_restores(&mnt, &original)?;
     ensure!(
         cluster.fake.list("persistentvolumeclaims", NAMESPACE).len() == 1,
         "the claim is kept without --volumes"
@@ -432,6 +659,60 @@ fn up_edit_exec_pod_replaced_down_restores() -> Result<()> {
         cluster.fake.list("persistentvolumeclaims", NAMESPACE).is_empty(),
         "--volumes deletes it\n{volumes}"
     );
+    Ok(())
+}
+
+#[test]
+fn server_image_brings_the_server_in_an_init_container() -> Result<()> {
+    let cluster = Cluster::start()?;
+    let original = cluster.deploy()?;
+    cluster.manifest(&format!("    serverImage: {SERVER_IMAGE}\n"))?;
+    let mnt = cluster.mnt();
+    let up = cluster.ok(&["up", mnt.to_str().context("mount point")?])?;
+    ensure!(is_mount_point(&mnt), "`devmount up` returned, but nothing is mounted\n{up}");
+
+    // The init container's copy is the server that runs; nothing was uploaded (the upload
+    // writes the ready marker).
+    let server = fs::read(static_server()?)?;
+    let first = cluster.dev_pod()?;
+    let pod_dir = cluster.fake.pod_dir(NAMESPACE, &first);
+    ensure!(fs::read(pod_dir.join("devmount-server"))? == server, "not the image's server\n{up}");
+    ensure!(!pod_dir.join("ready").exists(), "uploaded anyway\n{up}");
+
+    fs::write(mnt.join("hello.txt"), "hi from the laptop\n")?;
+    cluster.exec_sees("hello.txt", "hi from the laptop\n")?;
+    ensure!(fs::read_to_string(cluster.path("volume/hello.txt"))? == "hi from the laptop\n");
+
+    // The pod goes: the new pod's init container copies the server again, and the session
+    // reconnects to it without uploading.
+    let second = cluster.replace_dev_pod(&first)?;
+    fs::write(mnt.join("after.txt"), "written after the pod was replaced\n")?;
+    retry("exec over the new connection", DEADLINE, || {
+        cluster.exec_sees("after.txt", "written after the pod was replaced\n")
+    })?;
+    ensure!(!cluster.fake.pod_dir(NAMESPACE, &second).join("ready").exists(), "uploaded to {second}");
+
+    cluster.down_restores(&mnt, &original)
+}
+
+#[test]
+fn a_server_that_exits_at_start_is_named_and_the_swap_undone() -> Result<()> {
+    let cluster = Cluster::start()?;
+    let original = cluster.deploy()?;
+    cluster.manifest(&format!("    serverImage: {EXITING_SERVER_IMAGE}\n"))?;
+    let mnt = cluster.mnt();
+    let up = cluster.devmount(&["up", mnt.to_str().context("mount point")?])?;
+    ensure!(!up.success(), "{up}");
+    let err = up.stderr_text();
+    ensure!(
+        err.contains("container app of pod web-")
+            && err.contains("keeps crashing (CrashLoopBackOff")
+            && err.contains("deployment/web is restored"),
+        "{up}"
+    );
+    ensure!(!is_mount_point(&mnt));
+    ensure!(cluster.secrets().is_empty(), "the Secret is deleted again: {:?}", cluster.secrets());
+    assert_eq!(restorable(&cluster.deployment()?), restorable(&original));
     Ok(())
 }
 
@@ -630,6 +911,9 @@ fn resumed_here_refused_elsewhere_restored_from_anywhere() -> Result<()> {
     kill(Pid::from_raw(pid), Signal::SIGKILL)?;
     retry("the daemon's end", DEADLINE, || {
         ensure!(find_daemon(&client_bin()?, "up", mnt.as_os_str()).is_err(), "still there");
+        // Its main thread goes first: the control socket stays open, and `up` takes the
+        // session for a live one, until the last thread is gone.
+        ensure!(!cluster.a_socket_answers()?, "its control socket still answers");
         Ok(())
     })?;
     let again = cluster.ok(&["up", mnt_arg])?;

@@ -29,7 +29,7 @@ pub mod upload;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
@@ -137,9 +137,16 @@ impl Route {
                     }
                 }
                 // A server just uploaded, or in a container that just (re)started, needs a
-                // moment before it listens; one that runs answers at once.
+                // moment before it listens; one that runs answers at once. One that cannot run
+                // (serverImage's may be of another version) makes its container crash-loop:
+                // that is the cause, at once.
                 step(&format!("waiting for devmount-server in pod {name} to listen"));
-                portforward::wait_listening(&self.cluster, &name, DEFAULT_SERVER_PORT, SERVER_START).await?;
+                let listening =
+                    portforward::wait_listening(&self.cluster, &name, DEFAULT_SERVER_PORT, SERVER_START);
+                tokio::select! {
+                    listening = listening => listening?,
+                    cause = pod::crashed(&self.cluster, &name, self.claim.as_deref()) => bail!("{cause}"),
+                }
                 *self.checked.lock().unwrap_or_else(PoisonError::into_inner) = Some(seen);
             }
             step(&format!("port-forwarding to pod {name}"));

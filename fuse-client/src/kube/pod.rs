@@ -173,6 +173,30 @@ async fn events_of(cluster: &Cluster, names: &[&str]) -> Result<Vec<Event>> {
     Ok(all)
 }
 
+/// [`failure`] of `pod`, with the events of the pod and of `claim`.
+async fn cause(cluster: &Cluster, pod: &Pod, claim: Option<&str>) -> Result<Option<String>> {
+    let name = pod.name_any();
+    let mut names = vec![name.as_str()];
+    names.extend(claim);
+    Ok(failure(pod, &events_of(cluster, &names).await?))
+}
+
+/// Watches running pod `name` until a failure that needs someone's help shows, and returns
+/// its cause: a server that exits at start makes its container crash-loop while the client
+/// waits for it to listen. Pends while there is none, while the pod cannot be read, or once it
+/// is gone: the wait for its server has its own deadline and error.
+pub async fn crashed(cluster: &Cluster, name: &str, claim: Option<&str>) -> String {
+    let api: Api<Pod> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+    loop {
+        if let Ok(Some(pod)) = api.get_opt(name).await {
+            if let Ok(Some(cause)) = cause(cluster, &pod, claim).await {
+                return cause;
+            }
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
 /// Waits up to `timeout` for the pod of session `id` to run `container`, telling each stage to
 /// `step`; a failure that needs someone's help ends the wait early with its cause.
 pub async fn wait_running(
@@ -198,10 +222,7 @@ pub async fn wait_running(
                 step(&text);
                 last_step = text.clone();
             }
-            let mut names = vec![name.as_str()];
-            names.extend(claim);
-            let events = events_of(cluster, &names).await?;
-            if let Some(cause) = failure(&pod, &events) {
+            if let Some(cause) = cause(cluster, &pod, claim).await? {
                 bail!("{cause}");
             }
             last_seen = unschedulable(&pod).unwrap_or(text);

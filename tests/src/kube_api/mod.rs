@@ -62,6 +62,7 @@ mod store;
 mod streams;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -250,6 +251,12 @@ impl FakeKube {
         state.store.touch();
     }
 
+    /// The Deployment whose ReplicaSet owns pod `pod`, if any: the one whose fault it shows.
+    pub fn deployment_of(&self, namespace: &str, pod: &str) -> Option<String> {
+        let state = self.shared.lock();
+        controller::owning_deployment(&state.store, state.store.find(PODS, namespace, pod)?)
+    }
+
     /// Makes claims of this storage class bind (only `standard` does at start).
     pub fn add_storage_class(&self, name: &str) {
         let mut state = self.shared.lock();
@@ -280,6 +287,12 @@ impl FakeKube {
     /// Port-forwards to `pod_port` of this one pod connect to `to` (before its Deployment's map).
     pub fn map_pod_port(&self, namespace: &str, pod: &str, pod_port: u16, to: SocketAddr) {
         self.map_port(namespace, pod, pod_port, to);
+    }
+
+    /// The environment a container of a pod in `namespace` gets from its spec (`container`, as
+    /// JSON): literal values and `secretKeyRef`s, as exec gives it.
+    pub fn container_env(&self, namespace: &str, container: &Value) -> Result<Vec<(String, OsString)>> {
+        streams::container_env(&self.shared, namespace, container).map_err(|e| anyhow!(e.message))
     }
 
     /// The working directory of exec in a pod.

@@ -187,7 +187,11 @@ pub fn exec(
 }
 
 /// The container's environment: literal values, and values from Secrets (bytes as they are).
-fn container_env(shared: &Shared, ns: &str, container: &Value) -> Result<Vec<(String, OsString)>, ApiError> {
+pub fn container_env(
+    shared: &Shared,
+    ns: &str,
+    container: &Value,
+) -> Result<Vec<(String, OsString)>, ApiError> {
     let state = shared.lock();
     let mut env = Vec::new();
     for var in container.get("env").and_then(Value::as_array).into_iter().flatten() {
