@@ -224,7 +224,15 @@ fn clean_up(session: &Info) -> Result<String> {
 /// an error.
 pub fn reap(mountpoint: &Path) -> Result<()> {
     let Ok(session) = at(mountpoint) else { return Ok(()) };
-    if std::os::unix::net::UnixStream::connect(&session.socket).is_ok() {
+    let answers = || std::os::unix::net::UnixStream::connect(&session.socket).is_ok();
+    // A killed daemon's main thread ends before its others, which keep the socket open for a
+    // moment: give a dying daemon that moment.
+    let dying = session.pid.is_some_and(|pid| !alive(pid));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while dying && answers() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    if answers() {
         bail!(
             "a devmount session already serves {}; `devmount down {}` ends it",
             session.mountpoint.display(),

@@ -1599,6 +1599,14 @@ impl Sshd {
     }
 }
 
+/// The value of `key` in an ssh config block (`devmount ssh-config`), unquoted.
+pub fn ssh_config_value<'t>(block: &'t str, key: &str) -> Option<&'t str> {
+    block
+        .lines()
+        .find_map(|line| line.trim().strip_prefix(key)?.strip_prefix(' '))
+        .map(|value| value.trim_matches('"'))
+}
+
 /// Every process below `root` (its children, theirs, ...).
 fn descendants(root: i32) -> Vec<i32> {
     let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };

@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use devmount_tests::kube_api::{FakeKube, PodFault, NAMESPACE};
-use devmount_tests::{client_bin, command, find_daemon, retry, run, Proc, Run};
+use devmount_tests::{client_bin, command, find_daemon, retry, run, ssh_config_value, Proc, Run};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::PostParams;
@@ -716,14 +716,6 @@ fn a_server_that_exits_at_start_is_named_and_the_swap_undone() -> Result<()> {
     Ok(())
 }
 
-/// The value of `key` in an ssh config block, unquoted.
-fn config_value<'t>(block: &'t str, key: &str) -> Option<&'t str> {
-    block
-        .lines()
-        .find_map(|line| line.trim().strip_prefix(key)?.strip_prefix(' '))
-        .map(|value| value.trim_matches('"'))
-}
-
 #[test]
 fn openssh_clients_reach_the_pod_through_ssh_config() -> Result<()> {
     let cluster = Cluster::start()?;
@@ -735,12 +727,13 @@ fn openssh_clients_reach_the_pod_through_ssh_config() -> Result<()> {
     cluster.ok(&["sync"])?;
 
     let config = cluster.ok(&["ssh-config"])?.stdout_text();
-    let alias = config_value(&config, "Host").ok_or_else(|| anyhow!("no Host line: {config}"))?.to_owned();
-    ensure!(config_value(&config, "StrictHostKeyChecking") == Some("yes"), "{config}");
-    ensure!(config_value(&config, "HostKeyAlias") == Some(alias.as_str()), "{config}");
+    let alias =
+        ssh_config_value(&config, "Host").ok_or_else(|| anyhow!("no Host line: {config}"))?.to_owned();
+    ensure!(ssh_config_value(&config, "StrictHostKeyChecking") == Some("yes"), "{config}");
+    ensure!(ssh_config_value(&config, "HostKeyAlias") == Some(alias.as_str()), "{config}");
     // The pinned key is the session's, kept with its other files on this machine.
     let known =
-        PathBuf::from(config_value(&config, "UserKnownHostsFile").ok_or_else(|| anyhow!("{config}"))?);
+        PathBuf::from(ssh_config_value(&config, "UserKnownHostsFile").ok_or_else(|| anyhow!("{config}"))?);
     ensure!(known.starts_with(cluster.path("state/devmount/kube")), "{config}");
     ensure!(fs::read_to_string(&known)?.starts_with(&format!("{alias} ssh-ed25519 ")), "{config}");
     let path = cluster.path("ssh_config");

@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Context, Result};
 use devmount_tests::{
-    client_bin, command, echo_roundtrip, find_daemon, free_port, retry, run, run_with, EchoServer, Proc, Run,
+    client_bin, command, echo_roundtrip, find_daemon, free_port, retry, run, run_with, ssh_config_value,
+    EchoServer, Proc, Run,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -526,14 +527,6 @@ fn bad_input_gets_a_one_line_error() -> Result<()> {
     Ok(())
 }
 
-/// The value of `key` in an ssh config block, unquoted.
-fn config_value<'t>(block: &'t str, key: &str) -> Option<&'t str> {
-    block
-        .lines()
-        .find_map(|line| line.trim().strip_prefix(key)?.strip_prefix(' '))
-        .map(|value| value.trim_matches('"'))
-}
-
 #[test]
 fn ssh_config_lets_openssh_clients_ride_the_session() -> Result<()> {
     let sb = Sandbox::new()?;
@@ -545,11 +538,11 @@ fn ssh_config_lets_openssh_clients_ride_the_session() -> Result<()> {
     let path = sb.path("ssh_config");
     fs::write(&path, &config)?;
     ensure!(config.contains("\nHost devmount-dir\n"), "{config}");
-    ensure!(config_value(&config, "StrictHostKeyChecking") == Some("yes"), "{config}");
-    ensure!(config_value(&config, "HostKeyAlias") == Some("devmount-dir"), "{config}");
-    ensure!(config_value(&config, "IdentitiesOnly") == Some("yes"), "{config}");
+    ensure!(ssh_config_value(&config, "StrictHostKeyChecking") == Some("yes"), "{config}");
+    ensure!(ssh_config_value(&config, "HostKeyAlias") == Some("devmount-dir"), "{config}");
+    ensure!(ssh_config_value(&config, "IdentitiesOnly") == Some("yes"), "{config}");
     ensure!(!config.contains("/dev/null"), "{config}");
-    let proxy = config_value(&config, "ProxyCommand").ok_or_else(|| anyhow!("{config}"))?;
+    let proxy = ssh_config_value(&config, "ProxyCommand").ok_or_else(|| anyhow!("{config}"))?;
     let program = proxy
         .strip_suffix("' proxy dir")
         .and_then(|p| p.strip_prefix('\''))
@@ -557,7 +550,7 @@ fn ssh_config_lets_openssh_clients_ride_the_session() -> Result<()> {
     ensure!(fs::canonicalize(program)? == fs::canonicalize(client_bin()?)?, "{config}");
     // The pinned key is the session's own, under the alias, in a private file.
     let known =
-        PathBuf::from(config_value(&config, "UserKnownHostsFile").ok_or_else(|| anyhow!("{config}"))?);
+        PathBuf::from(ssh_config_value(&config, "UserKnownHostsFile").ok_or_else(|| anyhow!("{config}"))?);
     ensure!(known.starts_with(sb.path("state")), "{config}");
     let entry = fs::read_to_string(&known)?;
     ensure!(entry.starts_with("devmount-dir ssh-ed25519 ") && entry.lines().count() == 1, "{entry}");
