@@ -65,6 +65,8 @@ pub enum Replay {
 pub struct Echo {
     tid: AtomicI32,
     intent: Mutex<Option<Intent>>,
+    /// The thread's queue while it runs, for notifications the file system sends itself.
+    queue: Mutex<Option<mpsc::Sender<Work>>>,
 }
 
 impl Echo {
@@ -78,18 +80,32 @@ impl Echo {
         self.intent.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Sends a kernel notification from the echo thread (never from a request handler, which
+    /// could deadlock); dropped if the thread is not running.
+    pub fn notify(&self, work: Work) {
+        if let Some(queue) = &*self.queue.lock().unwrap_or_else(|e| e.into_inner()) {
+            let _ = queue.send(work);
+        }
+    }
+
+    /// The mount is going: the thread ends once the feed lets go of its queue too.
+    pub fn stop(&self) {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
     fn set_intent(&self, intent: Option<Intent>) {
         *self.intent.lock().unwrap_or_else(|e| e.into_inner()) = intent;
     }
 
     /// Starts the echo thread over the mount at `mountpoint`; it ends when every sender is
-    /// dropped.
+    /// dropped and [`Echo::stop`] was called.
     pub fn start(
         self: &std::sync::Arc<Self>,
         mountpoint: PathBuf,
         notifier: Notifier,
     ) -> std::io::Result<mpsc::Sender<Work>> {
         let (tx, rx) = mpsc::channel::<Work>();
+        *self.queue.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx.clone());
         let echo = self.clone();
         std::thread::Builder::new().name("devmount-echo".into()).spawn(move || {
             echo.tid.store(nix::unistd::gettid().as_raw(), Ordering::Relaxed);

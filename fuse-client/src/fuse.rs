@@ -2,8 +2,10 @@
 //!
 //! Each request that may need the network runs as a task on the tokio runtime and replies from
 //! there (fuser's replies are `Send`), so a FUSE dispatch thread never waits on a round trip:
-//! one slow `stat` in the pod stalls only the process that asked. Nothing here decides
-//! semantics; errno comes from `fs`.
+//! one slow `stat` in the pod stalls only the process that asked. A request the caches can
+//! answer is answered on the dispatch thread (the `*_cached` methods of `fs`): handing it to a
+//! task and back costs more than the answer. Nothing here decides semantics; errno comes from
+//! `fs`.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -13,15 +15,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use devmount_server::proto::stat::{FullStat, Timespec};
 use fuser::{
-    AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
+    TimeOrNow, WriteFlags,
 };
 use slab::Slab;
 
 use crate::cache::{FileKind, RelPath};
-use crate::echo::{Echo, Intent, ECHO_FH};
-use crate::fs::{DirItem, Entry, Fs, SetAttr, SetTime};
+use crate::echo::{Echo, Intent, Work, ECHO_FH};
+use crate::fs::{Entry, Fs, Names, SetAttr, SetTime};
 
 /// The kernel side of one mount.
 pub struct FuseFs {
@@ -30,7 +33,7 @@ pub struct FuseFs {
     echo: Arc<Echo>,
     rt: tokio::runtime::Handle,
     /// Listings snapshotted at opendir, paged through by readdir.
-    dirs: Arc<Mutex<Slab<Arc<Vec<DirItem>>>>>,
+    dirs: Arc<Mutex<Slab<Arc<Names>>>>,
 }
 
 impl FuseFs {
@@ -53,7 +56,9 @@ impl FuseFs {
             Some(Intent::Create { path, .. }) | Some(Intent::Rename { to: path, .. }) if path[..] == *p => {
                 Some(Err(Errno::ENOENT))
             }
-            Some(Intent::Exists { path, stat }) | Some(Intent::Rename { from: path, stat, .. }) if path[..] == *p => {
+            Some(Intent::Exists { path, stat }) | Some(Intent::Rename { from: path, stat, .. })
+                if path[..] == *p =>
+            {
                 Some(Ok(self.fs.echo_entry(&RelPath::new(path).ok()?, *stat)))
             }
             _ => None,
@@ -139,6 +144,45 @@ fn reply_entry(reply: ReplyEntry, e: &Entry) {
     reply.entry(&e.ttl, &attr(e.attr.id, &e.attr.stat), Generation(0));
 }
 
+fn reply_attr(reply: ReplyAttr, answer: Result<Entry, nix::errno::Errno>) {
+    match answer {
+        Ok(e) => reply.attr(&e.ttl, &attr(e.attr.id, &e.attr.stat)),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+fn reply_open(reply: ReplyOpen, answer: Result<(u64, bool), nix::errno::Errno>, flags: OpenFlags) {
+    match answer {
+        Ok((fh, keep)) => {
+            let mut open = if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
+            if flags.0 & libc::O_ACCMODE == libc::O_RDONLY {
+                // Nothing to report at close for a file not written through this descriptor.
+                open |= FopenFlags::FOPEN_NOFLUSH;
+            }
+            reply.opened(FileHandle(fh), open);
+        }
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+/// Answers opendir with a handle to `names`. Names the feed keeps may be kept by the kernel too
+/// (`FOPEN_CACHE_DIR`), so a warm `ls` or `find` reads no directory through the daemon; the
+/// feed's invalidation of the directory (`inval_inode(dir, 0, 0)`) drops the kernel's copy.
+fn reply_opendir(dirs: &Mutex<Slab<Arc<Names>>>, reply: ReplyOpen, answer: Result<Names, nix::errno::Errno>) {
+    match answer {
+        Ok(names) => {
+            let flags = if names.kept.is_some() {
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR
+            } else {
+                FopenFlags::empty()
+            };
+            let fh = dirs.lock().unwrap_or_else(|e| e.into_inner()).insert(Arc::new(names));
+            reply.opened(FileHandle(fh as u64), flags);
+        }
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
 impl Filesystem for FuseFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // readdirplus: `ls -l` and `find` get attributes with the names, no round trip each.
@@ -168,6 +212,11 @@ impl Filesystem for FuseFs {
                 None => {}
             }
         }
+        match self.fs.lookup_cached(parent.0, name) {
+            Some(Ok(e)) => return reply_entry(reply, &e),
+            Some(Err(e)) => return reply.error(errno(e)),
+            None => {}
+        }
         let name = name.to_owned();
         self.spawn(req, move |fs| async move {
             match fs.lookup(parent.0, &name).await {
@@ -182,12 +231,10 @@ impl Filesystem for FuseFs {
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        self.spawn(req, move |fs| async move {
-            match fs.getattr(ino.0).await {
-                Ok(e) => reply.attr(&e.ttl, &attr(e.attr.id, &e.attr.stat)),
-                Err(e) => reply.error(errno(e)),
-            }
-        });
+        if let Some(answer) = self.fs.getattr_cached(ino.0) {
+            return reply_attr(reply, answer);
+        }
+        self.spawn(req, move |fs| async move { reply_attr(reply, fs.getattr(ino.0).await) });
     }
 
     fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -203,15 +250,10 @@ impl Filesystem for FuseFs {
         if self.echo.is_echo(req.pid()) {
             return reply.opened(FileHandle(ECHO_FH), FopenFlags::FOPEN_KEEP_CACHE);
         }
-        self.spawn(req, move |fs| async move {
-            match fs.open(ino.0, flags.0).await {
-                Ok((fh, keep)) => {
-                    let flags = if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
-                    reply.opened(FileHandle(fh), flags);
-                }
-                Err(e) => reply.error(errno(e)),
-            }
-        });
+        if let Some(answer) = self.fs.open_cached(ino.0, flags.0) {
+            return reply_open(reply, answer, flags);
+        }
+        self.spawn(req, move |fs| async move { reply_open(reply, fs.open(ino.0, flags.0).await, flags) });
     }
 
     fn read(
@@ -243,7 +285,7 @@ impl Filesystem for FuseFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if fh.0 == ECHO_FH {
+        if fh.0 == ECHO_FH || self.fs.release_cached(fh.0) {
             return reply.ok();
         }
         self.spawn(req, move |fs| async move {
@@ -273,7 +315,14 @@ impl Filesystem for FuseFs {
         });
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         if fh.0 == ECHO_FH {
             return reply.ok();
         }
@@ -308,14 +357,30 @@ impl Filesystem for FuseFs {
         if let Some(Some(Intent::Create { path, stat })) = self.echo_intent(req) {
             let Ok(path) = RelPath::new(&path) else { return reply.error(Errno::EINVAL) };
             let e = self.fs.echo_entry(&path, stat);
-            return reply.created(&e.ttl, &attr(e.attr.id, &e.attr.stat), Generation(0), FileHandle(ECHO_FH), FopenFlags::FOPEN_KEEP_CACHE);
+            return reply.created(
+                &e.ttl,
+                &attr(e.attr.id, &e.attr.stat),
+                Generation(0),
+                FileHandle(ECHO_FH),
+                FopenFlags::FOPEN_KEEP_CACHE,
+            );
         }
         let name = name.to_owned();
         self.spawn(req, move |fs| async move {
             match fs.create(parent.0, &name, mode, umask, flags).await {
                 Ok((e, fh)) => {
-                    let flags = if fs.remote().is_devmount() { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
-                    reply.created(&e.ttl, &attr(e.attr.id, &e.attr.stat), Generation(0), FileHandle(fh), flags)
+                    let flags = if fs.remote().is_devmount() {
+                        FopenFlags::FOPEN_KEEP_CACHE
+                    } else {
+                        FopenFlags::empty()
+                    };
+                    reply.created(
+                        &e.ttl,
+                        &attr(e.attr.id, &e.attr.stat),
+                        Generation(0),
+                        FileHandle(fh),
+                        flags,
+                    )
                 }
                 Err(e) => reply.error(errno(e)),
             }
@@ -385,7 +450,9 @@ impl Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         if self.echo.is_echo(req.pid()) {
-            if let (Some(from), Some(to)) = (self.fs.child_path(parent.0, name), self.fs.child_path(newparent.0, newname)) {
+            if let (Some(from), Some(to)) =
+                (self.fs.child_path(parent.0, name), self.fs.child_path(newparent.0, newname))
+            {
                 self.fs.nodes().rename(&from, &to);
             }
             return reply.ok();
@@ -446,71 +513,84 @@ impl Filesystem for FuseFs {
     }
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if let Some(answer) = self.fs.readdir_cached(ino.0) {
+            return reply_opendir(&self.dirs, reply, answer);
+        }
         let dirs = self.dirs.clone();
-        self.spawn(req, move |fs| async move {
-            match fs.readdir(ino.0).await {
-                Ok(items) => {
-                    let fh = dirs.lock().unwrap_or_else(|e| e.into_inner()).insert(Arc::new(items));
-                    reply.opened(FileHandle(fh as u64), FopenFlags::FOPEN_KEEP_CACHE);
-                }
-                Err(e) => reply.error(errno(e)),
-            }
-        });
+        self.spawn(req, move |fs| async move { reply_opendir(&dirs, reply, fs.readdir(ino.0).await) });
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let Some(items) = self.listing(fh) else { return reply.error(Errno::EBADF) };
+        let Some(names) = self.listing(fh) else { return reply.error(Errno::EBADF) };
         // Offsets: 1 and 2 are `.` and `..`, then 3 + index.
         let dots: [(&[u8], u64); 2] = [(b".", ino.0), (b"..", ino.0)];
-        for (i, (name, id)) in dots.iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(*id), i as u64 + 1, FileType::Directory, OsStr::from_bytes(name)) {
-                return reply.ok();
-            }
-        }
+        let mut full = dots.iter().enumerate().skip(offset as usize).any(|(i, (name, id))| {
+            reply.add(INodeNo(*id), i as u64 + 1, FileType::Directory, OsStr::from_bytes(name))
+        });
         let start = (offset as usize).saturating_sub(2);
-        for (i, item) in items.iter().enumerate().skip(start) {
+        for (i, item) in names.items.iter().enumerate().skip(start) {
+            if full {
+                break;
+            }
             // Plain readdir only serves kernels without readdirplus; the inode number there
             // is informational, and looking each one up would cost a round trip per name.
-            if reply.add(INodeNo(u64::MAX), i as u64 + 3, file_type(item.kind), OsStr::from_bytes(&item.name)) {
+            full = reply.add(
+                INodeNo(u64::MAX),
+                i as u64 + 3,
+                file_type(item.kind),
+                OsStr::from_bytes(&item.name),
+            );
+        }
+        reply.ok();
+        self.after_reply(ino, &names);
+    }
+
+    fn readdirplus(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(names) = self.listing(fh) else { return reply.error(Errno::EBADF) };
+        // On this thread as far as the caches answer; a task goes on from the first entry that
+        // needs the server.
+        let fs = &self.fs;
+        let mut at = offset;
+        if at < 2 {
+            match fs.getattr_cached(ino.0) {
+                Some(dir) => {
+                    if add_dots(&mut reply, ino, at, dir.ok()) {
+                        return reply.ok();
+                    }
+                    at = 2;
+                }
+                None => return self.readdirplus_task(req, ino, names, at, reply),
+            }
+        }
+        for (i, item) in names.items.iter().enumerate().skip(at as usize - 2) {
+            let Some(entry) = fs.plus_entry_cached(ino.0, &item.name) else {
+                return self.readdirplus_task(req, ino, names.clone(), i as u64 + 2, reply);
+            };
+            if add_plus(fs, &mut reply, i, &item.name, entry) {
                 break;
             }
         }
         reply.ok();
+        self.after_reply(ino, &names);
     }
 
-    fn readdirplus(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
-        let Some(items) = self.listing(fh) else { return reply.error(Errno::EBADF) };
-        self.spawn(req, move |fs| async move {
-            if offset < 2 {
-                if let Ok(dir) = fs.getattr(ino.0).await {
-                    let a = attr(ino.0, &dir.attr.stat);
-                    let dots: [&[u8]; 2] = [b".", b".."];
-                    for (i, name) in dots.iter().enumerate().skip(offset as usize) {
-                        // The kernel takes no reference for `.` and `..`.
-                        if reply.add(INodeNo(ino.0), i as u64 + 1, OsStr::from_bytes(name), &Duration::ZERO, &a, Generation(0)) {
-                            return reply.ok();
-                        }
-                    }
-                }
-            }
-            let start = (offset as usize).saturating_sub(2);
-            for (i, item) in items.iter().enumerate().skip(start) {
-                // Checked again now: the snapshot may be older than a change the feed reported.
-                let Some(entry) = fs.plus_entry(ino.0, &item.name).await else { continue };
-                let a = attr(entry.attr.id, &entry.attr.stat);
-                if reply.add(INodeNo(entry.attr.id), i as u64 + 3, OsStr::from_bytes(&item.name), &entry.ttl, &a, Generation(0)) {
-                    // Full: the kernel never sees this entry, so holds no reference to it.
-                    fs.forget(entry.attr.id, 1);
-                    break;
-                }
-            }
-            reply.ok();
-        });
-    }
-
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
-        self.dirs.lock().unwrap_or_else(|e| e.into_inner()).try_remove(fh.0 as usize);
+    fn releasedir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        let names = self.dirs.lock().unwrap_or_else(|e| e.into_inner()).try_remove(fh.0 as usize);
         reply.ok();
+        if let Some(names) = names {
+            self.after_reply(ino, &names);
+        }
+    }
+
+    fn destroy(&mut self) {
+        self.echo.stop();
     }
 
     fn statfs(&self, req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -530,6 +610,32 @@ impl Filesystem for FuseFs {
             }
         });
     }
+}
+
+/// Adds `.` and `..` from offset `at` (below 2) with the directory's attributes, if known; true
+/// if the reply is full.
+fn add_dots(reply: &mut ReplyDirectoryPlus, ino: INodeNo, at: u64, dir: Option<Entry>) -> bool {
+    let Some(dir) = dir else { return false };
+    let a = attr(ino.0, &dir.attr.stat);
+    let dots: [&[u8]; 2] = [b".", b".."];
+    // The kernel takes no reference for `.` and `..`.
+    dots.iter().enumerate().skip(at as usize).any(|(i, name)| {
+        reply.add(INodeNo(ino.0), i as u64 + 1, OsStr::from_bytes(name), &Duration::ZERO, &a, Generation(0))
+    })
+}
+
+/// Adds item `i` of a listing, as `entry` says it is now (`None`: gone since the snapshot, left
+/// out); true if the reply is full.
+fn add_plus(fs: &Fs, reply: &mut ReplyDirectoryPlus, i: usize, name: &[u8], entry: Option<Entry>) -> bool {
+    let Some(entry) = entry else { return false };
+    let a = attr(entry.attr.id, &entry.attr.stat);
+    if reply.add(INodeNo(entry.attr.id), i as u64 + 3, OsStr::from_bytes(name), &entry.ttl, &a, Generation(0))
+    {
+        // Full: the kernel never sees this entry, so holds no reference to it.
+        fs.forget(entry.attr.id, 1);
+        return true;
+    }
+    false
 }
 
 impl FuseFs {
@@ -552,7 +658,43 @@ impl FuseFs {
         });
     }
 
-    fn listing(&self, fh: FileHandle) -> Option<Arc<Vec<DirItem>>> {
+    fn listing(&self, fh: FileHandle) -> Option<Arc<Names>> {
         self.dirs.lock().unwrap_or_else(|e| e.into_inner()).get(fh.0 as usize).cloned()
+    }
+
+    /// The rest of a readdirplus from `at`, on a task: an entry there needs the server.
+    fn readdirplus_task(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        names: Arc<Names>,
+        at: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        self.spawn(req, move |fs| async move {
+            if at < 2 {
+                let dir = fs.getattr(ino.0).await.ok();
+                if add_dots(&mut reply, ino, at, dir) {
+                    return reply.ok();
+                }
+            }
+            for (i, item) in names.items.iter().enumerate().skip((at.max(2) - 2) as usize) {
+                let entry = fs.plus_entry(ino.0, &item.name).await;
+                if add_plus(&fs, &mut reply, i, &item.name, entry) {
+                    break;
+                }
+            }
+            reply.ok();
+        });
+    }
+
+    /// After a reply from a directory handle the kernel may keep (see [`reply_opendir`]), and
+    /// at its release: if its names are no longer current, the kernel's copy is dropped. The
+    /// kernel fills its copy after each reply, so a change the feed applied meanwhile may have
+    /// been invalidated before the copy held it; this check, after the reply, catches that.
+    fn after_reply(&self, ino: INodeNo, names: &Names) {
+        if names.kept.is_some() && !self.fs.names_current(ino.0, names) {
+            self.echo.notify(Work::Inode { id: ino.0, off: 0, len: 0 });
+        }
     }
 }

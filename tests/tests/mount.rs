@@ -341,6 +341,48 @@ fn a_listing_older_than_a_delete_does_not_revive_the_file() -> Result<()> {
     Ok(())
 }
 
+/// The kernel keeps a listing the feed vouches for (so a warm `ls` or `find` costs the daemon
+/// nothing); a change in the pod must still show in the next listing, in the directory itself
+/// and one level down, and a handle opened before the change must not leave its older listing
+/// behind in the kernel.
+#[test]
+fn listings_the_kernel_keeps_show_changes_made_in_the_pod() -> Result<()> {
+    let s = Server::start()?;
+    fs::create_dir_all(s.root().join("dir/sub"))?;
+    fs::write(s.root().join("dir/old.txt"), b"old")?;
+    let mount = s.mount(MountOptions::new())?;
+    let (dir, sub) = (mount.path().join("dir"), mount.path().join("dir/sub"));
+    let check = || -> Result<()> {
+        // Twice each: the second listing is the one the kernel may answer by itself.
+        for _ in 0..2 {
+            ensure!(names(&dir)? == BTreeSet::from(["old.txt".into(), "sub".into()]));
+            ensure!(names(&sub)?.is_empty());
+        }
+        fs::write(s.root().join("dir/new.txt"), b"new")?;
+        within("a new file in a kept listing", FEED_DEADLINE, || listed(&dir, "new.txt", true))?;
+        fs::remove_file(s.root().join("dir/old.txt"))?;
+        within("a deleted file gone from a kept listing", FEED_DEADLINE, || {
+            listed(&dir, "old.txt", false)
+        })?;
+        fs::write(s.root().join("dir/sub/deep.txt"), b"deep")?;
+        within("a new file one level down", FEED_DEADLINE, || listed(&sub, "deep.txt", true))?;
+
+        // Opened before the change, read after the mount knows of it: whatever this handle
+        // lists, the next listing must show the new file.
+        let old_handle = fs::read_dir(&dir)?;
+        fs::write(s.root().join("dir/late.txt"), b"late")?;
+        within("the late file, by lookup", FEED_DEADLINE, || read(&dir.join("late.txt")))?;
+        let listed_by_old: Vec<OsString> =
+            old_handle.map(|e| e.map(|e| e.file_name())).collect::<Result<_, _>>()?;
+        println!("the handle opened before the change listed {listed_by_old:?}");
+        within("the late file in the next listing", FEED_DEADLINE, || listed(&dir, "late.txt", true))?;
+        Ok(())
+    };
+    check().with_context(|| format!("{}\n--- server stderr ---\n{}", mount.log(), s.log()))?;
+    mount.unmount()?;
+    Ok(())
+}
+
 #[test]
 fn remote_changes_show_within_the_timeout_against_openssh() -> Result<()> {
     let sshd = Sshd::start()?;

@@ -166,6 +166,8 @@ impl Default for CacheConfig {
 pub struct Fresh<T> {
     pub value: T,
     pub ttl: Duration,
+    /// Kept by the feed (the long TTL): it stays right until an invalidation says otherwise.
+    pub vouched: bool,
 }
 
 /// The answer to [`Cache::lookup`].
@@ -288,10 +290,16 @@ struct Policy {
 
 impl Policy {
     fn ttl(&self, path: &RelPath, seq: u64) -> Duration {
-        match self.feed {
-            FeedState::Ready { since } if seq >= since && !self.is_unwatched(path) => self.long_ttl,
-            _ => self.short_ttl,
+        if self.vouches(path, seq) {
+            self.long_ttl
+        } else {
+            self.short_ttl
         }
+    }
+
+    /// Whether the feed keeps an entry for `path` from a reply at `seq` right.
+    fn vouches(&self, path: &RelPath, seq: u64) -> bool {
+        matches!(self.feed, FeedState::Ready { since } if seq >= since && !self.is_unwatched(path))
     }
 
     fn is_unwatched(&self, path: &RelPath) -> bool {
@@ -337,6 +345,7 @@ where
 {
     let e = lru.peek(path)?;
     let ttl = policy.ttl(path, e.seq);
+    let vouched = policy.vouches(path, e.seq);
     let age = now.saturating_duration_since(e.inserted);
     if age >= ttl {
         lru.remove(path.as_bytes());
@@ -344,7 +353,7 @@ where
     }
     let value = e.value.clone();
     lru.promote(path);
-    Some(Fresh { value, ttl: ttl - age })
+    Some(Fresh { value, ttl: ttl - age, vouched })
 }
 
 #[derive(Default)]
@@ -440,6 +449,17 @@ impl Cache {
         let r = fresh(&mut self.dirs, &self.policy, dir, now);
         count(&mut self.dir_tally, r.is_some());
         r
+    }
+
+    /// Whether `listing` is still the fresh listing of `dir` and the feed keeps it: a listing
+    /// the kernel was let keep is checked against this (no counting, no LRU promotion). An edit
+    /// of a listing someone else holds copies it, so a changed listing is another `Arc`.
+    pub fn keeps_listing(&self, dir: &RelPath, listing: &Arc<Listing>, now: Instant) -> bool {
+        self.dirs.peek(dir).is_some_and(|e| {
+            Arc::ptr_eq(&e.value, listing)
+                && self.policy.vouches(dir, e.seq)
+                && now.saturating_duration_since(e.inserted) < self.policy.long_ttl
+        })
     }
 
     /// Stores the attributes of `path` from a reply at `seq`; drops a negative entry for it.

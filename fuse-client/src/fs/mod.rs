@@ -29,7 +29,9 @@ use devmount_server::proto::sftp::StatVfs;
 use devmount_server::proto::stat::FullStat;
 use nix::errno::Errno;
 
-use crate::cache::{Cache, CacheConfig, DataPart, DataVersion, FileKind, LocalChange, Lookup, RelPath};
+use crate::cache::{
+    Cache, CacheConfig, DataPart, DataVersion, FileKind, Listing, LocalChange, Lookup, RelPath,
+};
 use crate::journal::{Journal, Sender};
 use apply::Applier;
 use inflight::{InFlight, Ticket};
@@ -89,6 +91,16 @@ pub struct DirItem {
     pub kind: FileKind,
 }
 
+/// A directory's names, as readdir answers them.
+#[derive(Debug, Clone)]
+pub struct Names {
+    pub items: Vec<DirItem>,
+    /// The cached listing the names are, when the feed keeps it and nothing changed here is
+    /// merged in: the kernel may then keep the names too, as long as [`Fs::names_current`]
+    /// holds (the feed's invalidation of the directory drops the kernel's copy).
+    pub kept: Option<Arc<Listing>>,
+}
+
 struct OpenFile {
     id: u64,
     /// The path at open; reads and writes use the node's current path.
@@ -142,7 +154,13 @@ struct ReadAhead {
 }
 
 impl Fs {
-    pub fn new(remote: Arc<Remote>, cache: &CacheConfig, ids: IdMap, journal: Journal, sender: Sender<Applier>) -> Fs {
+    pub fn new(
+        remote: Arc<Remote>,
+        cache: &CacheConfig,
+        ids: IdMap,
+        journal: Journal,
+        sender: Sender<Applier>,
+    ) -> Fs {
         let (walks, walks_rx) = tokio::sync::mpsc::unbounded_channel();
         let (ahead, ahead_rx) = tokio::sync::mpsc::unbounded_channel();
         Fs {
@@ -240,7 +258,14 @@ impl Fs {
 
     /// After a read of `offset..end` of `file`: when reads go on sequentially, asks for the
     /// next window to be fetched, so the reader finds it cached.
-    fn plan_read_ahead(&self, file: &Arc<OpenFile>, path: &RelPath, version: &DataVersion, offset: u64, end: u64) {
+    fn plan_read_ahead(
+        &self,
+        file: &Arc<OpenFile>,
+        path: &RelPath,
+        version: &DataVersion,
+        offset: u64,
+        end: u64,
+    ) {
         use std::sync::atomic::Ordering::Relaxed;
         // The kernel may send the pieces of one large read at once, so "sequential" is: at or
         // a little before the furthest point read so far.
@@ -279,7 +304,10 @@ impl Fs {
     }
 
     /// Walks `dir` and stores what it finds; the number of entries stored.
-    async fn walk(&self, dir: &RelPath) -> std::result::Result<usize, devmount_server::sftp::client::SftpError> {
+    async fn walk(
+        &self,
+        dir: &RelPath,
+    ) -> std::result::Result<usize, devmount_server::sftp::client::SftpError> {
         let sftp = self.remote.sftp();
         let handle = sftp.dev_walk(&self.remote.abs(dir), prefetch::BATCH, 0).await?;
         let mut assembler = prefetch::Assembler::new(dir.clone());
@@ -420,18 +448,30 @@ impl Fs {
 
     /// lookup: the kernel takes a reference to the node it returns.
     pub async fn lookup(&self, parent: u64, name: &OsStr) -> Result<Entry> {
+        if let Some(answer) = self.lookup_cached(parent, name) {
+            return answer;
+        }
         let path = self.child(parent, name)?;
-        if let Some(e) = lock(&self.local).get(&path) {
-            let stat = e.stat.ok_or(Errno::ENOENT)?;
-            return Ok(self.entry(&path, stat, Duration::ZERO));
+        let (stat, ttl) = self.fetch_stat(&path).await?;
+        Ok(self.entry(&path, stat, ttl))
+    }
+
+    /// [`Fs::lookup`] when it needs no request to the server: `None` if it does.
+    pub fn lookup_cached(&self, parent: u64, name: &OsStr) -> Option<Result<Entry>> {
+        let path = match self.child(parent, name) {
+            Ok(path) => path,
+            Err(e) => return Some(Err(e)),
+        };
+        let local = lock(&self.local).get(&path);
+        if let Some(e) = local {
+            return Some(e.stat.ok_or(Errno::ENOENT).map(|stat| self.entry(&path, stat, Duration::ZERO)));
         }
         let cached = self.cache().lookup(&path, Instant::now());
-        let (stat, ttl) = match cached {
-            Lookup::Found { stat, ttl } => (stat, ttl),
-            Lookup::Missing { .. } => return Err(Errno::ENOENT),
-            Lookup::Unknown => self.fetch_stat(&path).await?,
-        };
-        Ok(self.entry(&path, stat, ttl))
+        match cached {
+            Lookup::Found { stat, ttl } => Some(Ok(self.entry(&path, stat, ttl))),
+            Lookup::Missing { .. } => Some(Err(Errno::ENOENT)),
+            Lookup::Unknown => None,
+        }
     }
 
     pub fn forget(&self, id: u64, n: u64) {
@@ -439,18 +479,31 @@ impl Fs {
     }
 
     pub async fn getattr(&self, id: u64) -> Result<Entry> {
-        let path = self.path_of(id)?;
-        if let Some(e) = lock(&self.local).get(&path) {
-            let stat = e.stat.ok_or(Errno::ENOENT)?;
-            // Answered here at no cost, and changing with every write: not kept by the kernel.
-            return Ok(Entry { attr: Attr { id, stat: self.ids.to_local(stat) }, ttl: Duration::ZERO });
+        if let Some(answer) = self.getattr_cached(id) {
+            return answer;
         }
-        let cached = self.cache().attr(&path, Instant::now());
-        let (stat, ttl) = match cached {
-            Some(f) => (f.value, f.ttl),
-            None => self.fetch_stat(&path).await?,
-        };
+        let path = self.path_of(id)?;
+        let (stat, ttl) = self.fetch_stat(&path).await?;
         Ok(Entry { attr: Attr { id, stat: self.ids.to_local(stat) }, ttl })
+    }
+
+    /// [`Fs::getattr`] when it needs no request to the server: `None` if it does.
+    pub fn getattr_cached(&self, id: u64) -> Option<Result<Entry>> {
+        let path = match self.path_of(id) {
+            Ok(path) => path,
+            Err(e) => return Some(Err(e)),
+        };
+        let local = lock(&self.local).get(&path);
+        if let Some(e) = local {
+            // Answered here at no cost, and changing with every write: not kept by the kernel.
+            let stat = e.stat.ok_or(Errno::ENOENT);
+            return Some(stat.map(|stat| Entry {
+                attr: Attr { id, stat: self.ids.to_local(stat) },
+                ttl: Duration::ZERO,
+            }));
+        }
+        let cached = self.cache().attr(&path, Instant::now())?;
+        Some(Ok(Entry { attr: Attr { id, stat: self.ids.to_local(cached.value) }, ttl: cached.ttl }))
     }
 
     pub async fn readlink(&self, id: u64) -> Result<Bytes> {
@@ -472,33 +525,68 @@ impl Fs {
     /// Every name of directory `id`, with the names changed here and not yet on the server
     /// merged in. The attributes of the names are cached on the way (a listing carries them),
     /// for [`Fs::plus_entry`].
-    pub async fn readdir(&self, id: u64) -> Result<Vec<DirItem>> {
+    pub async fn readdir(&self, id: u64) -> Result<Names> {
+        if let Some(names) = self.readdir_cached(id) {
+            return names;
+        }
         let dir = self.path_of(id)?;
+        let (entries, listing) = self.server_listing(&dir).await?;
+        Ok(self.merge_local(&dir, entries, listing))
+    }
+
+    /// [`Fs::readdir`] when it needs no request to the server: `None` if it does.
+    pub fn readdir_cached(&self, id: u64) -> Option<Result<Names>> {
+        let dir = match self.path_of(id) {
+            Ok(dir) => dir,
+            Err(e) => return Some(Err(e)),
+        };
+        let own = lock(&self.local).get(&dir);
+        match own {
+            Some(e) if e.stat.is_none() => return Some(Err(Errno::ENOENT)),
+            // Made here: the server may not have it yet, and has nothing in it.
+            Some(_) if self.journal.is_dirty(dir.as_bytes()) => {
+                return Some(Ok(self.merge_local(&dir, Vec::new(), None)));
+            }
+            _ => {}
+        }
+        let cached = self.cache().listing(&dir, Instant::now())?;
+        let entries =
+            cached.value.entries().iter().map(|e| DirItem { name: e.name.clone(), kind: e.kind }).collect();
+        let listing = cached.vouched.then_some(cached.value);
+        Some(Ok(self.merge_local(&dir, entries, listing)))
+    }
+
+    /// The server's names `entries` of `dir` (the cache's `listing`, if the feed keeps it) with
+    /// the names changed here merged in.
+    fn merge_local(&self, dir: &RelPath, mut items: Vec<DirItem>, listing: Option<Arc<Listing>>) -> Names {
         let (changed, own) = {
             let local = lock(&self.local);
-            (local.children(&dir), local.get(&dir))
+            (local.children(dir), local.get(dir))
         };
-        let mut items = match own {
-            Some(e) if e.stat.is_none() => return Err(Errno::ENOENT),
-            // Made here: the server may not have it yet, and has nothing in it.
-            Some(_) if self.journal.is_dirty(dir.as_bytes()) => Vec::new(),
-            _ => self.server_listing(&dir).await?,
-        };
-        if changed.is_empty() {
-            return Ok(items);
+        if changed.is_empty() && own.is_none() {
+            return Names { items, kept: listing };
         }
         items.retain(|item| !changed.iter().any(|(name, _)| *name == item.name));
         items.extend(changed.into_iter().filter_map(|(name, kind)| Some(DirItem { name, kind: kind? })));
-        Ok(items)
+        Names { items, kept: None }
     }
 
-    /// The server's names of `dir` (through the cache).
-    async fn server_listing(&self, dir: &RelPath) -> Result<Vec<DirItem>> {
+    /// Whether `names`, an answer of [`Fs::readdir`] for directory `id`, is still the answer:
+    /// always false for names the kernel is not to keep.
+    pub fn names_current(&self, id: u64, names: &Names) -> bool {
+        let Some(listing) = &names.kept else { return false };
+        let Ok(dir) = self.path_of(id) else { return false };
+        let unchanged_here = {
+            let local = lock(&self.local);
+            local.get(&dir).is_none() && local.children(&dir).is_empty()
+        };
+        unchanged_here && self.cache().keeps_listing(&dir, listing, Instant::now())
+    }
+
+    /// The server's names of `dir` (through the cache), and the cached listing they are if the
+    /// feed keeps it.
+    async fn server_listing(&self, dir: &RelPath) -> Result<(Vec<DirItem>, Option<Arc<Listing>>)> {
         let now = Instant::now();
-        let cached = self.cache().listing(dir, now);
-        if let Some(f) = cached {
-            return Ok(f.value.entries().iter().map(|e| DirItem { name: e.name.clone(), kind: e.kind }).collect());
-        }
         self.want_subtree(dir);
         let ticket = self.begin();
         let (entries, own) = self.remote.list(dir).await?;
@@ -508,9 +596,12 @@ impl Fs {
         if let Some(own) = own {
             let _ = cache.insert_attr(dir, own.stat, seq, now);
         }
-        // A refused listing (an event overtook it) still answers this request.
-        let _ = cache.insert_listing(dir, entries, seq, now);
-        Ok(items)
+        // A refused listing (an event overtook it) still answers this request, but is not kept.
+        let kept = match cache.insert_listing(dir, entries, seq, now) {
+            Ok(()) => cache.listing(dir, now).filter(|f| f.vouched).map(|f| f.value),
+            Err(_) => None,
+        };
+        Ok((items, kept))
     }
 
     /// The entry to give the kernel for `name` of a listing snapshot, as of now: a name deleted
@@ -518,15 +609,24 @@ impl Fs {
     /// never brings back what the feed already removed. Counted as a reference the kernel
     /// takes: [`Fs::forget`] it if the entry does not make it into the reply.
     pub async fn plus_entry(&self, dir: u64, name: &[u8]) -> Option<Entry> {
-        let path = self.path_of(dir).ok()?.join(name).ok()?;
-        if let Some(e) = lock(&self.local).get(&path) {
-            return e.stat.map(|st| self.entry(&path, st, Duration::ZERO));
+        match self.plus_entry_cached(dir, name) {
+            Some(entry) => entry,
+            None => self.lookup(dir, OsStr::from_bytes(name)).await.ok(),
+        }
+    }
+
+    /// [`Fs::plus_entry`] when it needs no request to the server: `None` if it does.
+    pub fn plus_entry_cached(&self, dir: u64, name: &[u8]) -> Option<Option<Entry>> {
+        let Some(path) = self.path_of(dir).ok().and_then(|d| d.join(name).ok()) else { return Some(None) };
+        let local = lock(&self.local).get(&path);
+        if let Some(e) = local {
+            return Some(e.stat.map(|st| self.entry(&path, st, Duration::ZERO)));
         }
         let cached = self.cache().lookup(&path, Instant::now());
         match cached {
-            Lookup::Found { stat, ttl } => Some(self.entry(&path, stat, ttl)),
-            Lookup::Missing { .. } => None,
-            Lookup::Unknown => self.lookup(dir, OsStr::from_bytes(name)).await.ok(),
+            Lookup::Found { stat, ttl } => Some(Some(self.entry(&path, stat, ttl))),
+            Lookup::Missing { .. } => Some(None),
+            Lookup::Unknown => None,
         }
     }
 
@@ -572,7 +672,9 @@ impl Fs {
                     let from = offset.max(range.start);
                     let to = end.min(range.start + data.len() as u64);
                     if from < to {
-                        out.extend_from_slice(&data[(from - range.start) as usize..(to - range.start) as usize]);
+                        out.extend_from_slice(
+                            &data[(from - range.start) as usize..(to - range.start) as usize],
+                        );
                     }
                     if (data.len() as u64) < range.end - range.start {
                         // The file is shorter than its stat said: it changed; stop here.
@@ -593,7 +695,9 @@ impl Fs {
         if self.remote.is_devmount() {
             return true;
         }
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
         version.mtime.sec + 1 < now
     }
 
@@ -618,7 +722,12 @@ impl Fs {
         })?;
         let mut out = BytesMut::with_capacity((end - offset) as usize);
         let mut at = offset;
-        for (range, data) in overlay.pieces.iter().map(|(r, d)| (r.clone(), d)).chain(std::iter::once((end..end, &Bytes::new()))) {
+        for (range, data) in overlay
+            .pieces
+            .iter()
+            .map(|(r, d)| (r.clone(), d))
+            .chain(std::iter::once((end..end, &Bytes::new())))
+        {
             if at < range.start {
                 // The server's bytes: wait until it has them under this name.
                 if let Some(seq) = entry.renamed {

@@ -55,7 +55,13 @@ impl Fs {
 
     /// Records what `path` is after op `seq`: `update` edits the current local stat (or
     /// `base`, the server's, when there is none yet).
-    fn set_local(&self, path: &RelPath, seq: Seq, base: Option<FullStat>, update: impl FnOnce(&mut FullStat)) -> FullStat {
+    fn set_local(
+        &self,
+        path: &RelPath,
+        seq: Seq,
+        base: Option<FullStat>,
+        update: impl FnOnce(&mut FullStat),
+    ) -> FullStat {
         let mut local = lock(&self.local);
         let mut stat = local.get(path).and_then(|e| e.stat).or(base).unwrap_or_default();
         update(&mut stat);
@@ -140,7 +146,14 @@ impl Fs {
     }
 
     /// create: a new regular file (or, without `O_EXCL`, an existing one opened).
-    pub async fn create(&self, parent: u64, name: &OsStr, mode: u32, umask: u32, flags: i32) -> Result<(Entry, u64)> {
+    pub async fn create(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+    ) -> Result<(Entry, u64)> {
         let path = self.child(parent, name)?;
         if let Some(stat) = self.existing(&path).await? {
             if flags & libc::O_EXCL != 0 {
@@ -208,7 +221,8 @@ impl Fs {
         if self.existing(&path).await?.is_some() {
             return Err(Errno::EEXIST);
         }
-        let seq = self.append(Op::Symlink { target: Bytes::copy_from_slice(target), path: bytes(&path) }).await?;
+        let seq =
+            self.append(Op::Symlink { target: Bytes::copy_from_slice(target), path: bytes(&path) }).await?;
         let stat = self.new_stat(libc::S_IFLNK | 0o777, target.len() as u64);
         self.set_local(&path, seq, Some(stat), |_| {});
         Ok(self.made(&path, stat))
@@ -257,11 +271,29 @@ impl Fs {
     /// The last descriptor of node `id` was closed: a hidden name left by
     /// [`Fs::hide_if_open`] goes now. The check and the unnaming happen under the inode
     /// table's lock, so of a release and an unlink racing here exactly one removes the name.
+    /// [`Fs::release`] when it needs no request to the server: false, with nothing done, if it
+    /// does (the file has a server handle, or is a hidden name to remove).
+    pub fn release_cached(&self, fh: u64) -> bool {
+        let Ok(file) = self.file(fh) else { return true };
+        let idle = file.remote.try_lock().is_ok_and(|h| h.is_none());
+        let hidden = || {
+            self.nodes()
+                .path(file.id)
+                .is_some_and(|p| p.file_name().is_some_and(|n| n.starts_with(HIDDEN_PREFIX.as_bytes())))
+        };
+        if !idle || hidden() {
+            return false;
+        }
+        lock(&self.files).try_remove(fh as usize);
+        true
+    }
+
     pub(super) async fn drop_hidden(&self, id: u64) {
         let path = {
             let mut nodes = self.nodes();
             let Some(path) = nodes.path(id) else { return };
-            if self.is_open(id) || !path.file_name().is_some_and(|n| n.starts_with(HIDDEN_PREFIX.as_bytes())) {
+            if self.is_open(id) || !path.file_name().is_some_and(|n| n.starts_with(HIDDEN_PREFIX.as_bytes()))
+            {
                 return;
             }
             nodes.unlink(&path);
@@ -272,7 +304,10 @@ impl Fs {
                 self.set_removed(&path, seq);
                 self.cache().local_change(LocalChange::Removed(&path));
             }
-            Err(e) => tracing::warn!("{}: cannot remove the hidden name: {e}", String::from_utf8_lossy(path.as_bytes())),
+            Err(e) => tracing::warn!(
+                "{}: cannot remove the hidden name: {e}",
+                String::from_utf8_lossy(path.as_bytes())
+            ),
         }
     }
 
@@ -283,7 +318,7 @@ impl Fs {
             return Err(Errno::ENOTDIR);
         }
         let id = self.nodes().id_for(&path, stat.dev, stat.ino);
-        if !self.readdir(id).await?.is_empty() {
+        if !self.readdir(id).await?.items.is_empty() {
             return Err(Errno::ENOTEMPTY);
         }
         let seq = self.append(Op::Rmdir { path: bytes(&path) }).await?;
@@ -293,7 +328,14 @@ impl Fs {
         Ok(())
     }
 
-    pub async fn rename(&self, parent: u64, name: &OsStr, new_parent: u64, new_name: &OsStr, flags: u32) -> Result<()> {
+    pub async fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        new_parent: u64,
+        new_name: &OsStr,
+        flags: u32,
+    ) -> Result<()> {
         let from = self.child(parent, name)?;
         let to = self.child(new_parent, new_name)?;
         if flags & !(rename_flags::NOREPLACE | rename_flags::EXCHANGE) != 0 {
@@ -310,12 +352,14 @@ impl Fs {
         match (flags, dst) {
             (f, Some(_)) if f & rename_flags::NOREPLACE != 0 => return Err(Errno::EEXIST),
             (f, None) if f & rename_flags::EXCHANGE != 0 => return Err(Errno::ENOENT),
-            (f, _) if f & rename_flags::EXCHANGE != 0 && !self.remote.is_devmount() => return Err(Errno::EINVAL),
+            (f, _) if f & rename_flags::EXCHANGE != 0 && !self.remote.is_devmount() => {
+                return Err(Errno::EINVAL)
+            }
             (0, Some(d)) if d.is_dir() && !src.is_dir() => return Err(Errno::EISDIR),
             (0, Some(d)) if !d.is_dir() && src.is_dir() => return Err(Errno::ENOTDIR),
             (0, Some(d)) if d.is_dir() => {
                 let id = self.nodes().id_for(&to, d.dev, d.ino);
-                if !self.readdir(id).await?.is_empty() {
+                if !self.readdir(id).await?.items.is_empty() {
                     return Err(Errno::ENOTEMPTY);
                 }
             }
@@ -372,21 +416,17 @@ impl Fs {
     }
 
     /// Opens `id`: for writing (journaled), or reading.
+    /// open: the handle, and whether the kernel may keep the file's pages from an earlier open.
     pub async fn open(&self, id: u64, flags: i32) -> Result<(u64, bool)> {
+        if let Some(answer) = self.open_cached(id, flags) {
+            return answer;
+        }
         let path = self.path_of(id)?;
         let writable = writable(flags);
         let local = lock(&self.local).get(&path);
         let stat = match local {
             Some(e) => e.stat.ok_or(Errno::ENOENT)?,
-            // Close-to-open: without a feed the stat is re-validated at every open.
-            None => {
-                let cached =
-                    if self.remote.is_devmount() { self.cache().attr(&path, std::time::Instant::now()) } else { None };
-                match cached {
-                    Some(f) => f.value,
-                    None => self.fetch_stat(&path).await?.0,
-                }
-            }
+            None => self.fetch_stat(&path).await?.0,
         };
         if stat.is_dir() {
             return Err(Errno::EISDIR);
@@ -405,6 +445,32 @@ impl Fs {
         }
         let keep = self.remote.is_devmount();
         Ok((self.open_file(id, path, flags), keep))
+    }
+
+    /// [`Fs::open`] when it needs neither the server nor the journal: `None` if it does.
+    pub fn open_cached(&self, id: u64, flags: i32) -> Option<Result<(u64, bool)>> {
+        let path = match self.path_of(id) {
+            Ok(path) => path,
+            Err(e) => return Some(Err(e)),
+        };
+        let local = lock(&self.local).get(&path);
+        let stat = match local {
+            Some(e) => match e.stat {
+                Some(stat) => stat,
+                None => return Some(Err(Errno::ENOENT)),
+            },
+            // Close-to-open: without a feed the stat is re-validated at every open.
+            None if self.remote.is_devmount() => self.cache().attr(&path, std::time::Instant::now())?.value,
+            None => return None,
+        };
+        if stat.is_dir() {
+            return Some(Err(Errno::EISDIR));
+        }
+        if writable(flags) && flags & libc::O_TRUNC != 0 && stat.size != 0 {
+            return None;
+        }
+        let keep = self.remote.is_devmount();
+        Some(Ok((self.open_file(id, path, flags), keep)))
     }
 
     /// write: journaled, then answered.
@@ -455,7 +521,8 @@ impl Fs {
         }
         let uid = set.uid.map(|u| if u == self.ids.local_uid { self.ids.remote_uid } else { u });
         let gid = set.gid.map(|g| if g == self.ids.local_gid { self.ids.remote_gid } else { g });
-        if set.mode.is_some() || uid.is_some() || gid.is_some() || set.atime.is_some() || set.mtime.is_some() {
+        if set.mode.is_some() || uid.is_some() || gid.is_some() || set.atime.is_some() || set.mtime.is_some()
+        {
             let time = |s: Option<SetTime>| match s {
                 None => TimeSet::Omit,
                 Some(SetTime::Now) => TimeSet::Now,
