@@ -268,26 +268,27 @@ impl Fs {
         Ok(true)
     }
 
-    /// The last descriptor of node `id` was closed: a hidden name left by
-    /// [`Fs::hide_if_open`] goes now. The check and the unnaming happen under the inode
-    /// table's lock, so of a release and an unlink racing here exactly one removes the name.
     /// [`Fs::release`] when it needs no request to the server: false, with nothing done, if it
     /// does (the file has a server handle, or is a hidden name to remove).
     pub fn release_cached(&self, fh: u64) -> bool {
         let Ok(file) = self.file(fh) else { return true };
         let idle = file.remote.try_lock().is_ok_and(|h| h.is_none());
-        let hidden = || {
-            self.nodes()
-                .path(file.id)
-                .is_some_and(|p| p.file_name().is_some_and(|n| n.starts_with(HIDDEN_PREFIX.as_bytes())))
-        };
-        if !idle || hidden() {
+        // Under the inode table's lock, as in `drop_hidden`: an unlink hiding the file either
+        // came first (the async release drops the hidden name) or finds it closed.
+        let nodes = self.nodes();
+        let hidden = nodes
+            .path(file.id)
+            .is_some_and(|p| p.file_name().is_some_and(|n| n.starts_with(HIDDEN_PREFIX.as_bytes())));
+        if !idle || hidden {
             return false;
         }
         lock(&self.files).try_remove(fh as usize);
         true
     }
 
+    /// The last descriptor of node `id` was closed: a hidden name left by
+    /// [`Fs::hide_if_open`] goes now. The check and the unnaming happen under the inode
+    /// table's lock, so of a release and an unlink racing here exactly one removes the name.
     pub(super) async fn drop_hidden(&self, id: u64) {
         let path = {
             let mut nodes = self.nodes();
