@@ -11,7 +11,7 @@ mod cli;
 
 use std::path::{Path, PathBuf};
 
-use cli::{devmount, failure};
+use cli::{devmount, failure, Golden};
 use devmount::kube::render;
 use devmount::kube::translate::{self, Session, SessionId};
 use devmount::manifest::Manifest;
@@ -84,42 +84,11 @@ fn yaml(deployment: &Deployment) -> String {
 
 #[test]
 fn golden_files() {
-    let bless = std::env::var_os("DEVMOUNT_BLESS").is_some_and(|v| v == "1");
-    let mut wrong = Vec::new();
+    let mut golden = Golden::new();
     for case in CASES {
-        let got = rendered(case);
-        let path = expected_path(case);
-        if bless {
-            std::fs::write(&path, &got).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            continue;
-        }
-        let want = read(&path);
-        if got != want {
-            let line = got.lines().zip(want.lines()).position(|(g, w)| g != w).map_or_else(
-                || {
-                    format!(
-                        "lengths differ: {} lines, expected {}",
-                        got.lines().count(),
-                        want.lines().count()
-                    )
-                },
-                |i| {
-                    format!(
-                        "line {}: got {:?}, expected {:?}",
-                        i + 1,
-                        got.lines().nth(i).unwrap_or_default(),
-                        want.lines().nth(i).unwrap_or_default()
-                    )
-                },
-            );
-            wrong.push(format!("{}: {line}", path.display()));
-        }
+        golden.check(&expected_path(case), &rendered(case));
     }
-    assert!(
-        wrong.is_empty(),
-        "rendered YAML differs from the golden files (DEVMOUNT_BLESS=1 rewrites them):\n{}",
-        wrong.join("\n")
-    );
+    golden.finish("rendered YAML");
 }
 
 #[test]

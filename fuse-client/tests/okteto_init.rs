@@ -11,7 +11,7 @@ mod cli;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cli::{devmount, failure};
+use cli::{devmount, failure, Golden};
 use devmount::manifest::okteto::{self, Conversion};
 use devmount::manifest::{Manifest, ManifestTarget, PortForward, Workload, FILE_NAME};
 
@@ -67,38 +67,13 @@ fn load(case: &Case) -> Manifest {
 
 #[test]
 fn golden_files() {
-    let bless = std::env::var_os("DEVMOUNT_BLESS").is_some_and(|v| v == "1");
-    let mut wrong = Vec::new();
+    let mut golden = Golden::new();
     for case in CASES {
         let conversion = converted(case);
-        for (ext, got) in [("yml", conversion.manifest.clone()), ("notes", notes_text(&conversion))] {
-            let path = expected(case, ext);
-            if bless {
-                std::fs::write(&path, &got).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-                continue;
-            }
-            let want = read(&path);
-            if got != want {
-                let line = got.lines().zip(want.lines()).position(|(g, w)| g != w).map_or_else(
-                    || format!("{} lines, expected {}", got.lines().count(), want.lines().count()),
-                    |i| {
-                        format!(
-                            "line {}: got {:?}, expected {:?}",
-                            i + 1,
-                            got.lines().nth(i),
-                            want.lines().nth(i)
-                        )
-                    },
-                );
-                wrong.push(format!("{}: {line}", path.display()));
-            }
-        }
+        golden.check(&expected(case, "yml"), &conversion.manifest);
+        golden.check(&expected(case, "notes"), &notes_text(&conversion));
     }
-    assert!(
-        wrong.is_empty(),
-        "the conversion differs from the golden files (DEVMOUNT_BLESS=1 rewrites them):\n{}",
-        wrong.join("\n")
-    );
+    golden.finish("the conversion");
 }
 
 #[test]

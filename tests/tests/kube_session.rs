@@ -240,6 +240,20 @@ impl Cluster {
         Ok(false)
     }
 
+    /// `devmount up` fails with a message holding each of `wanted`, and leaves nothing: no
+    /// mount, no Secret, the Deployment as `original`.
+    fn up_refused(&self, original: &Value, wanted: &[&str]) -> Result<()> {
+        let mnt = self.mnt();
+        let up = self.devmount(&["up", mnt.to_str().context("mount point")?])?;
+        ensure!(!up.success(), "{up}");
+        let err = up.stderr_text();
+        ensure!(wanted.iter().all(|w| err.contains(w)), "want {wanted:?}: {up}");
+        ensure!(!is_mount_point(&mnt));
+        ensure!(self.secrets().is_empty(), "the Secret is deleted again: {:?}", self.secrets());
+        ensure!(restorable(&self.deployment()?) == restorable(original), "not restored: {up}");
+        Ok(())
+    }
+
     /// Checks that `devmount exec cat FILE` in the mount prints `text`.
     fn exec_sees(&self, file: &str, text: &str) -> Result<()> {
         let mut cmd = command(client_bin()?);
@@ -700,20 +714,10 @@ fn a_server_that_exits_at_start_is_named_and_the_swap_undone() -> Result<()> {
     let cluster = Cluster::start()?;
     let original = cluster.deploy()?;
     cluster.manifest(&format!("    serverImage: {EXITING_SERVER_IMAGE}\n"))?;
-    let mnt = cluster.mnt();
-    let up = cluster.devmount(&["up", mnt.to_str().context("mount point")?])?;
-    ensure!(!up.success(), "{up}");
-    let err = up.stderr_text();
-    ensure!(
-        err.contains("container app of pod web-")
-            && err.contains("keeps crashing (CrashLoopBackOff")
-            && err.contains("deployment/web is restored"),
-        "{up}"
-    );
-    ensure!(!is_mount_point(&mnt));
-    ensure!(cluster.secrets().is_empty(), "the Secret is deleted again: {:?}", cluster.secrets());
-    assert_eq!(restorable(&cluster.deployment()?), restorable(&original));
-    Ok(())
+    cluster.up_refused(
+        &original,
+        &["container app of pod web-", "keeps crashing (CrashLoopBackOff", "deployment/web is restored"],
+    )
 }
 
 #[test]
@@ -804,19 +808,13 @@ fn rbac_denied_is_one_line_and_leaves_nothing() -> Result<()> {
     let cluster = Cluster::start()?;
     let original = cluster.deploy()?;
     cluster.fake.deny("update", "deployments");
-    let mnt = cluster.mnt();
-    let up = cluster.devmount(&["up", mnt.to_str().context("mount point")?])?;
-    ensure!(!up.success(), "{up}");
-    let err = up.stderr_text();
-    ensure!(
-        err.contains("RBAC denied: cannot update deployments in namespace default (")
-            && err.contains("ask for the Role in docs/kubernetes.md#rbac"),
-        "{up}"
-    );
-    ensure!(!is_mount_point(&mnt));
-    ensure!(cluster.secrets().is_empty(), "the Secret is deleted again: {:?}", cluster.secrets());
-    assert_eq!(restorable(&cluster.deployment()?), restorable(&original));
-    Ok(())
+    cluster.up_refused(
+        &original,
+        &[
+            "RBAC denied: cannot update deployments in namespace default (",
+            "ask for the Role in docs/kubernetes.md#rbac",
+        ],
+    )
 }
 
 #[test]
@@ -824,19 +822,14 @@ fn a_pod_that_cannot_start_is_named_and_the_swap_undone() -> Result<()> {
     let cluster = Cluster::start()?;
     let original = cluster.deploy()?;
     cluster.fake.set_fault(NAMESPACE, "web", Some(PodFault::ImagePullBackOff));
-    let mnt = cluster.mnt();
-    let up = cluster.devmount(&["up", mnt.to_str().context("mount point")?])?;
-    ensure!(!up.success(), "{up}");
-    let err = up.stderr_text();
-    ensure!(
-        err.contains("the image of container app cannot be pulled (ImagePullBackOff: ")
-            && err.contains("check kubernetes.image")
-            && err.contains("deployment/web is restored"),
-        "{up}"
-    );
-    ensure!(cluster.secrets().is_empty(), "the Secret is deleted again: {:?}", cluster.secrets());
-    assert_eq!(restorable(&cluster.deployment()?), restorable(&original));
-    Ok(())
+    cluster.up_refused(
+        &original,
+        &[
+            "the image of container app cannot be pulled (ImagePullBackOff: ",
+            "check kubernetes.image",
+            "deployment/web is restored",
+        ],
+    )
 }
 
 #[test]
