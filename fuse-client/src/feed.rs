@@ -64,7 +64,10 @@ pub async fn run(fs: Arc<Fs>, mut feed: FeedStream, work: mpsc::Sender<Work>) ->
 }
 
 /// The replays of a message's changes made in the pod: (removals, additions). Own changes came
-/// through the mount and were seen by the watchers already.
+/// through the mount and were seen by the watchers already. A name changed here and not yet
+/// settled is the mount's to show, so a change of it is not replayed either: under load the
+/// server can report a put of ours (a temporary file renamed over the name) without the own
+/// mark, and replaying that rename would take the name from the file still being written here.
 fn replays(fs: &Fs, msg: &FeedMessage) -> (Vec<Replay>, Vec<Replay>) {
     let FeedMessage::Batch { events, .. } = msg else { return (Vec::new(), Vec::new()) };
     let (mut before, mut after) = (Vec::new(), Vec::new());
@@ -72,7 +75,15 @@ fn replays(fs: &Fs, msg: &FeedMessage) -> (Vec<Replay>, Vec<Replay>) {
         let cached = RelPath::new(path).ok().and_then(|p| fs.cache().attr(&p, Instant::now()));
         cached.map_or(FullStat { mode: libc::S_IFREG | 0o644, ..FullStat::default() }, |f| f.value)
     };
-    for e in events.iter().filter(|e| !e.own) {
+    let local = |path: &Bytes| RelPath::new(path).is_ok_and(|p| fs.is_local(&p));
+    let settled = |change: &Change| match change {
+        Change::Renamed { from, to, .. } => !local(from) && !local(to),
+        Change::Created { path, .. }
+        | Change::Modified { path, .. }
+        | Change::Attrib { path, .. }
+        | Change::Deleted { path } => !local(path),
+    };
+    for e in events.iter().filter(|e| !e.own && settled(&e.change)) {
         match &e.change {
             Change::Created { path, stat: Some(stat) } => after.push(Replay::Created { path: path.clone(), stat: *stat }),
             Change::Modified { path, stat: Some(stat) } => {
