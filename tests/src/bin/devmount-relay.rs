@@ -260,7 +260,11 @@ where
     let writer = async {
         let mut state = state.clone();
         while let Some((due, chunk)) = queued.recv().await {
-            tokio::time::sleep_until(due).await;
+            // tokio's timer rounds a deadline up to its next millisecond tick: a chunk already
+            // due (always, at RTT 0) would wait for that tick, a round trip paying 1-2 ms.
+            if due > Instant::now() {
+                tokio::time::sleep_until(due).await;
+            }
             unblocked(&mut state).await;
             match chunk {
                 Some(chunk) => {
