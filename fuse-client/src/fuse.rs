@@ -10,7 +10,7 @@
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use devmount_server::proto::stat::{FullStat, Timespec};
@@ -20,7 +20,7 @@ use fuser::{
     ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
     TimeOrNow, WriteFlags,
 };
-use slab::Slab;
+use lru::LruCache;
 
 use crate::cache::{FileKind, RelPath};
 use crate::echo::{Echo, Intent, Work, ECHO_FH};
@@ -32,13 +32,67 @@ pub struct FuseFs {
     /// Requests of the echo thread are answered here, never passed to `fs`.
     echo: Arc<Echo>,
     rt: tokio::runtime::Handle,
-    /// Listings snapshotted at opendir, paged through by readdir.
-    dirs: Arc<Mutex<Slab<Arc<Names>>>>,
+    /// Listings being read, found again by the offsets the kernel hands back.
+    listings: Arc<Mutex<Listings>>,
+}
+
+/// Listings snapshotted at a directory read's first request and paged through by the ones
+/// that follow. The kernel's opendir handle cannot carry them: a devmount-server mount tells
+/// the kernel it needs no opendir (every directory read then costs the daemon nothing while
+/// the kernel keeps its copy), so the snapshot's id travels in the high bits of each entry's
+/// offset instead. Readers that stop half-way leave theirs to the LRU bound; a snapshot gone
+/// is taken again, the offset's low bits still saying how far the reader got.
+pub struct Listings {
+    snapshots: LruCache<u32, Arc<Names>>,
+    next: u32,
+}
+
+/// Offsets: the snapshot's id above bit 32; below, 1 and 2 are `.` and `..`, then 3 + index.
+const POSITION_BITS: u32 = 32;
+/// Ids stay below 2^30, so offsets stay positive as the kernel's signed `loff_t`.
+const SNAPSHOT_IDS: u32 = 1 << 30;
+/// Directory reads in progress at once; beyond, the least recent starts again.
+const SNAPSHOTS: usize = 1024;
+
+impl Listings {
+    fn new() -> Listings {
+        Listings { snapshots: LruCache::new(std::num::NonZeroUsize::new(SNAPSHOTS).expect("non-zero")), next: 1 }
+    }
+
+    /// The snapshot a read at `offset` goes on with, if still kept (never at offset 0: a
+    /// read from the start takes a new one).
+    fn get(&mut self, offset: u64) -> Option<(u32, Arc<Names>)> {
+        let id = (offset >> POSITION_BITS) as u32;
+        let names = self.snapshots.get(&id)?.clone();
+        (offset & u64::from(u32::MAX) != 0).then_some((id, names))
+    }
+
+    fn keep(&mut self, names: Names) -> (u32, Arc<Names>) {
+        let id = self.next;
+        self.next = if id + 1 >= SNAPSHOT_IDS { 1 } else { id + 1 };
+        let names = Arc::new(names);
+        self.snapshots.put(id, names.clone());
+        (id, names)
+    }
+
+    fn done(&mut self, id: u32) {
+        self.snapshots.pop(&id);
+    }
+}
+
+/// The offset of position `pos` (see [`POSITION_BITS`]) of snapshot `id`.
+fn offset_of(id: u32, pos: u64) -> u64 {
+    (u64::from(id) << POSITION_BITS) | pos
+}
+
+/// Where in its snapshot a read at `offset` goes on.
+fn position(offset: u64) -> u64 {
+    offset & u64::from(u32::MAX)
 }
 
 impl FuseFs {
     pub fn new(fs: Arc<Fs>, echo: Arc<Echo>, rt: tokio::runtime::Handle) -> FuseFs {
-        FuseFs { fs, echo, rt, dirs: Arc::new(Mutex::new(Slab::new())) }
+        FuseFs { fs, echo, rt, listings: Arc::new(Mutex::new(Listings::new())) }
     }
 
     /// The intent of the echo thread, if `req` is one of its requests.
@@ -144,6 +198,25 @@ fn reply_entry(reply: ReplyEntry, e: &Entry) {
     reply.entry(&e.ttl, &attr(e.attr.id, &e.attr.stat), Generation(0));
 }
 
+/// Answers a lookup; an absent name the caches vouch for is answered as one the kernel may
+/// remember (node id 0 with a timeout), so a build's or git's probes for files that do not
+/// exist (`.gitignore` in every directory) cost the daemon nothing the second time.
+fn reply_lookup(fs: &Fs, reply: ReplyEntry, parent: INodeNo, name: &OsStr, answer: Result<Entry, nix::errno::Errno>) {
+    match answer {
+        Ok(e) => reply_entry(reply, &e),
+        Err(nix::errno::Errno::ENOENT) => match fs.absent_for(parent.0, name) {
+            Some(ttl) => reply.entry(&ttl, &absent(), Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        },
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+/// The attributes of a negative entry: the kernel reads only the node id (0) and the timeout.
+fn absent() -> FileAttr {
+    attr(0, &FullStat::default())
+}
+
 fn reply_attr(reply: ReplyAttr, answer: Result<Entry, nix::errno::Errno>) {
     match answer {
         Ok(e) => reply.attr(&e.ttl, &attr(e.attr.id, &e.attr.stat)),
@@ -160,24 +233,6 @@ fn reply_open(reply: ReplyOpen, answer: Result<(u64, bool), nix::errno::Errno>, 
                 open |= FopenFlags::FOPEN_NOFLUSH;
             }
             reply.opened(FileHandle(fh), open);
-        }
-        Err(e) => reply.error(errno(e)),
-    }
-}
-
-/// Answers opendir with a handle to `names`. Names the feed keeps may be kept by the kernel too
-/// (`FOPEN_CACHE_DIR`), so a warm `ls` or `find` reads no directory through the daemon; the
-/// feed's invalidation of the directory (`inval_inode(dir, 0, 0)`) drops the kernel's copy.
-fn reply_opendir(dirs: &Mutex<Slab<Arc<Names>>>, reply: ReplyOpen, answer: Result<Names, nix::errno::Errno>) {
-    match answer {
-        Ok(names) => {
-            let flags = if names.kept.is_some() {
-                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR
-            } else {
-                FopenFlags::empty()
-            };
-            let fh = dirs.lock().unwrap_or_else(|e| e.into_inner()).insert(Arc::new(names));
-            reply.opened(FileHandle(fh as u64), flags);
         }
         Err(e) => reply.error(errno(e)),
     }
@@ -212,17 +267,13 @@ impl Filesystem for FuseFs {
                 None => {}
             }
         }
-        match self.fs.lookup_cached(parent.0, name) {
-            Some(Ok(e)) => return reply_entry(reply, &e),
-            Some(Err(e)) => return reply.error(errno(e)),
-            None => {}
+        if let Some(answer) = self.fs.lookup_cached(parent.0, name) {
+            return reply_lookup(&self.fs, reply, parent, name, answer);
         }
         let name = name.to_owned();
         self.spawn(req, move |fs| async move {
-            match fs.lookup(parent.0, &name).await {
-                Ok(e) => reply_entry(reply, &e),
-                Err(e) => reply.error(errno(e)),
-            }
+            let answer = fs.lookup(parent.0, &name).await;
+            reply_lookup(&fs, reply, parent, &name, answer)
         });
     }
 
@@ -512,80 +563,70 @@ impl Filesystem for FuseFs {
         reply.ok();
     }
 
-    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        if let Some(answer) = self.fs.readdir_cached(ino.0) {
-            return reply_opendir(&self.dirs, reply, answer);
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if self.fs.has_feed() {
+            // From now on the kernel opens directories itself, without asking, and keeps what
+            // it reads of them (FOPEN_CACHE_DIR) until the feed's invalidation of a directory
+            // (`inval_inode(dir, 0, 0)`) or a change through the mount drops its copy: a warm
+            // `ls` or `find` costs the daemon nothing.
+            return reply.error(Errno::ENOSYS);
         }
-        let dirs = self.dirs.clone();
-        self.spawn(req, move |fs| async move { reply_opendir(&dirs, reply, fs.readdir(ino.0).await) });
+        // Without a feed nothing vouches for a listing the kernel would keep: every read from
+        // the start asks again.
+        reply.opened(FileHandle(0), FopenFlags::empty());
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let Some(names) = self.listing(fh) else { return reply.error(Errno::EBADF) };
-        // Offsets: 1 and 2 are `.` and `..`, then 3 + index.
-        let dots: [(&[u8], u64); 2] = [(b".", ino.0), (b"..", ino.0)];
-        let mut full = dots.iter().enumerate().skip(offset as usize).any(|(i, (name, id))| {
-            reply.add(INodeNo(*id), i as u64 + 1, FileType::Directory, OsStr::from_bytes(name))
-        });
-        let start = (offset as usize).saturating_sub(2);
-        for (i, item) in names.items.iter().enumerate().skip(start) {
-            if full {
-                break;
+    fn readdir(&self, req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, reply: ReplyDirectory) {
+        let known = self.lock_listings().get(offset);
+        if let Some((id, names)) = known {
+            return self.readdir_from(ino, id, &names, position(offset), reply);
+        }
+        match self.fs.readdir_cached(ino.0) {
+            Some(Ok(names)) => {
+                let (id, names) = self.lock_listings().keep(names);
+                self.readdir_from(ino, id, &names, position(offset), reply)
             }
-            // Plain readdir only serves kernels without readdirplus; the inode number there
-            // is informational, and looking each one up would cost a round trip per name.
-            full = reply.add(
-                INodeNo(u64::MAX),
-                i as u64 + 3,
-                file_type(item.kind),
-                OsStr::from_bytes(&item.name),
-            );
-        }
-        reply.ok();
-        self.after_reply(ino, &names);
-    }
-
-    fn readdirplus(
-        &self,
-        req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectoryPlus,
-    ) {
-        let Some(names) = self.listing(fh) else { return reply.error(Errno::EBADF) };
-        // On this thread as far as the caches answer; a task goes on from the first entry that
-        // needs the server.
-        let fs = &self.fs;
-        let mut at = offset;
-        if at < 2 {
-            match fs.getattr_cached(ino.0) {
-                Some(dir) => {
-                    if add_dots(&mut reply, ino, at, dir.ok()) {
-                        return reply.ok();
+            Some(Err(e)) => reply.error(errno(e)),
+            None => {
+                let (listings, echo) = (self.listings.clone(), self.echo.clone());
+                self.spawn(req, move |fs| async move {
+                    match fs.readdir(ino.0).await {
+                        Ok(names) => {
+                            let (id, names) = lock(&listings).keep(names);
+                            let done = add_names(ino, id, &names, position(offset), reply);
+                            after_reply(&fs, &echo, &listings, ino, id, &names, done);
+                        }
+                        Err(e) => reply.error(errno(e)),
                     }
-                    at = 2;
-                }
-                None => return self.readdirplus_task(req, ino, names, at, reply),
+                });
             }
         }
-        for (i, item) in names.items.iter().enumerate().skip(at as usize - 2) {
-            let Some(entry) = fs.plus_entry_cached(ino.0, &item.name) else {
-                return self.readdirplus_task(req, ino, names.clone(), i as u64 + 2, reply);
-            };
-            if add_plus(fs, &mut reply, i, &item.name, entry) {
-                break;
-            }
-        }
-        reply.ok();
-        self.after_reply(ino, &names);
     }
 
-    fn releasedir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
-        let names = self.dirs.lock().unwrap_or_else(|e| e.into_inner()).try_remove(fh.0 as usize);
-        reply.ok();
-        if let Some(names) = names {
-            self.after_reply(ino, &names);
+    fn readdirplus(&self, req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, reply: ReplyDirectoryPlus) {
+        let known = self.lock_listings().get(offset);
+        if let Some((id, names)) = known {
+            return self.readdirplus_from(req, ino, id, names, position(offset), reply);
+        }
+        match self.fs.readdir_cached(ino.0) {
+            Some(Ok(names)) => {
+                let (id, names) = self.lock_listings().keep(names);
+                self.readdirplus_from(req, ino, id, names, position(offset), reply)
+            }
+            Some(Err(e)) => reply.error(errno(e)),
+            None => {
+                let (listings, echo) = (self.listings.clone(), self.echo.clone());
+                self.spawn(req, move |fs| async move {
+                    match fs.readdir(ino.0).await {
+                        Ok(names) => {
+                            let (id, names) = lock(&listings).keep(names);
+                            let done = plus_rest(&fs, ino, id, &names, position(offset), reply).await;
+                            after_reply(&fs, &echo, &listings, ino, id, &names, done);
+                        }
+                        Err(e) => reply.error(errno(e)),
+                    }
+                });
+            }
         }
     }
 
@@ -612,30 +653,94 @@ impl Filesystem for FuseFs {
     }
 }
 
-/// Adds `.` and `..` from offset `at` (below 2) with the directory's attributes, if known; true
-/// if the reply is full.
-fn add_dots(reply: &mut ReplyDirectoryPlus, ino: INodeNo, at: u64, dir: Option<Entry>) -> bool {
+/// Adds `.` and `..` of snapshot `id` from position `at` (below 2) with the directory's
+/// attributes, if known; true if the reply is full.
+fn add_dots(reply: &mut ReplyDirectoryPlus, ino: INodeNo, id: u32, at: u64, dir: Option<Entry>) -> bool {
     let Some(dir) = dir else { return false };
     let a = attr(ino.0, &dir.attr.stat);
     let dots: [&[u8]; 2] = [b".", b".."];
     // The kernel takes no reference for `.` and `..`.
     dots.iter().enumerate().skip(at as usize).any(|(i, name)| {
-        reply.add(INodeNo(ino.0), i as u64 + 1, OsStr::from_bytes(name), &Duration::ZERO, &a, Generation(0))
+        let off = offset_of(id, i as u64 + 1);
+        reply.add(INodeNo(ino.0), off, OsStr::from_bytes(name), &Duration::ZERO, &a, Generation(0))
     })
 }
 
-/// Adds item `i` of a listing, as `entry` says it is now (`None`: gone since the snapshot, left
-/// out); true if the reply is full.
-fn add_plus(fs: &Fs, reply: &mut ReplyDirectoryPlus, i: usize, name: &[u8], entry: Option<Entry>) -> bool {
+/// Adds item `i` of snapshot `id`, as `entry` says it is now (`None`: gone since the snapshot,
+/// left out); true if the reply is full.
+fn add_plus(fs: &Fs, reply: &mut ReplyDirectoryPlus, id: u32, i: usize, name: &[u8], entry: Option<Entry>) -> bool {
     let Some(entry) = entry else { return false };
     let a = attr(entry.attr.id, &entry.attr.stat);
-    if reply.add(INodeNo(entry.attr.id), i as u64 + 3, OsStr::from_bytes(name), &entry.ttl, &a, Generation(0))
-    {
+    let off = offset_of(id, i as u64 + 3);
+    if reply.add(INodeNo(entry.attr.id), off, OsStr::from_bytes(name), &entry.ttl, &a, Generation(0)) {
         // Full: the kernel never sees this entry, so holds no reference to it.
         fs.forget(entry.attr.id, 1);
         return true;
     }
     false
+}
+
+/// Whether a read from position `at` finds nothing left of `names`: the reader is done.
+fn past_end(names: &Names, at: u64) -> bool {
+    at >= names.items.len() as u64 + 2
+}
+
+/// A plain readdir's reply from position `at` of snapshot `id`; true if the reader is done.
+fn add_names(ino: INodeNo, id: u32, names: &Names, at: u64, mut reply: ReplyDirectory) -> bool {
+    let dots: [(&[u8], u64); 2] = [(b".", ino.0), (b"..", ino.0)];
+    let mut full = dots.iter().enumerate().skip(at as usize).any(|(i, (name, ino))| {
+        reply.add(INodeNo(*ino), offset_of(id, i as u64 + 1), FileType::Directory, OsStr::from_bytes(name))
+    });
+    for (i, item) in names.items.iter().enumerate().skip(at.saturating_sub(2) as usize) {
+        if full {
+            break;
+        }
+        // The inode number of a plain readdir is informational, and looking each one up would
+        // cost a round trip per name.
+        let off = offset_of(id, i as u64 + 3);
+        full = reply.add(INodeNo(u64::MAX), off, file_type(item.kind), OsStr::from_bytes(&item.name));
+    }
+    reply.ok();
+    past_end(names, at)
+}
+
+/// The rest of a readdirplus from position `at` of snapshot `id`, asking the server for what
+/// the caches do not know; true if the reader is done.
+async fn plus_rest(fs: &Fs, ino: INodeNo, id: u32, names: &Names, at: u64, mut reply: ReplyDirectoryPlus) -> bool {
+    if at < 2 {
+        let dir = fs.getattr(ino.0).await.ok();
+        if add_dots(&mut reply, ino, id, at, dir) {
+            reply.ok();
+            return false;
+        }
+    }
+    for (i, item) in names.items.iter().enumerate().skip((at.max(2) - 2) as usize) {
+        let entry = fs.plus_entry(ino.0, &item.name).await;
+        if add_plus(fs, &mut reply, id, i, &item.name, entry) {
+            reply.ok();
+            return false;
+        }
+    }
+    reply.ok();
+    past_end(names, at)
+}
+
+/// After a reply from snapshot `id` of directory `ino`: a finished reader's snapshot goes, and
+/// names the kernel may have kept (all, on a mount without opendir; see
+/// [`Filesystem::opendir`]) but that are not the directory's current listing as the feed keeps
+/// it are dropped from the kernel's copy.
+fn after_reply(fs: &Fs, echo: &Echo, listings: &Mutex<Listings>, ino: INodeNo, id: u32, names: &Names, done: bool) {
+    if done {
+        lock(listings).done(id);
+    }
+    if fs.has_feed() && !fs.names_current(ino.0, names) {
+        echo.notify(Work::Inode { id: ino.0, off: 0, len: 0 });
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Snapshots and counters only: nothing a panic half-way could leave inconsistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl FuseFs {
@@ -658,43 +763,58 @@ impl FuseFs {
         });
     }
 
-    fn listing(&self, fh: FileHandle) -> Option<Arc<Names>> {
-        self.dirs.lock().unwrap_or_else(|e| e.into_inner()).get(fh.0 as usize).cloned()
+    fn lock_listings(&self) -> MutexGuard<'_, Listings> {
+        lock(&self.listings)
     }
 
-    /// The rest of a readdirplus from `at`, on a task: an entry there needs the server.
-    fn readdirplus_task(
+    /// Plain readdir from position `at` of snapshot `id`; it only serves kernels without
+    /// readdirplus.
+    fn readdir_from(&self, ino: INodeNo, id: u32, names: &Arc<Names>, at: u64, reply: ReplyDirectory) {
+        let done = add_names(ino, id, names, at, reply);
+        after_reply(&self.fs, &self.echo, &self.listings, ino, id, names, done);
+    }
+
+    /// Readdirplus from position `at` of snapshot `id`: on this thread as far as the caches
+    /// answer; a task goes on from the first entry that needs the server.
+    fn readdirplus_from(
         &self,
         req: &Request,
         ino: INodeNo,
+        id: u32,
         names: Arc<Names>,
-        at: u64,
+        mut at: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        self.spawn(req, move |fs| async move {
-            if at < 2 {
-                let dir = fs.getattr(ino.0).await.ok();
-                if add_dots(&mut reply, ino, at, dir) {
-                    return reply.ok();
+        let fs = &self.fs;
+        let task = |at: u64, reply: ReplyDirectoryPlus, names: Arc<Names>| {
+            let (listings, echo) = (self.listings.clone(), self.echo.clone());
+            self.spawn(req, move |fs| async move {
+                let done = plus_rest(&fs, ino, id, &names, at, reply).await;
+                after_reply(&fs, &echo, &listings, ino, id, &names, done);
+            });
+        };
+        if at < 2 {
+            match fs.getattr_cached(ino.0) {
+                Some(dir) => {
+                    if add_dots(&mut reply, ino, id, at, dir.ok()) {
+                        return reply.ok();
+                    }
+                    at = 2;
                 }
+                None => return task(at, reply, names),
             }
-            for (i, item) in names.items.iter().enumerate().skip((at.max(2) - 2) as usize) {
-                let entry = fs.plus_entry(ino.0, &item.name).await;
-                if add_plus(&fs, &mut reply, i, &item.name, entry) {
-                    break;
-                }
-            }
-            reply.ok();
-        });
-    }
-
-    /// After a reply from a directory handle the kernel may keep (see [`reply_opendir`]), and
-    /// at its release: if its names are no longer current, the kernel's copy is dropped. The
-    /// kernel fills its copy after each reply, so a change the feed applied meanwhile may have
-    /// been invalidated before the copy held it; this check, after the reply, catches that.
-    fn after_reply(&self, ino: INodeNo, names: &Names) {
-        if names.kept.is_some() && !self.fs.names_current(ino.0, names) {
-            self.echo.notify(Work::Inode { id: ino.0, off: 0, len: 0 });
         }
+        let start = at;
+        for (i, item) in names.items.iter().enumerate().skip(at as usize - 2) {
+            let Some(entry) = fs.plus_entry_cached(ino.0, &item.name) else {
+                return task(i as u64 + 2, reply, names.clone());
+            };
+            if add_plus(fs, &mut reply, id, i, &item.name, entry) {
+                reply.ok();
+                return after_reply(fs, &self.echo, &self.listings, ino, id, &names, false);
+            }
+        }
+        reply.ok();
+        after_reply(fs, &self.echo, &self.listings, ino, id, &names, past_end(&names, start));
     }
 }

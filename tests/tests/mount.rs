@@ -383,6 +383,95 @@ fn listings_the_kernel_keeps_show_changes_made_in_the_pod() -> Result<()> {
     Ok(())
 }
 
+/// A name found absent is remembered by the kernel on a mount with a feed (git and builds probe
+/// many); it appears as soon as the pod makes it, whatever kind of change made it.
+#[test]
+fn absent_names_the_kernel_remembers_appear_when_made_in_the_pod() -> Result<()> {
+    let s = Server::start()?;
+    let root = s.root();
+    fs::create_dir_all(root.join("dir/sub"))?;
+    fs::write(root.join("dir/moved-away"), b"moved")?;
+    let mount = s.mount(MountOptions::new())?;
+    let mnt = mount.path();
+    let probed = ["dir/file", "dir/sub/deep", "dir/newdir", "dir/link", "dir/moved-here", "top", "dir/made-here"];
+    let check = || -> Result<()> {
+        // Three rounds: the later ones are the kernel's to answer.
+        for _ in 0..3 {
+            for name in probed {
+                let r = fs::symlink_metadata(mnt.join(name));
+                ensure!(r.as_ref().is_err_and(|e| e.kind() == ErrorKind::NotFound), "{name} before: {r:?}");
+            }
+        }
+        fs::write(root.join("dir/file"), b"file")?;
+        fs::write(root.join("dir/sub/deep"), b"deep")?;
+        fs::create_dir(root.join("dir/newdir"))?;
+        symlink("file", root.join("dir/link"))?;
+        fs::rename(root.join("dir/moved-away"), root.join("dir/moved-here"))?;
+        fs::write(root.join("top"), b"top")?;
+        for name in &probed[..6] {
+            within(&format!("{name}, made in the pod"), FEED_DEADLINE, || {
+                fs::symlink_metadata(mnt.join(name)).map(|_| true).map_err(|e| e.to_string())
+            })?;
+        }
+        ensure!(fs::read(mnt.join("dir/moved-here"))? == b"moved");
+        fs::write(mnt.join("dir/made-here"), b"here")?;
+        ensure!(fs::read(mnt.join("dir/made-here"))? == b"here", "a name made through the mount");
+        Ok(())
+    };
+    check().with_context(|| format!("{}\n--- server stderr ---\n{}", mount.log(), s.log()))?;
+    mount.unmount()?;
+    Ok(())
+}
+
+/// Directory reads page through a snapshot that the offsets the kernel hands back find again:
+/// readers of one large directory interleaved, and readers that stop early, each see every
+/// name once; a change in the pod shows in the next listing.
+#[test]
+fn interleaved_and_abandoned_directory_reads_see_every_name_once() -> Result<()> {
+    let s = Server::start()?;
+    let dir = s.root().join("many");
+    fs::create_dir(&dir)?;
+    for i in 0..MANY {
+        fs::write(dir.join(format!("name-with-some-length-{i:05}")), b"")?;
+    }
+    let mount = s.mount(MountOptions::new())?;
+    let seen = mount.path().join("many");
+    let check = || -> Result<()> {
+        for _ in 0..3 {
+            let mut early = fs::read_dir(&seen)?;
+            ensure!(early.next().is_some(), "an early reader saw nothing");
+        }
+        for round in 0..2 {
+            let (mut a, mut b) = (fs::read_dir(&seen)?, fs::read_dir(&seen)?);
+            let (mut from_a, mut from_b) = (Vec::new(), Vec::new());
+            loop {
+                let (x, y) = (a.next(), b.next());
+                if x.is_none() && y.is_none() {
+                    break;
+                }
+                from_a.extend(x.transpose()?.map(|e| e.file_name()));
+                from_b.extend(y.transpose()?.map(|e| e.file_name()));
+            }
+            for (reader, got) in [("first", &from_a), ("second", &from_b)] {
+                let unique: BTreeSet<&OsString> = got.iter().collect();
+                ensure!(
+                    got.len() == MANY && unique.len() == MANY,
+                    "round {round}: the {reader} reader saw {} names, {} different, of {MANY}",
+                    got.len(),
+                    unique.len()
+                );
+            }
+        }
+        fs::write(dir.join("late"), b"")?;
+        within("a name made in the pod, in the next listing", FEED_DEADLINE, || listed(&seen, "late", true))?;
+        ensure!(names(&seen)?.len() == MANY + 1);
+        Ok(())
+    };
+    check().with_context(|| format!("{}\n--- server stderr ---\n{}", mount.log(), s.log()))?;
+    mount.unmount()?;
+    Ok(())
+}
+
 #[test]
 fn remote_changes_show_within_the_timeout_against_openssh() -> Result<()> {
     let sshd = Sshd::start()?;

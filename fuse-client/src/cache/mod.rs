@@ -453,10 +453,11 @@ impl Cache {
 
     /// Whether `listing` is still the fresh listing of `dir` and the feed keeps it: a listing
     /// the kernel was let keep is checked against this (no counting, no LRU promotion). An edit
-    /// of a listing someone else holds copies it, so a changed listing is another `Arc`.
+    /// of a listing someone else holds copies it, so a changed listing is another `Arc`; so is
+    /// the same names stored again (a walk of the subtree), hence the comparison after.
     pub fn keeps_listing(&self, dir: &RelPath, listing: &Arc<Listing>, now: Instant) -> bool {
         self.dirs.peek(dir).is_some_and(|e| {
-            Arc::ptr_eq(&e.value, listing)
+            (Arc::ptr_eq(&e.value, listing) || *e.value == **listing)
                 && self.policy.vouches(dir, e.seq)
                 && now.saturating_duration_since(e.inserted) < self.policy.long_ttl
         })

@@ -571,6 +571,29 @@ impl Fs {
         Names { items, kept: None }
     }
 
+    /// Whether the server has a feed: the kernel may then keep what the caches vouch for
+    /// (listings, absent names) until the feed's invalidations drop it.
+    pub fn has_feed(&self) -> bool {
+        self.remote.is_devmount()
+    }
+
+    /// How long the kernel may remember that `name` is not in directory `parent`: `Some` only
+    /// with a feed (which invalidates the name when the pod makes it) and when the caches
+    /// know it is absent; its changes through the mount reach the kernel's dentry directly.
+    pub fn absent_for(&self, parent: u64, name: &OsStr) -> Option<Duration> {
+        if !self.has_feed() {
+            return None;
+        }
+        let path = self.child(parent, name).ok()?;
+        if lock(&self.local).get(&path).is_some() {
+            return None;
+        }
+        match self.cache().lookup(&path, Instant::now()) {
+            Lookup::Missing { ttl } => Some(ttl),
+            _ => None,
+        }
+    }
+
     /// Whether `names`, an answer of [`Fs::readdir`] for directory `id`, is still the answer:
     /// always false for names the kernel is not to keep.
     pub fn names_current(&self, id: u64, names: &Names) -> bool {
