@@ -587,8 +587,13 @@ impl Fs {
             return Ok(());
         }
         let seq = self.append(Op::Fsync { path: bytes(&path) }).await?;
-        self.journal.sync().map_err(journal_errno)?;
-        self.sender.wait_path(seq, path.as_bytes()).await.map_err(|e| Errno::from_raw(e.errno))
+        // The local disk and the pod at once: an editor's save waits for the slower of the
+        // two, not for both in a row.
+        let journal = self.journal.clone();
+        let local = tokio::task::spawn_blocking(move || journal.sync());
+        let pod = self.sender.wait_path(seq, path.as_bytes()).await.map_err(|e| Errno::from_raw(e.errno));
+        let local = local.await.map_err(|_| Errno::EIO)?.map_err(journal_errno);
+        pod.and(local)
     }
 
     /// The whole mount's barrier (`devmount sync`): every change made before it is on the
