@@ -667,6 +667,7 @@ async fn setup(
     tokio::spawn(fs.clone().retire_local());
     tokio::spawn(fs.clone().prefetch());
     tokio::spawn(fs.clone().read_ahead());
+    tokio::spawn(fs.clone().fetch_siblings());
     if !recovered.ops.is_empty() {
         // The local state knows nothing of the replayed changes: let the server have them
         // before anyone looks.

@@ -142,6 +142,11 @@ pub struct Fs {
     /// Ranges to fetch ahead of sequential readers.
     ahead: tokio::sync::mpsc::UnboundedSender<ReadAhead>,
     ahead_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<ReadAhead>>>,
+    /// Directories whose small files to fetch, and the fetches' bound.
+    siblings: prefetch::Siblings,
+    sibling_dirs: tokio::sync::mpsc::UnboundedSender<RelPath>,
+    sibling_dirs_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<RelPath>>>,
+    sibling_gets: Arc<tokio::sync::Semaphore>,
     statfs: Mutex<Option<(Instant, StatVfs)>>,
 }
 
@@ -163,6 +168,7 @@ impl Fs {
     ) -> Fs {
         let (walks, walks_rx) = tokio::sync::mpsc::unbounded_channel();
         let (ahead, ahead_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (sibling_dirs, sibling_dirs_rx) = tokio::sync::mpsc::unbounded_channel();
         Fs {
             remote,
             cache: Mutex::new(Cache::new(cache)),
@@ -180,6 +186,10 @@ impl Fs {
             walks_rx: Mutex::new(Some(walks_rx)),
             ahead,
             ahead_rx: Mutex::new(Some(ahead_rx)),
+            siblings: prefetch::Siblings::default(),
+            sibling_dirs,
+            sibling_dirs_rx: Mutex::new(Some(sibling_dirs_rx)),
+            sibling_gets: Arc::new(tokio::sync::Semaphore::new(prefetch::SIBLINGS_IN_FLIGHT)),
             statfs: Mutex::new(None),
         }
     }
@@ -256,6 +266,68 @@ impl Fs {
         }
     }
 
+    /// Fetches the small files of the directories [`Fs::fetch_range`] asks for, each directory
+    /// in its own task, for as long as `fs` lives; run it once per mount.
+    pub async fn fetch_siblings(self: Arc<Self>) {
+        use futures::StreamExt;
+        let Some(mut rx) = lock(&self.sibling_dirs_rx).take() else { return };
+        while let Some(dir) = rx.recv().await {
+            let fs = self.clone();
+            tokio::spawn(async move {
+                let wanted = fs.small_siblings(&dir);
+                futures::stream::iter(wanted)
+                    .for_each_concurrent(None, |path| {
+                        let fs = &fs;
+                        async move {
+                            let Ok(_permit) = fs.sibling_gets.clone().acquire_owned().await else { return };
+                            let _flight = fs.siblings.start(&path);
+                            if let Err(e) = fs.get_small(&path).await {
+                                tracing::debug!("fetching {} with its siblings: {e}", show(&path));
+                            }
+                        }
+                    })
+                    .await;
+            });
+        }
+    }
+
+    /// The files of `dir` worth fetching with a sibling: small, regular, not changed here, and
+    /// not cached yet, as far as the caches know them; within the bounds of one directory.
+    fn small_siblings(&self, dir: &RelPath) -> Vec<RelPath> {
+        let now = Instant::now();
+        let Some(listing) = self.cache().listing(dir, now) else { return Vec::new() };
+        let (mut files, mut bytes) = (Vec::new(), 0);
+        for entry in listing.value.entries().iter().filter(|e| e.kind == FileKind::Regular) {
+            let Ok(path) = dir.join(&entry.name) else { continue };
+            if self.is_local(&path) {
+                continue;
+            }
+            let mut cache = self.cache();
+            let Some(attr) = cache.attr(&path, now) else { continue };
+            let version = DataVersion::from(&attr.value);
+            if version.size == 0 || version.size > SMALL_FILE {
+                continue;
+            }
+            let cached = cache.read_data(&path, &version, 0..version.size);
+            if cached.iter().all(|part| matches!(part, DataPart::Cached { .. })) {
+                continue;
+            }
+            bytes += version.size;
+            if bytes > prefetch::SIBLINGS_MAX_BYTES || files.len() == prefetch::SIBLINGS_MAX_FILES {
+                break;
+            }
+            files.push(path);
+        }
+        files
+    }
+
+    /// Asks for the small files of `dir` to be fetched (once per directory).
+    fn want_siblings(&self, dir: &RelPath) {
+        if self.siblings.claim(dir) {
+            let _ = self.sibling_dirs.send(dir.clone());
+        }
+    }
+
     /// After a read of `offset..end` of `file`: when reads go on sequentially, asks for the
     /// next window to be fetched, so the reader finds it cached.
     fn plan_read_ahead(
@@ -301,6 +373,7 @@ impl Fs {
     /// The cache was emptied: subtrees may be walked again.
     pub fn cache_emptied(&self) {
         self.covered.clear();
+        self.siblings.clear();
     }
 
     /// Walks `dir` and stores what it finds; the number of entries stored.
@@ -820,18 +893,21 @@ impl Fs {
         version: &DataVersion,
         range: std::ops::Range<u64>,
     ) -> Result<Bytes> {
-        let ticket = self.begin();
-        let floor = ticket.floor;
         if self.remote.is_devmount() && version.size <= SMALL_FILE && range.start == 0 {
-            let (stat, data) = self.remote.get(path, SMALL_FILE).await?;
-            let seq = stat.seq.unwrap_or(floor);
-            let got = DataVersion::from(&stat.stat);
-            let mut cache = self.cache();
-            let _ = cache.insert_attr(path, stat.stat, seq, Instant::now());
-            let _ = cache.insert_data(path, &got, 0, &data, seq);
+            // A sibling's fetch may be bringing it already.
+            self.siblings.wait(path).await;
+            if let [DataPart::Cached { offset: 0, data }] = &self.cache().read_data(path, version, range.clone())[..] {
+                return Ok(data.slice(0..(range.end as usize).min(data.len())));
+            }
+            if let Some(dir) = path.parent() {
+                self.want_siblings(&dir);
+            }
+            let data = self.get_small(path).await?;
             let end = (range.end as usize).min(data.len());
             return Ok(data.slice(0..end));
         }
+        let ticket = self.begin();
+        let floor = ticket.floor;
         let chunk = u64::from(self.remote.read_len().max(4096));
         let reads = (range.start..range.end).step_by(chunk as usize).map(|at| {
             let len = (range.end - at).min(chunk) as u32;
@@ -849,6 +925,18 @@ impl Fs {
         }
         let data = data.freeze();
         let _ = self.cache().insert_data(path, version, range.start, &data, floor);
+        Ok(data)
+    }
+
+    /// Fetches small file `path` whole, caching its attributes and contents.
+    async fn get_small(&self, path: &RelPath) -> Result<Bytes> {
+        let ticket = self.begin();
+        let (stat, data) = self.remote.get(path, SMALL_FILE).await?;
+        let seq = stat.seq.unwrap_or(ticket.floor);
+        let got = DataVersion::from(&stat.stat);
+        let mut cache = self.cache();
+        let _ = cache.insert_attr(path, stat.stat, seq, Instant::now());
+        let _ = cache.insert_data(path, &got, 0, &data, seq);
         Ok(data)
     }
 

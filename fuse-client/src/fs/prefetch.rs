@@ -6,8 +6,18 @@
 //! on their own. A walk stops after [`MAX_ENTRIES`]. What it stores follows the cache's
 //! sequence rules like any reply (each batch carries the feed sequence it was read at), so a
 //! change in the pod during the walk is never hidden by it. Only devmount-server walks.
+//!
+//! Small files read together ([`Siblings`]): the first small file fetched whole in a directory
+//! brings its small siblings into the data cache too, so `grep -r`, a build or git reading a
+//! directory's files one after the other pays about one round trip per directory, not one per
+//! file.
 
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::sync::Mutex;
+
+use lru::LruCache;
+use tokio::sync::watch;
 
 use bytes::Bytes;
 use devmount_server::proto::sftp::WalkEntry;
@@ -38,6 +48,72 @@ impl Covered {
     /// The cache was emptied (a new feed, a resync): every subtree may be walked again.
     pub fn clear(&self) {
         super::lock(&self.0).clear();
+    }
+}
+
+/// Siblings fetched at once, over all directories.
+pub const SIBLINGS_IN_FLIGHT: usize = 16;
+/// Of one directory, the small siblings fetched at most, and their bytes.
+pub const SIBLINGS_MAX_FILES: usize = 256;
+pub const SIBLINGS_MAX_BYTES: u64 = 4 << 20;
+/// Directories remembered as done; one forgotten may be fetched again, which costs only
+/// bandwidth.
+const SIBLING_DIRS: usize = 4096;
+
+/// The directories whose small files were fetched (or are being fetched) since the cache was
+/// last emptied, and the fetches in flight, so a reader that gets there first waits for the
+/// bytes already on their way instead of asking again.
+pub struct Siblings {
+    done: Mutex<LruCache<RelPath, ()>>,
+    in_flight: Mutex<HashMap<RelPath, watch::Receiver<bool>>>,
+}
+
+impl Default for Siblings {
+    fn default() -> Siblings {
+        let dirs = NonZeroUsize::new(SIBLING_DIRS).expect("non-zero");
+        Siblings { done: Mutex::new(LruCache::new(dirs)), in_flight: Mutex::default() }
+    }
+}
+
+impl Siblings {
+    /// Claims `dir`'s small files for fetching: false if claimed already.
+    pub fn claim(&self, dir: &RelPath) -> bool {
+        super::lock(&self.done).put(dir.clone(), ()).is_none()
+    }
+
+    /// The cache was emptied: every directory may be fetched again.
+    pub fn clear(&self) {
+        super::lock(&self.done).clear();
+    }
+
+    /// Marks a fetch of `path` as in flight until the returned guard is dropped.
+    pub fn start(&self, path: &RelPath) -> InFlightGet<'_> {
+        let (tx, rx) = watch::channel(false);
+        super::lock(&self.in_flight).insert(path.clone(), rx);
+        InFlightGet { siblings: self, path: path.clone(), done: tx }
+    }
+
+    /// Waits for a fetch of `path` in flight, if there is one.
+    pub async fn wait(&self, path: &RelPath) {
+        let rx = super::lock(&self.in_flight).get(path).cloned();
+        if let Some(mut rx) = rx {
+            // An error is the guard gone: the fetch is over either way.
+            let _ = rx.wait_for(|done| *done).await;
+        }
+    }
+}
+
+/// A sibling's fetch in flight; dropping it tells the waiters.
+pub struct InFlightGet<'a> {
+    siblings: &'a Siblings,
+    path: RelPath,
+    done: watch::Sender<bool>,
+}
+
+impl Drop for InFlightGet<'_> {
+    fn drop(&mut self) {
+        super::lock(&self.siblings.in_flight).remove(&self.path);
+        let _ = self.done.send(true);
     }
 }
 
