@@ -407,14 +407,22 @@ impl Filesystem for FuseFs {
     ) {
         if let Some(Some(Intent::Create { path, stat })) = self.echo_intent(req) {
             let Ok(path) = RelPath::new(&path) else { return reply.error(Errno::EINVAL) };
+            let known = self.fs.nodes().id_of(&path).is_some();
             let e = self.fs.echo_entry(&path, stat);
-            return reply.created(
+            reply.created(
                 &e.ttl,
                 &attr(e.attr.id, &e.attr.stat),
                 Generation(0),
                 FileHandle(ECHO_FH),
                 FopenFlags::FOPEN_KEEP_CACHE,
             );
+            if known {
+                // The kernel checks a lookup's size against writes completed since it asked, but
+                // not a create's, and cuts its pages to it: a write here that beat this answer
+                // would leave zeros. A file it knew before has its pages dropped once created.
+                self.echo.notify(Work::Inode { id: e.attr.id, off: 0, len: 0 });
+            }
+            return;
         }
         let name = name.to_owned();
         self.spawn(req, move |fs| async move {

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -672,6 +672,86 @@ fn an_append_lands_at_the_pods_end_against_openssh() -> Result<()> {
     })
 }
 
+/// Pod changes whose replays (see fuse-client/src/echo.rs) are queued before, and again after,
+/// the one of the file a test is about.
+const QUEUED_REPLAYS: usize = 1000;
+
+/// The echo thread replays the pod's changes behind the feed, so the creation of a file made in
+/// the pod can be replayed after the mount appended to it and read it back. The replay must
+/// not give the kernel the size the file was made with: the kernel would cut its cached page
+/// to it, and the appended bytes would read as zeros (or not at all).
+#[test]
+fn appends_to_a_pods_file_survive_the_late_replay_of_its_creation() -> Result<()> {
+    let s = Server::start()?;
+    let e = s.endpoint();
+    fs::create_dir(e.root.join("queued"))?;
+    let mut mount = e.mount(MountOptions::new())?;
+    check_late_replay(&e, &mut mount)
+        .with_context(|| format!("{}\n--- server stderr ---\n{}", mount.log(), s.log()))?;
+    mount.unmount()?;
+    Ok(())
+}
+
+fn check_late_replay(e: &Endpoint, mount: &mut DevMount) -> Result<()> {
+    let mnt = mount.path().to_owned();
+    let watch = Proc::spawn(command("inotifywait").args(["-m", "--format", "%e %w%f"]).arg(&mnt))?;
+    watch.wait_stderr("watches established", STEP, |err| {
+        String::from_utf8_lossy(err).contains("Watches established")
+    })?;
+    let created = |name: &str| format!("CREATE {}", mnt.join(name).display());
+    let replayed = |names: &[&str]| {
+        let lines: Vec<String> = names.iter().map(|n| created(n)).collect();
+        watch.wait_stdout(&lines.join(" or "), STEP, |out| {
+            String::from_utf8_lossy(out).lines().any(|l| lines.iter().any(|want| l == want))
+        })
+    };
+    // The feed is up, and the mount holds the listing the pod's file will be added to: the file
+    // shows through the mount once the feed has applied its creation and queued its replay.
+    fs::write(e.root.join("ready"), b"")?;
+    replayed(&["ready"])?;
+    names(&mnt)?;
+
+    // Made while the daemon is stopped, the changes reach the feed at once when it goes on: the
+    // file is written here long before its replay, and read again long before the replays
+    // queued after it are done.
+    {
+        let frozen = Frozen(mount);
+        frozen.0.signal(Signal::SIGSTOP)?;
+        for i in 0..QUEUED_REPLAYS {
+            fs::write(e.root.join(format!("queued/{i}")), b"")?;
+        }
+        fs::write(e.root.join("log"), b"pod\n")?;
+        for i in QUEUED_REPLAYS..2 * QUEUED_REPLAYS {
+            fs::write(e.root.join(format!("queued/{i}")), b"")?;
+        }
+        fs::write(e.root.join("end"), b"")?;
+    }
+    let log = mnt.join("log");
+    retry("the pod's file to show", STEP, || Ok(fs::metadata(&log)?))?;
+    // Open across the replay, as a reader following the file keeps it: the kernel keeps the
+    // file's pages with it.
+    let reader = fs::File::open(&log)?;
+    append(&log, b"one\n")?;
+    append(&log, b"two\n")?;
+    let want = b"pod\none\ntwo\n";
+    let read = || -> Result<Vec<u8>> {
+        let mut got = vec![0; 64];
+        let n = reader.read_at(&mut got, 0)?;
+        got.truncate(n);
+        Ok(got)
+    };
+    for (step, until) in [("the appends", None), ("the replay", Some("log")), ("the replays", Some("end"))] {
+        // A replay the feed skipped (the file was written here before the feed applied its
+        // creation) shows as none: the last one says all are done.
+        if let Some(name) = until {
+            replayed(&[name, "end"])?;
+        }
+        let got = read()?;
+        ensure!(got == want, "after {step}: {:?}", String::from_utf8_lossy(&got));
+    }
+    Ok(())
+}
+
 /// Writes to and reads from a descriptor whose name was unlinked, as temporary files do.
 const UNLINKED: &str = r#"
 import os, sys
@@ -941,12 +1021,29 @@ os.write(fd, sys.argv[2].encode())
 print("written", flush=True)
 "#;
 
-/// Thaws the server when dropped, so a failing test does not leave it stopped.
-struct Frozen<'a>(&'a mut Server);
+/// A process a test stops (SIGSTOP) and continues.
+trait Freezable {
+    fn signal(&mut self, signal: Signal) -> Result<()>;
+}
 
-impl Drop for Frozen<'_> {
+impl Freezable for Server {
+    fn signal(&mut self, signal: Signal) -> Result<()> {
+        Server::signal(self, signal)
+    }
+}
+
+impl Freezable for DevMount {
+    fn signal(&mut self, signal: Signal) -> Result<()> {
+        DevMount::signal(self, signal)
+    }
+}
+
+/// Thaws the server or the daemon when dropped, so a failing test does not leave it stopped.
+struct Frozen<'a, T: Freezable>(&'a mut T);
+
+impl<T: Freezable> Drop for Frozen<'_, T> {
     fn drop(&mut self) {
-        // Nothing to report if it fails: the server has exited, and the test says why.
+        // Nothing to report if it fails: the process has exited, and the test says why.
         let _ = self.0.signal(Signal::SIGCONT);
     }
 }

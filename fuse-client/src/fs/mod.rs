@@ -479,7 +479,19 @@ impl Fs {
 
     /// The entry for `path` with `stat` (remote ids), counted as a kernel reference: for the
     /// echo thread's requests, answered from what the feed reported.
+    ///
+    /// A replay runs behind the feed: by the time it reaches the kernel the mount may show a
+    /// newer state of the same file (written here, or a later event applied). That state
+    /// answers then, not the event's: the kernel takes the entry's size as the file's and,
+    /// without the writeback cache, cuts its cached pages to it, so an older, smaller size
+    /// would zero bytes the kernel keeps for reads to come.
     pub fn echo_entry(&self, path: &RelPath, stat: FullStat) -> Entry {
+        let local = lock(&self.local).get(path);
+        let now = match local {
+            Some(entry) => entry.stat,
+            None => self.cache().attr(path, Instant::now()).map(|f| f.value),
+        };
+        let stat = now.filter(|now| (now.dev, now.ino) == (stat.dev, stat.ino)).unwrap_or(stat);
         self.entry(path, stat, Duration::ZERO)
     }
 
