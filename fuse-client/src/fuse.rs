@@ -512,6 +512,10 @@ impl Filesystem for FuseFs {
             if let (Some(from), Some(to)) =
                 (self.fs.child_path(parent.0, name), self.fs.child_path(newparent.0, newname))
             {
+                // As for a remove: a name changed here since the replay was queued stands.
+                if self.fs.is_local(&from) || self.fs.is_local(&to) {
+                    return reply.error(Errno::EBUSY);
+                }
                 self.fs.nodes().rename(&from, &to);
             }
             return reply.ok();
@@ -755,8 +759,13 @@ impl FuseFs {
     /// unlink (`dir` false) or rmdir (`dir` true).
     fn remove(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty, dir: bool) {
         if self.echo.is_echo(req.pid()) {
-            // Gone on the server already: the kernel only needs to hear it happen.
+            // Gone on the server already: the kernel only needs to hear it happen. Unless the
+            // name was changed here since the feed queued the replay: the mount's state stands
+            // (and the feed's own notices leave names changed here alone too).
             if let Some(path) = self.fs.child_path(parent.0, name) {
+                if self.fs.is_local(&path) {
+                    return reply.error(Errno::EBUSY);
+                }
                 self.fs.nodes().unlink(&path);
             }
             return reply.ok();

@@ -29,7 +29,8 @@ const BIG_MIB: usize = 1024;
 const TAR_FILES: usize = 500;
 /// How long one step of a test may take before it counts as hung.
 const STEP: Duration = Duration::from_secs(60);
-/// For a whole GiB through the mount.
+/// For a whole GiB through the mount, and for `git add` of [`GIT_FILES`] files (a debug build on
+/// a loaded machine takes most of a minute).
 const BIG_STEP: Duration = Duration::from_secs(600);
 
 /// Runs `check` on a fresh background mount of a new devmount-server; the error carries both
@@ -189,7 +190,11 @@ fn check_git(e: &Endpoint, mnt: &Path) -> Result<()> {
     timed("cp -r of the tree onto the mount", || {
         run_ok(command("cp").arg("-r").arg(src.join(".")).arg(&repo))
     })?;
-    timed(&format!("git add of {GIT_FILES} files"), || run_ok(git(&repo).args(["add", "-A"])))?;
+    timed(&format!("git add of {GIT_FILES} files"), || {
+        let out = run_with(git(&repo).args(["add", "-A"]), &[], BIG_STEP)?;
+        ensure!(out.success(), "{out}");
+        Ok(out)
+    })?;
     timed("git commit", || run_ok(git(&repo).args(["commit", "-q", "-m", "initial"])))?;
     let tracked = run_ok(git(&repo).args(["ls-files"]))?.stdout_text().lines().count();
     ensure!(tracked == GIT_FILES, "{tracked} files tracked, want {GIT_FILES}");
