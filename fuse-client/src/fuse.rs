@@ -47,6 +47,24 @@ pub struct Listings {
     next: u32,
 }
 
+/// What [`FuseFs::snapshot`] found.
+enum Snapshot {
+    Ready(u32, Arc<Names>),
+    Failed(Errno),
+    /// The listing must come from the server: [`fetch_snapshot`], on a task.
+    Fetch,
+}
+
+/// A new snapshot of directory `ino`'s listing, asking the server.
+async fn fetch_snapshot(
+    fs: &Fs,
+    listings: &Mutex<Listings>,
+    ino: INodeNo,
+) -> Result<(u32, Arc<Names>), Errno> {
+    let names = fs.readdir(ino.0).await.map_err(errno)?;
+    Ok(lock(listings).keep(names))
+}
+
 /// Offsets: the snapshot's id above bit 32; below, 1 and 2 are `.` and `..`, then 3 + index.
 const POSITION_BITS: u32 = 32;
 /// Ids stay below 2^30, so offsets stay positive as the kernel's signed `loff_t`.
@@ -56,7 +74,10 @@ const SNAPSHOTS: usize = 1024;
 
 impl Listings {
     fn new() -> Listings {
-        Listings { snapshots: LruCache::new(std::num::NonZeroUsize::new(SNAPSHOTS).expect("non-zero")), next: 1 }
+        Listings {
+            snapshots: LruCache::new(std::num::NonZeroUsize::new(SNAPSHOTS).expect("non-zero")),
+            next: 1,
+        }
     }
 
     /// The snapshot a read at `offset` goes on with, if still kept (never at offset 0: a
@@ -201,7 +222,13 @@ fn reply_entry(reply: ReplyEntry, e: &Entry) {
 /// Answers a lookup; an absent name the caches vouch for is answered as one the kernel may
 /// remember (node id 0 with a timeout), so a build's or git's probes for files that do not
 /// exist (`.gitignore` in every directory) cost the daemon nothing the second time.
-fn reply_lookup(fs: &Fs, reply: ReplyEntry, parent: INodeNo, name: &OsStr, answer: Result<Entry, nix::errno::Errno>) {
+fn reply_lookup(
+    fs: &Fs,
+    reply: ReplyEntry,
+    parent: INodeNo,
+    name: &OsStr,
+    answer: Result<Entry, nix::errno::Errno>,
+) {
     match answer {
         Ok(e) => reply_entry(reply, &e),
         Err(nix::errno::Errno::ENOENT) => match fs.absent_for(parent.0, name) {
@@ -589,53 +616,44 @@ impl Filesystem for FuseFs {
     }
 
     fn readdir(&self, req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, reply: ReplyDirectory) {
-        let known = self.lock_listings().get(offset);
-        if let Some((id, names)) = known {
-            return self.readdir_from(ino, id, &names, position(offset), reply);
-        }
-        match self.fs.readdir_cached(ino.0) {
-            Some(Ok(names)) => {
-                let (id, names) = self.lock_listings().keep(names);
-                self.readdir_from(ino, id, &names, position(offset), reply)
-            }
-            Some(Err(e)) => reply.error(errno(e)),
-            None => {
+        match self.snapshot(ino, offset) {
+            Snapshot::Ready(id, names) => self.readdir_from(ino, id, &names, position(offset), reply),
+            Snapshot::Failed(e) => reply.error(e),
+            Snapshot::Fetch => {
                 let (listings, echo) = (self.listings.clone(), self.echo.clone());
                 self.spawn(req, move |fs| async move {
-                    match fs.readdir(ino.0).await {
-                        Ok(names) => {
-                            let (id, names) = lock(&listings).keep(names);
+                    match fetch_snapshot(&fs, &listings, ino).await {
+                        Ok((id, names)) => {
                             let done = add_names(ino, id, &names, position(offset), reply);
                             after_reply(&fs, &echo, &listings, ino, id, &names, done);
                         }
-                        Err(e) => reply.error(errno(e)),
+                        Err(e) => reply.error(e),
                     }
                 });
             }
         }
     }
 
-    fn readdirplus(&self, req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, reply: ReplyDirectoryPlus) {
-        let known = self.lock_listings().get(offset);
-        if let Some((id, names)) = known {
-            return self.readdirplus_from(req, ino, id, names, position(offset), reply);
-        }
-        match self.fs.readdir_cached(ino.0) {
-            Some(Ok(names)) => {
-                let (id, names) = self.lock_listings().keep(names);
-                self.readdirplus_from(req, ino, id, names, position(offset), reply)
-            }
-            Some(Err(e)) => reply.error(errno(e)),
-            None => {
+    fn readdirplus(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        reply: ReplyDirectoryPlus,
+    ) {
+        match self.snapshot(ino, offset) {
+            Snapshot::Ready(id, names) => self.readdirplus_from(req, ino, id, names, position(offset), reply),
+            Snapshot::Failed(e) => reply.error(e),
+            Snapshot::Fetch => {
                 let (listings, echo) = (self.listings.clone(), self.echo.clone());
                 self.spawn(req, move |fs| async move {
-                    match fs.readdir(ino.0).await {
-                        Ok(names) => {
-                            let (id, names) = lock(&listings).keep(names);
+                    match fetch_snapshot(&fs, &listings, ino).await {
+                        Ok((id, names)) => {
                             let done = plus_rest(&fs, ino, id, &names, position(offset), reply).await;
                             after_reply(&fs, &echo, &listings, ino, id, &names, done);
                         }
-                        Err(e) => reply.error(errno(e)),
+                        Err(e) => reply.error(e),
                     }
                 });
             }
@@ -680,7 +698,14 @@ fn add_dots(reply: &mut ReplyDirectoryPlus, ino: INodeNo, id: u32, at: u64, dir:
 
 /// Adds item `i` of snapshot `id`, as `entry` says it is now (`None`: gone since the snapshot,
 /// left out); true if the reply is full.
-fn add_plus(fs: &Fs, reply: &mut ReplyDirectoryPlus, id: u32, i: usize, name: &[u8], entry: Option<Entry>) -> bool {
+fn add_plus(
+    fs: &Fs,
+    reply: &mut ReplyDirectoryPlus,
+    id: u32,
+    i: usize,
+    name: &[u8],
+    entry: Option<Entry>,
+) -> bool {
     let Some(entry) = entry else { return false };
     let a = attr(entry.attr.id, &entry.attr.stat);
     let off = offset_of(id, i as u64 + 3);
@@ -718,7 +743,14 @@ fn add_names(ino: INodeNo, id: u32, names: &Names, at: u64, mut reply: ReplyDire
 
 /// The rest of a readdirplus from position `at` of snapshot `id`, asking the server for what
 /// the caches do not know; true if the reader is done.
-async fn plus_rest(fs: &Fs, ino: INodeNo, id: u32, names: &Names, at: u64, mut reply: ReplyDirectoryPlus) -> bool {
+async fn plus_rest(
+    fs: &Fs,
+    ino: INodeNo,
+    id: u32,
+    names: &Names,
+    at: u64,
+    mut reply: ReplyDirectoryPlus,
+) -> bool {
     if at < 2 {
         let dir = fs.getattr(ino.0).await.ok();
         if add_dots(&mut reply, ino, id, at, dir) {
@@ -741,7 +773,15 @@ async fn plus_rest(fs: &Fs, ino: INodeNo, id: u32, names: &Names, at: u64, mut r
 /// names the kernel may have kept (all, on a mount without opendir; see
 /// [`Filesystem::opendir`]) but that are not the directory's current listing as the feed keeps
 /// it are dropped from the kernel's copy.
-fn after_reply(fs: &Fs, echo: &Echo, listings: &Mutex<Listings>, ino: INodeNo, id: u32, names: &Names, done: bool) {
+fn after_reply(
+    fs: &Fs,
+    echo: &Echo,
+    listings: &Mutex<Listings>,
+    ino: INodeNo,
+    id: u32,
+    names: &Names,
+    done: bool,
+) {
     if done {
         lock(listings).done(id);
     }
@@ -782,6 +822,23 @@ impl FuseFs {
 
     fn lock_listings(&self) -> MutexGuard<'_, Listings> {
         lock(&self.listings)
+    }
+
+    /// The snapshot a directory read at `offset` pages through, when no request to the server
+    /// is needed: the one the offset names, else a new one from the caches.
+    fn snapshot(&self, ino: INodeNo, offset: u64) -> Snapshot {
+        let known = self.lock_listings().get(offset);
+        if let Some((id, names)) = known {
+            return Snapshot::Ready(id, names);
+        }
+        match self.fs.readdir_cached(ino.0) {
+            Some(Ok(names)) => {
+                let (id, names) = self.lock_listings().keep(names);
+                Snapshot::Ready(id, names)
+            }
+            Some(Err(e)) => Snapshot::Failed(errno(e)),
+            None => Snapshot::Fetch,
+        }
     }
 
     /// Plain readdir from position `at` of snapshot `id`; it only serves kernels without

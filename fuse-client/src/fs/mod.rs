@@ -908,7 +908,9 @@ impl Fs {
         if self.remote.is_devmount() && version.size <= SMALL_FILE && range.start == 0 {
             // A sibling's fetch may be bringing it already.
             self.siblings.wait(path).await;
-            if let [DataPart::Cached { offset: 0, data }] = &self.cache().read_data(path, version, range.clone())[..] {
+            if let [DataPart::Cached { offset: 0, data }] =
+                &self.cache().read_data(path, version, range.clone())[..]
+            {
                 return Ok(data.slice(0..(range.end as usize).min(data.len())));
             }
             if let Some(dir) = path.parent() {
