@@ -52,6 +52,9 @@ pub async fn run(fs: Arc<Fs>, mut feed: FeedStream, work: mpsc::Sender<Work>) ->
             if invalidations.iter().any(|i| i.kind == InvalKind::Everything) {
                 fs.cache_emptied();
             }
+            if matches!(part, FeedMessage::Ready { .. }) {
+                fs.feed_ready();
+            }
             let notices = invalidations.iter().flat_map(|inval| notices_for(&fs, inval));
             for item in before.into_iter().map(Work::Replay).chain(notices).chain(after.into_iter().map(Work::Replay)) {
                 if work.send(item).is_err() {

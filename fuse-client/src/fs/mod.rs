@@ -274,7 +274,11 @@ impl Fs {
         while let Some(dir) = rx.recv().await {
             let fs = self.clone();
             tokio::spawn(async move {
-                let wanted = fs.small_siblings(&dir);
+                let Some(wanted) = fs.small_siblings(&dir) else {
+                    // Not listed yet (a walk still on its way): a later read here asks again.
+                    fs.siblings.unclaim(&dir);
+                    return;
+                };
                 futures::stream::iter(wanted)
                     .for_each_concurrent(None, |path| {
                         let fs = &fs;
@@ -293,9 +297,10 @@ impl Fs {
 
     /// The files of `dir` worth fetching with a sibling: small, regular, not changed here, and
     /// not cached yet, as far as the caches know them; within the bounds of one directory.
-    fn small_siblings(&self, dir: &RelPath) -> Vec<RelPath> {
+    /// `None` if the directory's listing is not cached.
+    fn small_siblings(&self, dir: &RelPath) -> Option<Vec<RelPath>> {
         let now = Instant::now();
-        let Some(listing) = self.cache().listing(dir, now) else { return Vec::new() };
+        let listing = self.cache().listing(dir, now)?;
         let (mut files, mut bytes) = (Vec::new(), 0);
         for entry in listing.value.entries().iter().filter(|e| e.kind == FileKind::Regular) {
             let Ok(path) = dir.join(&entry.name) else { continue };
@@ -318,7 +323,7 @@ impl Fs {
             }
             files.push(path);
         }
-        files
+        Some(files)
     }
 
     /// Asks for the small files of `dir` to be fetched (once per directory).
@@ -367,6 +372,16 @@ impl Fs {
     fn want_subtree(&self, dir: &RelPath) {
         if self.remote.is_devmount() && self.covered.claim(dir) {
             let _ = self.walks.send(dir.clone());
+        }
+    }
+
+    /// The feed vouches for replies from now on. Subtrees walked before (the first `ls` of a
+    /// mount usually comes before the server has watched the whole tree) are walked again:
+    /// their entries would otherwise keep the short TTL and all expire at once a second later,
+    /// each asked for again on its own.
+    pub fn feed_ready(&self) {
+        for dir in self.covered.take() {
+            self.want_subtree(&dir);
         }
     }
 

@@ -49,6 +49,11 @@ impl Covered {
     pub fn clear(&self) {
         super::lock(&self.0).clear();
     }
+
+    /// The subtrees claimed so far, unclaimed.
+    pub fn take(&self) -> Vec<RelPath> {
+        std::mem::take(&mut *super::lock(&self.0))
+    }
 }
 
 /// Siblings fetched at once, over all directories.
@@ -79,6 +84,10 @@ impl Siblings {
     /// Claims `dir`'s small files for fetching: false if claimed already.
     pub fn claim(&self, dir: &RelPath) -> bool {
         super::lock(&self.done).put(dir.clone(), ()).is_none()
+    }
+
+    pub fn unclaim(&self, dir: &RelPath) {
+        super::lock(&self.done).pop(dir);
     }
 
     /// The cache was emptied: every directory may be fetched again.
