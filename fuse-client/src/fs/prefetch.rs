@@ -16,11 +16,10 @@ use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::Mutex;
 
-use lru::LruCache;
-use tokio::sync::watch;
-
 use bytes::Bytes;
 use devmount_server::proto::sftp::WalkEntry;
+use lru::LruCache;
+use tokio::sync::watch;
 
 use crate::cache::{FileKind, ListingEntry, RelPath};
 
@@ -86,6 +85,7 @@ impl Siblings {
         super::lock(&self.done).put(dir.clone(), ()).is_none()
     }
 
+    /// Gives `dir` back: its small files could not be fetched yet.
     pub fn unclaim(&self, dir: &RelPath) {
         super::lock(&self.done).pop(dir);
     }
