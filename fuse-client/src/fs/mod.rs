@@ -728,7 +728,7 @@ impl Fs {
     }
 
     /// The entry to give the kernel for `name` of a listing snapshot, as of now: a name deleted
-    /// since the snapshot is left out (`None`), so a directory handle opened before a change
+    /// since the snapshot is left out (`None`), so a directory read begun before a change
     /// never brings back what the feed already removed. Counted as a reference the kernel
     /// takes: [`Fs::forget`] it if the entry does not make it into the reply.
     pub async fn plus_entry(&self, dir: u64, name: &[u8]) -> Option<Entry> {
