@@ -13,7 +13,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use devmount_tests::{
     command, git, mode_of, retry, run, run_ok, run_with, write_file_mode, DevMount, Endpoint, MountOptions,
     Proc, Relay, Run, Server, Sshd,
@@ -548,6 +548,42 @@ fn reading_a_file_while_it_is_sent() -> Result<()> {
     s.endpoint().sync(mount.path())?;
     mount.unmount()?;
     drop(relay);
+    Ok(())
+}
+
+/// The bytes the server has sent through `relay` so far.
+fn sent_to_client(relay: &mut Relay) -> Result<u64> {
+    let status = relay.command("status")?;
+    status
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("to-client="))
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| anyhow!("no to-client= in the relay's status: {status}"))
+}
+
+/// A file read from start to end is fetched once: a read of bytes the read-ahead is bringing
+/// waits for them rather than asking the server for them again.
+#[test]
+fn a_sequential_read_fetches_each_byte_once() -> Result<()> {
+    const MIB: usize = 48;
+    let s = Server::start()?;
+    random_file(&s.root().join("big.bin"), MIB)?;
+    // A round trip long enough for the reader to catch up with the bytes on their way.
+    let mut relay = Relay::start(s.port(), 20)?;
+    let mount = mount_through(&relay, &s, MountOptions::new())?;
+    let before = sent_to_client(&mut relay)?;
+    let (got, want) = (fs::read(mount.path().join("big.bin"))?, fs::read(s.root().join("big.bin"))?);
+    ensure!(got == want, "big.bin read through the mount differs from the server's");
+    let sent = sent_to_client(&mut relay)? - before;
+    let size = (MIB << 20) as u64;
+    println!("the server sent {sent} bytes for a {size}-byte file");
+    ensure!(
+        // Replies' framing and the file's stat cost well under a sixty-fourth.
+        sent < size + size / 64,
+        "the server sent {sent} bytes for one read of a {size}-byte file\n{}",
+        mount.log()
+    );
+    mount.unmount()?;
     Ok(())
 }
 

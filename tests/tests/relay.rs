@@ -172,6 +172,8 @@ fn cut_resets_every_connection_and_new_ones_work() {
     let mut b = relay.connect().unwrap();
     echo_once(&mut a, b"before");
     echo_once(&mut b, b"before");
+    // Counted over all connections, each direction on its own.
+    relay.wait_status("to-server=12 to-client=12");
     assert_eq!(relay.command("cut"), "ok cut 2 connections");
     for conn in [&mut a, &mut b] {
         let mut buf = [0; 16];

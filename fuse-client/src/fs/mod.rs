@@ -113,10 +113,38 @@ struct OpenFile {
     /// The server's handle, opened on the first read the cache cannot answer (and again after
     /// a reconnect).
     remote: tokio::sync::Mutex<Option<Handle>>,
-    /// Sequential reads: the furthest point read, and how far ahead of it the cache has been
-    /// asked to fill.
+    /// Sequential reads: the furthest point read, how far ahead of it the cache has been asked
+    /// to fill, and the read-ahead window.
     next_read: std::sync::atomic::AtomicU64,
     ahead: std::sync::atomic::AtomicU64,
+    window: std::sync::atomic::AtomicU64,
+    /// Read-ahead fetches of this file on their way: a read of bytes one of them brings waits
+    /// for it rather than asking the server for the same bytes again.
+    fetching: Mutex<Vec<(std::ops::Range<u64>, tokio::sync::watch::Receiver<()>)>>,
+}
+
+impl OpenFile {
+    /// Registers a fetch of `range`; it is on its way until the returned sender is dropped.
+    fn start_fetch(&self, range: std::ops::Range<u64>) -> tokio::sync::watch::Sender<()> {
+        let (done, rx) = tokio::sync::watch::channel(());
+        let mut fetching = lock(&self.fetching);
+        fetching.retain(|(_, rx)| rx.has_changed().is_ok());
+        fetching.push((range, rx));
+        done
+    }
+
+    /// Waits for the fetches on their way that overlap `range`.
+    async fn wait_fetches(&self, range: std::ops::Range<u64>) {
+        let overlapping: Vec<_> = lock(&self.fetching)
+            .iter()
+            .filter(|(r, _)| r.start < range.end && range.start < r.end)
+            .map(|(_, rx)| rx.clone())
+            .collect();
+        for mut rx in overlapping {
+            // Resolves with an error once the fetch's sender is dropped, when it is done.
+            while rx.changed().await.is_ok() {}
+        }
+    }
 }
 
 /// The mounted file system.
@@ -156,6 +184,8 @@ struct ReadAhead {
     path: RelPath,
     version: DataVersion,
     range: std::ops::Range<u64>,
+    /// Dropped when the fetch is done (see [`OpenFile::start_fetch`]).
+    _done: tokio::sync::watch::Sender<()>,
 }
 
 impl Fs {
@@ -254,10 +284,12 @@ impl Fs {
         while let Some(r) = rx.recv().await {
             let fs = self.clone();
             tokio::spawn(async move {
-                let missing = fs.cache().read_data(&r.path, &r.version, r.range.clone());
+                // `_done` lives to the end of the task: readers waiting for the range wake then.
+                let ReadAhead { file, path, version, range, _done } = r;
+                let missing = fs.cache().read_data(&path, &version, range);
                 for part in missing {
                     if let DataPart::Missing(range) = part {
-                        if fs.fetch_range(&r.file, &r.path, &r.version, range).await.is_err() {
+                        if fs.fetch_range(&file, &path, &version, range).await.is_err() {
                             return;
                         }
                     }
@@ -344,18 +376,22 @@ impl Fs {
         end: u64,
     ) {
         use std::sync::atomic::Ordering::Relaxed;
-        // The kernel may send the pieces of one large read at once, so "sequential" is: at or
-        // a little before the furthest point read so far.
+        // The kernel sends the pieces of one large read at once, on several threads, so
+        // "sequential" is: not past what was read or asked ahead so far, nor far behind it.
         let furthest = file.next_read.fetch_max(end, Relaxed);
-        let sequential = offset <= furthest && offset + READ_AHEAD_MAX >= furthest;
+        let ahead = file.ahead.load(Relaxed);
+        let sequential = offset <= furthest.max(ahead) && offset + READ_AHEAD_MAX >= furthest;
         if !sequential || version.size <= SMALL_FILE || end >= version.size {
             file.ahead.store(end, Relaxed);
+            file.window.store(0, Relaxed);
             return;
         }
-        let left = file.ahead.load(Relaxed).saturating_sub(end);
-        let window = ((end - offset) * 2).max(left * 2).min(READ_AHEAD_MAX);
+        // The window doubles with each sequential read: a reader that goes on reading gets
+        // further ahead of the network every time, up to the limit.
+        let window = (file.window.load(Relaxed) * 2).max((end - offset) * 2).min(READ_AHEAD_MAX);
+        file.window.store(window, Relaxed);
         let want = (end + window).min(version.size);
-        let from = file.ahead.load(Relaxed).max(end);
+        let from = ahead.max(end);
         if from < want {
             file.ahead.store(want, Relaxed);
             let _ = self.ahead.send(ReadAhead {
@@ -363,6 +399,7 @@ impl Fs {
                 path: path.clone(),
                 version: *version,
                 range: from..want,
+                _done: file.start_fetch(from..want),
             });
         }
     }
@@ -781,6 +818,7 @@ impl Fs {
             return self.read_server(&file, &path, offset, end).await;
         }
         self.plan_read_ahead(&file, &path, &version, offset, end);
+        file.wait_fetches(offset..end).await;
         let parts = self.cache().read_data(&path, &version, offset..end);
         let mut out = BytesMut::with_capacity((end - offset) as usize);
         for part in parts {

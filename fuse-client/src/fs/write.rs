@@ -141,6 +141,8 @@ impl Fs {
             remote: tokio::sync::Mutex::new(None),
             next_read: Default::default(),
             ahead: Default::default(),
+            window: Default::default(),
+            fetching: Default::default(),
         };
         lock(&self.files).insert(std::sync::Arc::new(file)) as u64
     }

@@ -13,7 +13,9 @@
 //!   connections are refused, until `unblock`. Answered once the listener is closed.
 //! - `unblock`: listens again on the same address and resumes forwarding. Answered once
 //!   listening.
-//! - `status`: `ok listening=ADDR blocked=BOOL connections=N accepted=N cuts=N rtt-ms=N`.
+//! - `status`: `ok listening=ADDR blocked=BOOL connections=N accepted=N cuts=N rtt-ms=N
+//!   to-server=BYTES to-client=BYTES` (the bytes passed on in each direction, over all
+//!   connections: what a client asked of its server and what it got).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -71,6 +73,8 @@ struct Relay {
     state: watch::Sender<State>,
     connections: AtomicUsize,
     accepted: AtomicU64,
+    to_server: AtomicU64,
+    to_client: AtomicU64,
 }
 
 fn main() -> ExitCode {
@@ -106,6 +110,8 @@ async fn run(args: Args) -> Result<()> {
         state: watch::Sender::new(State { listening: true, ..State::default() }),
         connections: AtomicUsize::new(0),
         accepted: AtomicU64::new(0),
+        to_server: AtomicU64::new(0),
+        to_client: AtomicU64::new(0),
     });
     if let Some(path) = &args.control {
         // A socket file left by an earlier run would make bind fail.
@@ -201,8 +207,8 @@ async fn connection(relay: Arc<Relay>, mut client: TcpStream, cuts: u64) {
                 tokio::select! {
                     result = async {
                         tokio::try_join!(
-                            direction(cr, uw, delay, relay.state.subscribe()),
-                            direction(ur, cw, delay, relay.state.subscribe())
+                            direction(cr, uw, delay, relay.state.subscribe(), &relay.to_server),
+                            direction(ur, cw, delay, relay.state.subscribe(), &relay.to_client)
                         )
                     } => result.is_ok(),
                     _ = state.wait_for(|s| s.cuts != cuts) => false,
@@ -221,13 +227,14 @@ async fn connection(relay: Arc<Relay>, mut client: TcpStream, cuts: u64) {
     relay.connections.fetch_sub(1, Ordering::Relaxed);
 }
 
-/// Copies `from` to `to`, each chunk written `delay` after it was read, in order. Ends after
-/// passing on the end of the stream (as a half-close).
+/// Copies `from` to `to`, each chunk written `delay` after it was read, in order, counting the
+/// bytes written in `passed`. Ends after passing on the end of the stream (as a half-close).
 async fn direction<R, W>(
     mut from: R,
     mut to: W,
     delay: Duration,
     state: watch::Receiver<State>,
+    passed: &AtomicU64,
 ) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -269,6 +276,7 @@ where
             match chunk {
                 Some(chunk) => {
                     to.write_all(&chunk).await?;
+                    passed.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                     room.add_permits(chunk.len());
                 }
                 None => return to.shutdown().await,
@@ -312,13 +320,15 @@ async fn command(relay: &Relay, line: &str) -> String {
         "status" => {
             let s = *relay.state.borrow();
             format!(
-                "ok listening={} blocked={} connections={} accepted={} cuts={} rtt-ms={}",
+                "ok listening={} blocked={} connections={} accepted={} cuts={} rtt-ms={} to-server={} to-client={}",
                 relay.listen,
                 s.blocked,
                 relay.connections.load(Ordering::Relaxed),
                 relay.accepted.load(Ordering::Relaxed),
                 s.cuts,
-                relay.rtt.as_millis()
+                relay.rtt.as_millis(),
+                relay.to_server.load(Ordering::Relaxed),
+                relay.to_client.load(Ordering::Relaxed)
             )
         }
         other => format!("error: unknown command {other:?}; the commands are cut, block, unblock and status"),
