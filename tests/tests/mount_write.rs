@@ -587,6 +587,36 @@ fn a_sequential_read_fetches_each_byte_once() -> Result<()> {
     Ok(())
 }
 
+/// A file of a few MiB read here and there (git in its index and packs) is fetched whole on its
+/// first read: later reads anywhere in it are answered without asking the server.
+#[test]
+fn a_file_read_here_and_there_is_fetched_whole_on_its_first_read() -> Result<()> {
+    let s = Server::start()?;
+    random_file(&s.root().join("pack"), 3)?;
+    let want = fs::read(s.root().join("pack"))?;
+    let mut relay = Relay::start(s.port(), 2)?;
+    let mount = mount_through(&relay, &s, MountOptions::new())?;
+    let file = fs::File::open(mount.path().join("pack"))?;
+    let read_at = |offset: usize| -> Result<()> {
+        let mut got = vec![0; 4096];
+        file.read_exact_at(&mut got, offset as u64)?;
+        ensure!(got == want[offset..offset + 4096], "4 KiB at {offset} differ from the server's");
+        Ok(())
+    };
+    read_at(0)?;
+    let after_first = sent_to_client(&mut relay)?;
+    for offset in [want.len() - 4096, 1 << 20, (2 << 20) + 12345, 70_000] {
+        read_at(offset)?;
+    }
+    let sent = sent_to_client(&mut relay)? - after_first;
+    // A read the cache could not answer costs a kernel read's worth (128 KiB) or a whole 4 KiB
+    // page at least, and the reply's framing.
+    ensure!(sent < 4096, "reads after the first one had the server send {sent} bytes\n{}", mount.log());
+    drop(file);
+    mount.unmount()?;
+    Ok(())
+}
+
 /// Appends `data` with a fresh O_APPEND descriptor.
 fn append(path: &Path, data: &[u8]) -> Result<()> {
     let mut f = fs::OpenOptions::new()

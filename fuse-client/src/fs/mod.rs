@@ -44,6 +44,10 @@ const SMALL_FILE: u64 = 256 << 10;
 /// How far ahead of a sequential reader the cache is filled: twice the read's size at first,
 /// doubling while the reads stay sequential, up to this.
 const READ_AHEAD_MAX: u64 = 8 << 20;
+/// Files up to this size are fetched whole on their first read, wherever it is: a reader that
+/// jumps around (git in its index and packs, a linker in an archive) pays one round trip, not
+/// one per jump.
+const WHOLE_FILE: u64 = 4 << 20;
 /// How long a statfs answer is reused: free space a few seconds old is what `df` shows anyway.
 const STATFS_TTL: Duration = Duration::from_secs(5);
 
@@ -175,6 +179,9 @@ pub struct Fs {
     sibling_dirs: tokio::sync::mpsc::UnboundedSender<RelPath>,
     sibling_dirs_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<RelPath>>>,
     sibling_gets: Arc<tokio::sync::Semaphore>,
+    /// Directories being listed for a lookup that missed, so lookups in one wait for one
+    /// listing (see [`Fs::list_for_lookup`]).
+    listing_for_lookup: Mutex<std::collections::HashMap<RelPath, tokio::sync::watch::Receiver<()>>>,
     statfs: Mutex<Option<(Instant, StatVfs)>>,
 }
 
@@ -220,6 +227,7 @@ impl Fs {
             sibling_dirs,
             sibling_dirs_rx: Mutex::new(Some(sibling_dirs_rx)),
             sibling_gets: Arc::new(tokio::sync::Semaphore::new(prefetch::SIBLINGS_IN_FLIGHT)),
+            listing_for_lookup: Mutex::new(std::collections::HashMap::new()),
             statfs: Mutex::new(None),
         }
     }
@@ -380,8 +388,18 @@ impl Fs {
         // "sequential" is: not past what was read or asked ahead so far, nor far behind it.
         let furthest = file.next_read.fetch_max(end, Relaxed);
         let ahead = file.ahead.load(Relaxed);
+        if version.size <= SMALL_FILE {
+            return;
+        }
+        if version.size <= WHOLE_FILE {
+            if ahead < version.size {
+                file.ahead.store(version.size, Relaxed);
+                self.fetch_ahead(file, path, version, 0..version.size);
+            }
+            return;
+        }
         let sequential = offset <= furthest.max(ahead) && offset + READ_AHEAD_MAX >= furthest;
-        if !sequential || version.size <= SMALL_FILE || end >= version.size {
+        if !sequential || end >= version.size {
             file.ahead.store(end, Relaxed);
             file.window.store(0, Relaxed);
             return;
@@ -394,14 +412,26 @@ impl Fs {
         let from = ahead.max(end);
         if from < want {
             file.ahead.store(want, Relaxed);
-            let _ = self.ahead.send(ReadAhead {
-                file: file.clone(),
-                path: path.clone(),
-                version: *version,
-                range: from..want,
-                _done: file.start_fetch(from..want),
-            });
+            self.fetch_ahead(file, path, version, from..want);
         }
+    }
+
+    /// Has `range` of `file` fetched into the cache in the background; reads of it meanwhile
+    /// wait for it.
+    fn fetch_ahead(
+        &self,
+        file: &Arc<OpenFile>,
+        path: &RelPath,
+        version: &DataVersion,
+        range: std::ops::Range<u64>,
+    ) {
+        let _ = self.ahead.send(ReadAhead {
+            file: file.clone(),
+            path: path.clone(),
+            version: *version,
+            _done: file.start_fetch(range.clone()),
+            range,
+        });
     }
 
     /// A cold request in `dir`: unless a walk covers it already, its subtree is walked in the
@@ -433,12 +463,29 @@ impl Fs {
         &self,
         dir: &RelPath,
     ) -> std::result::Result<usize, devmount_server::sftp::client::SftpError> {
+        use futures::StreamExt;
         let sftp = self.remote.sftp();
         let handle = sftp.dev_walk(&self.remote.abs(dir), prefetch::BATCH, 0).await?;
         let mut assembler = prefetch::Assembler::new(dir.clone());
         let mut seen = 0;
         let result = async {
-            while let Some(batch) = sftp.dev_walk_read(&handle).await? {
+            // Several reads of the walk at once. Each is polled once as it is made, which sends
+            // it: the server answers one handle's requests in arrival order, so the replies
+            // come back as consecutive batches, in the order the reads were made.
+            let mut reads = futures::stream::FuturesOrdered::new();
+            let read = || {
+                let mut read = Box::pin(sftp.dev_walk_read(&handle));
+                let first = futures::FutureExt::now_or_never(&mut read);
+                match first {
+                    Some(done) => futures::future::Either::Left(std::future::ready(done)),
+                    None => futures::future::Either::Right(read),
+                }
+            };
+            for _ in 0..prefetch::BATCHES_IN_FLIGHT {
+                reads.push_back(read());
+            }
+            while let Some(batch) = reads.next().await {
+                let Some(batch) = batch? else { return Ok(true) };
                 seen += batch.entries.len();
                 let eof = batch.eof;
                 assembler.batch(batch.seq, batch.entries);
@@ -448,16 +495,23 @@ impl Fs {
                 if seen >= prefetch::MAX_ENTRIES {
                     return Ok(false);
                 }
+                // Stored as it comes: a cold `find` catches up with the walk, not its end.
+                self.store_walked(assembler.take());
+                reads.push_back(read());
             }
             Ok(true)
         }
         .await;
         let _ = sftp.close(&handle).await;
-        let found = match result {
-            Ok(true) => assembler.finish(),
-            Ok(false) => assembler.abandon(),
+        match result {
+            Ok(true) => self.store_walked(assembler.finish()),
+            Ok(false) => self.store_walked(assembler.abandon()),
             Err(e) => return Err(e),
-        };
+        }
+        Ok(seen)
+    }
+
+    fn store_walked(&self, found: prefetch::Found) {
         let now = Instant::now();
         let mut cache = self.cache();
         for (path, stat, seq) in found.attrs {
@@ -466,7 +520,6 @@ impl Fs {
         for (dir, entries, seq) in found.listings {
             let _ = cache.insert_listing(&dir, entries, seq, now);
         }
-        Ok(seen)
     }
 
     /// Waits until the feed has applied every change the server made before now; false if
@@ -589,8 +642,34 @@ impl Fs {
             return answer;
         }
         let path = self.child(parent, name)?;
+        if let Some(dir) = path.parent().filter(|_| self.remote.is_devmount()) {
+            self.list_for_lookup(&dir).await;
+            if let Some(answer) = self.lookup_cached(parent, name) {
+                return answer;
+            }
+        }
         let (stat, ttl) = self.fetch_stat(&path).await?;
         Ok(self.entry(&path, stat, ttl))
+    }
+
+    /// A lookup missed in `dir`: the whole directory is listed with full stats, one round trip
+    /// like a stat of the one name, so the lookups of its other names that tend to follow (git
+    /// looks up HEAD, commondir, objects, refs, config ... of `.git` one after the other, before
+    /// a bulk walk has come that far) are answered from the cache. Lookups in a directory being
+    /// listed wait for that listing.
+    async fn list_for_lookup(&self, dir: &RelPath) {
+        // An entry whose sender is gone was left by a lister that was dropped: not running.
+        let running = lock(&self.listing_for_lookup).get(dir).filter(|rx| rx.has_changed().is_ok()).cloned();
+        if let Some(mut done) = running {
+            // Resolves with an error once the lister drops its sender, when it is done.
+            while done.changed().await.is_ok() {}
+            return;
+        }
+        let (done, rx) = tokio::sync::watch::channel(());
+        lock(&self.listing_for_lookup).insert(dir.clone(), rx);
+        let _ = self.server_listing(dir).await;
+        lock(&self.listing_for_lookup).remove(dir);
+        drop(done);
     }
 
     /// [`Fs::lookup`] when it needs no request to the server: `None` if it does.

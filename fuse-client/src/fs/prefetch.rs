@@ -26,7 +26,10 @@ use crate::cache::{FileKind, ListingEntry, RelPath};
 /// Entries one walk stores at most: enough for a large source tree, bounded for a huge one.
 pub const MAX_ENTRIES: usize = 100_000;
 /// Entries asked for per batch.
-pub const BATCH: u32 = 4096;
+pub const BATCH: u32 = 1024;
+/// Batches asked for at once: the server walks on while earlier ones travel, and what has
+/// arrived is stored while later ones are on their way.
+pub const BATCHES_IN_FLIGHT: usize = 4;
 
 /// The subtrees walked (or being walked) since the cache was last emptied.
 #[derive(Default)]
@@ -180,6 +183,12 @@ impl Assembler {
         }
     }
 
+    /// What is known so far: the attributes seen, and the listings the walk has left. Later
+    /// calls return only what came since.
+    pub fn take(&mut self) -> Found {
+        std::mem::take(&mut self.found)
+    }
+
     /// The walk is complete: every directory still open is too.
     pub fn finish(mut self) -> Found {
         while !self.open.is_empty() {
@@ -243,6 +252,25 @@ mod tests {
         );
         assert_eq!(found.attrs.len(), 7);
         assert_eq!((found.attrs[4].0.clone(), found.attrs[4].2), (p("src/b"), 6));
+    }
+
+    #[test]
+    fn what_a_walk_has_finished_is_taken_batch_by_batch() {
+        let mut a = Assembler::new(p("src"));
+        a.batch(5, vec![e("", true), e("a", true), e("a/x", false)]);
+        let first = a.take();
+        assert!(first.listings.is_empty(), "src/a may have more names in the next batch");
+        assert_eq!(first.attrs.len(), 3);
+        a.batch(6, vec![e("b", false)]);
+        let second = a.take();
+        let listings: Vec<(RelPath, Vec<&[u8]>)> =
+            second.listings.iter().map(|(d, l, _)| (d.clone(), names(l))).collect();
+        assert_eq!(listings, vec![(p("src/a"), vec![&b"x"[..]])], "the walk left src/a");
+        assert_eq!(second.attrs.len(), 1, "only what came since");
+        let rest = a.finish();
+        assert_eq!(rest.listings.len(), 1);
+        assert_eq!(names(&rest.listings[0].1), vec![&b"a"[..], b"b"]);
+        assert!(rest.attrs.is_empty());
     }
 
     #[test]
