@@ -49,6 +49,12 @@ pub enum Work {
     Inode { id: u64, off: i64, len: i64 },
     /// Replay a change through the mount.
     Replay(Replay),
+    /// `lstat` the directory at `path` through the mount, not before `after`. The kernel drops
+    /// a directory's access time after each read of its listing from the daemon, which makes
+    /// the next `stat` of it wait for a GETATTR (a second `find` paid one per directory); asked
+    /// here, off the reader's path, the attributes are answered from the cache and kept again.
+    /// `after` leaves the kernel time to drop them first.
+    Refresh { path: Bytes, after: std::time::Instant },
 }
 
 #[derive(Debug, Clone)]
@@ -112,6 +118,10 @@ impl Echo {
             for work in rx {
                 match work {
                     Work::Replay(r) => echo.replay(&mountpoint, r),
+                    Work::Refresh { path, after } => {
+                        std::thread::sleep(after.saturating_duration_since(std::time::Instant::now()));
+                        let _ = std::fs::symlink_metadata(mountpoint.join(OsStr::from_bytes(&path)));
+                    }
                     notice => send(&notifier, notice),
                 }
             }
@@ -183,7 +193,7 @@ fn send(notifier: &Notifier, work: Work) {
             notifier.delete(INodeNo(*parent), INodeNo(*child), OsStr::from_bytes(name))
         }
         Work::Inode { id, off, len } => notifier.inval_inode(INodeNo(*id), *off, *len),
-        Work::Replay(_) => Ok(()),
+        Work::Replay(_) | Work::Refresh { .. } => Ok(()),
     };
     // ENOENT: the kernel had nothing cached for it, which is fine.
     if let Err(e) = result {

@@ -71,6 +71,9 @@ const POSITION_BITS: u32 = 32;
 const SNAPSHOT_IDS: u32 = 1 << 30;
 /// Directory reads in progress at once; beyond, the least recent starts again.
 const SNAPSHOTS: usize = 1024;
+/// How long after a directory's listing is answered its attributes are asked for again
+/// ([`Work::Refresh`]): the reader's kernel drops them right after the reply, within this.
+const REFRESH_DELAY: Duration = Duration::from_millis(2);
 
 impl Listings {
     fn new() -> Listings {
@@ -785,8 +788,16 @@ fn after_reply(
     if done {
         lock(listings).done(id);
     }
-    if fs.has_feed() && !fs.names_current(ino.0, names) {
+    if !fs.has_feed() {
+        return;
+    }
+    if !fs.names_current(ino.0, names) {
         echo.notify(Work::Inode { id: ino.0, off: 0, len: 0 });
+    } else if done {
+        if let Ok(path) = fs.path_of(ino.0) {
+            let after = std::time::Instant::now() + REFRESH_DELAY;
+            echo.notify(Work::Refresh { path: bytes::Bytes::copy_from_slice(path.as_bytes()), after });
+        }
     }
 }
 

@@ -564,7 +564,7 @@ impl Fs {
         lock(&self.nodes)
     }
 
-    fn path_of(&self, id: u64) -> Result<RelPath> {
+    pub fn path_of(&self, id: u64) -> Result<RelPath> {
         match self.nodes().path(id) {
             Some(p) => Ok(p),
             // Known but unnamed (deleted), or never known: both are gone for a path request.
