@@ -309,13 +309,33 @@ fn handshake_error(address: &str, e: russh::Error) -> SessionError {
 
 /// russh's algorithm preferences, with the host key types known_hosts lists for this host
 /// first, as OpenSSH orders them: a server with several host keys then shows the one the file
-/// can vouch for.
+/// can vouch for. Where the CPU has AES instructions, AES-GCM comes before ChaCha20-Poly1305:
+/// every byte of the mount crosses the cipher, and russh's Poly1305 alone took a quarter of
+/// the daemon's CPU time on a bulk write, several times what AES-GCM costs there.
 fn preferred_for(known: &[Algorithm]) -> Preferred {
     let default = Preferred::default();
     let (mut first, rest): (Vec<Algorithm>, Vec<Algorithm>) =
         default.key.iter().cloned().partition(|a| known.iter().any(|k| known_hosts::same_type(k, a)));
     first.extend(rest);
-    Preferred { key: Cow::Owned(first), ..default }
+    let cipher = if aes_in_hardware() {
+        let (mut gcm, others): (Vec<_>, Vec<_>) =
+            default.cipher.iter().copied().partition(|c| *c == russh::cipher::AES_256_GCM);
+        gcm.extend(others);
+        Cow::Owned(gcm)
+    } else {
+        default.cipher.clone()
+    };
+    Preferred { key: Cow::Owned(first), cipher, ..default }
+}
+
+fn aes_in_hardware() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("aes") && std::arch::is_x86_feature_detected!("pclmulqdq");
+    #[cfg(target_arch = "aarch64")]
+    return std::arch::is_aarch64_feature_detected!("aes")
+        && std::arch::is_aarch64_feature_detected!("pmull");
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    return false;
 }
 
 impl Session {
@@ -720,5 +740,21 @@ mod tests {
         assert!(!firsts.is_empty(), "{rsa:?}");
         assert_eq!(rsa.len(), default.len());
         assert!(rsa.iter().skip(firsts.len()).all(|a| !matches!(a, Algorithm::Rsa { .. })), "{rsa:?}");
+    }
+
+    #[test]
+    fn aes_gcm_is_asked_for_first_where_the_cpu_has_aes() {
+        let default = Preferred::default().cipher.into_owned();
+        let ours = preferred_for(&[]).cipher.into_owned();
+        let mut sorted = ours.clone();
+        sorted.sort_by_key(|c| c.as_ref().to_owned());
+        let mut want = default.clone();
+        want.sort_by_key(|c| c.as_ref().to_owned());
+        assert_eq!(sorted, want, "the same ciphers, in another order at most");
+        if aes_in_hardware() {
+            assert_eq!(ours[0], russh::cipher::AES_256_GCM);
+        } else {
+            assert_eq!(ours, default);
+        }
     }
 }
