@@ -51,6 +51,21 @@ const WHOLE_FILE: u64 = 4 << 20;
 /// How long a statfs answer is reused: free space a few seconds old is what `df` shows anyway.
 const STATFS_TTL: Duration = Duration::from_secs(5);
 
+/// How long the kernel may keep what it is told of a name changed here and not yet settled on
+/// the server. A directory: a second, so a path walk through new directories (an untar, a
+/// build's output tree) does not ask again for every component of every path; the kernel
+/// updates what it changes itself (names, link counts, a directory's times on each change in
+/// it) and the feed's invalidations reach it. A file: not kept, as its times (and, against a
+/// plain SFTP server, their precision) become the server's when it settles, and an editor that
+/// saw the local ones before would take that for a change made behind its back.
+fn local_ttl(stat: &FullStat) -> Duration {
+    if stat.is_dir() {
+        Duration::from_secs(1)
+    } else {
+        Duration::ZERO
+    }
+}
+
 /// How ownership appears locally (like sshfs's `idmap=user`): files of the server's user
 /// appear as the local user's, so tools that check ownership (git's `safe.directory`, ssh)
 /// accept them, and the local user's files map back when created.
@@ -680,7 +695,7 @@ impl Fs {
         };
         let local = lock(&self.local).get(&path);
         if let Some(e) = local {
-            return Some(e.stat.ok_or(Errno::ENOENT).map(|stat| self.entry(&path, stat, Duration::ZERO)));
+            return Some(e.stat.ok_or(Errno::ENOENT).map(|stat| self.entry(&path, stat, local_ttl(&stat))));
         }
         let cached = self.cache().lookup(&path, Instant::now());
         match cached {
@@ -711,11 +726,10 @@ impl Fs {
         };
         let local = lock(&self.local).get(&path);
         if let Some(e) = local {
-            // Answered here at no cost, and changing with every write: not kept by the kernel.
             let stat = e.stat.ok_or(Errno::ENOENT);
             return Some(stat.map(|stat| Entry {
                 attr: Attr { id, stat: self.ids.to_local(stat) },
-                ttl: Duration::ZERO,
+                ttl: local_ttl(&stat),
             }));
         }
         let cached = self.cache().attr(&path, Instant::now())?;
@@ -859,7 +873,7 @@ impl Fs {
         let Some(path) = self.path_of(dir).ok().and_then(|d| d.join(name).ok()) else { return Some(None) };
         let local = lock(&self.local).get(&path);
         if let Some(e) = local {
-            return Some(e.stat.map(|st| self.entry(&path, st, Duration::ZERO)));
+            return Some(e.stat.map(|st| self.entry(&path, st, local_ttl(&st))));
         }
         let cached = self.cache().lookup(&path, Instant::now());
         match cached {

@@ -128,7 +128,7 @@ impl Fs {
     /// A new name made here, for the kernel: counted as a lookup.
     fn made(&self, path: &RelPath, stat: FullStat) -> Entry {
         self.cache().local_change(LocalChange::Created(path));
-        self.entry(path, stat, Duration::ZERO)
+        self.entry(path, stat, super::local_ttl(&stat))
     }
 
     /// A new open file for the kernel, with the access mode and O_APPEND of `flags`.
@@ -561,7 +561,7 @@ impl Fs {
             });
             self.cache().local_change(LocalChange::Attrib(&path));
         }
-        Ok(Entry { attr: super::Attr { id, stat: self.ids.to_local(stat) }, ttl: Duration::ZERO })
+        Ok(Entry { attr: super::Attr { id, stat: self.ids.to_local(stat) }, ttl: super::local_ttl(&stat) })
     }
 
     /// flush (each close of a descriptor): a queued change of this file that the server
