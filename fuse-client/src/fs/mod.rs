@@ -196,7 +196,7 @@ pub struct Fs {
     sibling_gets: Arc<tokio::sync::Semaphore>,
     /// Directories being listed for a lookup that missed, so lookups in one wait for one
     /// listing (see [`Fs::list_for_lookup`]).
-    listing_for_lookup: Mutex<std::collections::HashMap<RelPath, tokio::sync::watch::Receiver<()>>>,
+    listing_for_lookup: prefetch::InFlight,
     statfs: Mutex<Option<(Instant, StatVfs)>>,
 }
 
@@ -242,7 +242,7 @@ impl Fs {
             sibling_dirs,
             sibling_dirs_rx: Mutex::new(Some(sibling_dirs_rx)),
             sibling_gets: Arc::new(tokio::sync::Semaphore::new(prefetch::SIBLINGS_IN_FLIGHT)),
-            listing_for_lookup: Mutex::new(std::collections::HashMap::new()),
+            listing_for_lookup: prefetch::InFlight::default(),
             statfs: Mutex::new(None),
         }
     }
@@ -673,18 +673,9 @@ impl Fs {
     /// a bulk walk has come that far) are answered from the cache. Lookups in a directory being
     /// listed wait for that listing.
     async fn list_for_lookup(&self, dir: &RelPath) {
-        // An entry whose sender is gone was left by a lister that was dropped: not running.
-        let running = lock(&self.listing_for_lookup).get(dir).filter(|rx| rx.has_changed().is_ok()).cloned();
-        if let Some(mut done) = running {
-            // Resolves with an error once the lister drops its sender, when it is done.
-            while done.changed().await.is_ok() {}
-            return;
+        if let Some(_listing) = self.listing_for_lookup.start_or_wait(dir).await {
+            let _ = self.server_listing(dir).await;
         }
-        let (done, rx) = tokio::sync::watch::channel(());
-        lock(&self.listing_for_lookup).insert(dir.clone(), rx);
-        let _ = self.server_listing(dir).await;
-        lock(&self.listing_for_lookup).remove(dir);
-        drop(done);
     }
 
     /// [`Fs::lookup`] when it needs no request to the server: `None` if it does.

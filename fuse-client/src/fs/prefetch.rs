@@ -72,13 +72,13 @@ const SIBLING_DIRS: usize = 4096;
 /// bytes already on their way instead of asking again.
 pub struct Siblings {
     done: Mutex<LruCache<RelPath, ()>>,
-    in_flight: Mutex<HashMap<RelPath, watch::Receiver<bool>>>,
+    in_flight: InFlight,
 }
 
 impl Default for Siblings {
     fn default() -> Siblings {
         let dirs = NonZeroUsize::new(SIBLING_DIRS).expect("non-zero");
-        Siblings { done: Mutex::new(LruCache::new(dirs)), in_flight: Mutex::default() }
+        Siblings { done: Mutex::new(LruCache::new(dirs)), in_flight: InFlight::default() }
     }
 }
 
@@ -99,32 +99,73 @@ impl Siblings {
     }
 
     /// Marks a fetch of `path` as in flight until the returned guard is dropped.
-    pub fn start(&self, path: &RelPath) -> InFlightGet<'_> {
-        let (tx, rx) = watch::channel(false);
-        super::lock(&self.in_flight).insert(path.clone(), rx);
-        InFlightGet { siblings: self, path: path.clone(), done: tx }
+    pub fn start(&self, path: &RelPath) -> Running<'_> {
+        self.in_flight.start(path)
     }
 
     /// Waits for a fetch of `path` in flight, if there is one.
     pub async fn wait(&self, path: &RelPath) {
-        let rx = super::lock(&self.in_flight).get(path).cloned();
-        if let Some(mut rx) = rx {
-            // An error is the guard gone: the fetch is over either way.
-            let _ = rx.wait_for(|done| *done).await;
-        }
+        self.in_flight.wait(path).await
     }
 }
 
-/// A sibling's fetch in flight; dropping it tells the waiters.
-pub struct InFlightGet<'a> {
-    siblings: &'a Siblings,
-    path: RelPath,
-    done: watch::Sender<bool>,
+/// Work in flight by path (a sibling's fetch, a directory's listing), so a reader that gets
+/// there first waits for what is already on its way instead of asking again.
+#[derive(Default)]
+pub struct InFlight(Mutex<HashMap<RelPath, watch::Receiver<bool>>>);
+
+impl InFlight {
+    /// Marks work on `path` as in flight until the returned guard is dropped.
+    pub fn start(&self, path: &RelPath) -> Running<'_> {
+        self.insert(&mut super::lock(&self.0), path)
+    }
+
+    /// [`InFlight::start`], unless work on `path` is in flight already: then `None`, once it
+    /// is done.
+    pub async fn start_or_wait(&self, path: &RelPath) -> Option<Running<'_>> {
+        let mut rx = {
+            let mut map = super::lock(&self.0);
+            match map.get(path) {
+                Some(rx) => rx.clone(),
+                None => return Some(self.insert(&mut map, path)),
+            }
+        };
+        // An error is the guard gone: the work is over either way.
+        let _ = rx.wait_for(|done| *done).await;
+        None
+    }
+
+    /// Waits for work on `path` in flight, if there is one.
+    pub async fn wait(&self, path: &RelPath) {
+        let rx = super::lock(&self.0).get(path).cloned();
+        if let Some(mut rx) = rx {
+            // An error is the guard gone: the work is over either way.
+            let _ = rx.wait_for(|done| *done).await;
+        }
+    }
+
+    fn insert(&self, map: &mut HashMap<RelPath, watch::Receiver<bool>>, path: &RelPath) -> Running<'_> {
+        let (done, rx) = watch::channel(false);
+        map.insert(path.clone(), rx.clone());
+        Running { set: self, path: path.clone(), done, rx }
+    }
 }
 
-impl Drop for InFlightGet<'_> {
+/// Work in flight; dropping it (done, or abandoned) tells the waiters.
+pub struct Running<'a> {
+    set: &'a InFlight,
+    path: RelPath,
+    done: watch::Sender<bool>,
+    /// To leave alone an entry a later start put in this one's place.
+    rx: watch::Receiver<bool>,
+}
+
+impl Drop for Running<'_> {
     fn drop(&mut self) {
-        super::lock(&self.siblings.in_flight).remove(&self.path);
+        let mut map = super::lock(&self.set.0);
+        if map.get(&self.path).is_some_and(|rx| rx.same_channel(&self.rx)) {
+            map.remove(&self.path);
+        }
         let _ = self.done.send(true);
     }
 }
@@ -252,6 +293,25 @@ mod tests {
         );
         assert_eq!(found.attrs.len(), 7);
         assert_eq!((found.attrs[4].0.clone(), found.attrs[4].2), (p("src/b"), 6));
+    }
+
+    #[tokio::test]
+    async fn work_in_flight_is_waited_for_and_done_once() {
+        let (set, d) = (InFlight::default(), p("d"));
+        let first = set.start_or_wait(&d).await.expect("nothing in flight yet");
+        let waiter = set.start_or_wait(&d);
+        tokio::pin!(waiter);
+        assert!(futures::poll!(waiter.as_mut()).is_pending(), "waits for the work in flight");
+        drop(first);
+        assert!(waiter.await.is_none(), "done by the other: not started again");
+        let again = set.start(&d);
+        let replaced = set.start(&d);
+        drop(again);
+        let late = set.wait(&d);
+        tokio::pin!(late);
+        assert!(futures::poll!(late.as_mut()).is_pending(), "an older guard leaves a newer entry");
+        drop(replaced);
+        late.await;
     }
 
     #[test]
