@@ -8,9 +8,10 @@
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -19,6 +20,7 @@ use devmount_tests::{
     Proc, Relay, Run, Server, Sshd,
 };
 use nix::errno::Errno;
+use nix::fcntl::OFlag;
 use nix::sys::signal::Signal;
 
 /// Files in the git working tree.
@@ -29,8 +31,8 @@ const BIG_MIB: usize = 1024;
 const TAR_FILES: usize = 500;
 /// How long one step of a test may take before it counts as hung.
 const STEP: Duration = Duration::from_secs(60);
-/// For a whole GiB through the mount, and for `git add` of [`GIT_FILES`] files (a debug build on
-/// a loaded machine takes most of a minute).
+/// For `git add` of [`GIT_FILES`] files (a debug build on a loaded machine takes most of a
+/// minute).
 const BIG_STEP: Duration = Duration::from_secs(600);
 
 /// Runs `check` on a fresh background mount of a new devmount-server; the error carries both
@@ -73,35 +75,58 @@ fn sha256(path: &Path) -> Result<String> {
     Ok(out.stdout_text().split_whitespace().next().unwrap_or_default().to_owned())
 }
 
-/// Reads `path` with O_DIRECT (every byte from the daemon, none from the kernel's page cache)
-/// into `copy`, and fails unless it has the bytes of `want`, naming the first difference.
-fn same_bytes(path: &Path, want: &Path, copy: &Path) -> Result<()> {
-    // A liveness bound, not a speed target: a debug build on a loaded 2-core machine reads a
-    // GiB through the mount in about a minute (scripts/bench measures the speed).
-    let dd = run_with(
-        command("dd").arg(format!("if={}", path.display())).arg(format!("of={}", copy.display())).args([
-            "iflag=direct",
-            "bs=1M",
-            "status=none",
-        ]),
-        &[],
-        BIG_STEP,
-    )?;
-    ensure!(dd.success(), "{dd}");
-    let (got, want) = (fs::read(copy)?, fs::read(want)?);
-    if let Some(at) = got.iter().zip(&want).position(|(a, b)| a != b) {
-        let last = got.iter().zip(&want).rposition(|(a, b)| a != b).unwrap_or(at);
-        let differing = got.iter().zip(&want).filter(|(a, b)| a != b).count();
-        let zeros = got[at..=last].iter().filter(|&&b| b == 0).count();
-        bail!(
-            "{} differs in {differing} bytes between byte {at} and byte {last} ({zeros} of them zero \
-             there); {} bytes read, {} wanted",
-            path.display(),
-            got.len(),
-            want.len()
-        );
+/// The `i`th MiB of the big file: one MiB of pseudo-random words (splitmix64), with each 4 KiB
+/// page stamped with its MiB and page number so that a misplaced page shows. Made again wherever
+/// it is checked, so the test keeps no source copy of the GiB on disk.
+fn big_block(i: usize) -> Vec<u8> {
+    static RANDOM: OnceLock<Vec<u8>> = OnceLock::new();
+    let mut block = RANDOM
+        .get_or_init(|| {
+            let mut x = 0u64;
+            (0..1 << 17)
+                .flat_map(|_| {
+                    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                    let z = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                    let z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                    (z ^ (z >> 31)).to_le_bytes()
+                })
+                .collect()
+        })
+        .clone();
+    for (page, stamp) in block.chunks_mut(4096).enumerate() {
+        stamp[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        stamp[8..16].copy_from_slice(&(page as u64).to_le_bytes());
     }
-    ensure!(got.len() == want.len(), "{}: {} bytes read, {} wanted", path.display(), got.len(), want.len());
+    block
+}
+
+/// Fails unless `what` read from `from` is exactly [`BIG_MIB`] blocks of [`big_block`], naming
+/// the first MiB that differs. The buffer is page-aligned, as O_DIRECT wants.
+fn check_big(mut from: impl Read, what: &str) -> Result<()> {
+    let mut raw = vec![0u8; (1 << 20) + 4096];
+    let skip = raw.as_ptr().align_offset(4096);
+    let buf = &mut raw[skip..skip + (1 << 20)];
+    for i in 0..=BIG_MIB {
+        let mut got = 0;
+        while got < buf.len() {
+            match from.read(&mut buf[got..]).with_context(|| format!("read {what} at MiB {i}"))? {
+                0 => break,
+                n => got += n,
+            }
+        }
+        if i == BIG_MIB {
+            ensure!(got == 0, "{what} is longer than {BIG_MIB} MiB");
+        } else if got < buf.len() {
+            bail!("{what} ends {got} bytes into MiB {i}, want {BIG_MIB} MiB");
+        } else {
+            let want = big_block(i);
+            if *buf != want[..] {
+                let at = buf.iter().zip(&want).position(|(a, b)| a != b).unwrap_or_default();
+                let zeros = buf[at..].iter().filter(|&&b| b == 0).count();
+                bail!("{what} differs from byte {at} of MiB {i} ({zeros} zero bytes from there to that MiB's end)");
+            }
+        }
+    }
     Ok(())
 }
 
@@ -403,18 +428,22 @@ fn random_file(path: &Path, mib: usize) -> Result<()> {
     Ok(())
 }
 
-/// A big file written with dd, synced and read back; mmap reads and shared writable mappings
+/// A GiB written in MiB writes, synced and read back; mmap reads and shared writable mappings
 /// of a file made in the pod; parallel readers of one file.
 fn check_big_file_and_mmap(e: &Endpoint, mnt: &Path) -> Result<()> {
-    let local = e.scratch.join("big.src");
-    random_file(&local, BIG_MIB)?;
-    let want = sha256(&local)?;
-    timed(&format!("dd of {BIG_MIB} MiB onto the mount"), || dd(&local, &mnt.join("big.bin")))?;
+    let big = mnt.join("big.bin");
+    timed(&format!("write of {BIG_MIB} MiB onto the mount"), || -> Result<()> {
+        let mut file = fs::File::create(&big).context("create big.bin on the mount")?;
+        for i in 0..BIG_MIB {
+            file.write_all(&big_block(i)).with_context(|| format!("write MiB {i} of big.bin"))?;
+        }
+        Ok(())
+    })?;
     timed("devmount sync", || e.sync(mnt))?;
-    let on_server = sha256(&e.root.join("big.bin"))?;
-    ensure!(on_server == want, "sha256 on the server {on_server}, want {want}");
+    check_big(fs::File::open(e.root.join("big.bin"))?, "the server's big.bin")?;
     timed(&format!("O_DIRECT read of {BIG_MIB} MiB through the mount"), || {
-        same_bytes(&mnt.join("big.bin"), &local, &e.scratch.join("big.read"))
+        let direct = fs::OpenOptions::new().read(true).custom_flags(OFlag::O_DIRECT.bits()).open(&big)?;
+        check_big(direct, "big.bin read with O_DIRECT through the mount")
     })?;
 
     let source = e.scratch.join("mapped.src");
@@ -440,19 +469,6 @@ fn check_big_file_and_mmap(e: &Endpoint, mnt: &Path) -> Result<()> {
         ensure!(got == want, "reader {i} read sha256 {got}, want {want}");
     }
     Ok(())
-}
-
-fn dd(from: &Path, to: &Path) -> Result<Run> {
-    let out = run_with(
-        command("dd")
-            .arg(format!("if={}", from.display()))
-            .arg(format!("of={}", to.display()))
-            .args(["bs=1M", "status=none"]),
-        &[],
-        BIG_STEP,
-    )?;
-    ensure!(out.success(), "{out}");
-    Ok(out)
 }
 
 /// `name` on the mount, with the bytes of `source`, read through a mapping and then changed
