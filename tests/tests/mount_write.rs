@@ -523,6 +523,31 @@ fn mount_through(relay: &Relay, s: &Server, options: MountOptions) -> Result<Dev
     s.mount(options.port(relay.port()).known_hosts(s.known_hosts_for(relay.port())?))
 }
 
+/// A pod's directory changed here (chmod) still lists the pod's names while the change is on
+/// its way (a relay with a 300 ms round trip holds it), and one made here lists what was made
+/// in it before the server has either.
+#[test]
+fn directories_list_while_their_changes_are_sent() -> Result<()> {
+    let s = Server::start()?;
+    fs::create_dir(s.root().join("pod"))?;
+    for name in ["a", "b", "c"] {
+        fs::write(s.root().join("pod").join(name), name)?;
+    }
+    let relay = Relay::start(s.port(), 300)?;
+    let mount = mount_through(&relay, &s, MountOptions::new())?;
+    let (pod, new) = (mount.path().join("pod"), mount.path().join("new"));
+    fs::set_permissions(&pod, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    fs::create_dir(&new)?;
+    fs::write(new.join("x"), "x")?;
+    let listed = expect_names(&pod, &["a", "b", "c"]).and_then(|()| expect_names(&new, &["x"]));
+    listed.with_context(|| mount.log())?;
+    s.endpoint().sync(mount.path())?;
+    ensure!(mode_of(&s.root().join("pod"))? == 0o700, "the server's pod/ did not get mode 700");
+    ensure!(fs::read(s.root().join("new/x"))? == b"x", "the server's new/x is not what was written");
+    mount.unmount()?;
+    Ok(())
+}
+
 /// Reads of a new file while the server has part of it: the daemon lays the journal's pending
 /// bytes over the server's (tenet 2 of docs/semantics.md). A slow link (a relay with a 300 ms
 /// round trip) holds the second write back for a round trip after the first one is on the

@@ -23,6 +23,8 @@ pub struct LocalEntry {
     pub seq: Seq,
     /// The file's contents are on the server under another name until this rename resolves.
     pub renamed: Option<Seq>,
+    /// The path was made here by this op: the server has no such name until it resolves.
+    pub made: Option<Seq>,
 }
 
 #[derive(Debug, Default)]
@@ -39,23 +41,31 @@ impl Local {
         self.entries.is_empty()
     }
 
-    /// Records `path` as `stat` (or removed) as of op `seq`, keeping a pending rename mark.
+    /// Records `path` as `stat` (or removed) as of op `seq`, keeping pending rename and make
+    /// marks.
     pub fn set(&mut self, path: &RelPath, stat: Option<FullStat>, seq: Seq) {
-        let renamed = self.entries.get(path).and_then(|e| e.renamed).filter(|_| stat.is_some());
-        self.entries.insert(path.clone(), LocalEntry { stat, seq, renamed });
+        let old = self.entries.get(path).filter(|_| stat.is_some());
+        let (renamed, made) = old.map_or((None, None), |e| (e.renamed, e.made));
+        self.entries.insert(path.clone(), LocalEntry { stat, seq, renamed, made });
+    }
+
+    /// `path` was made as `stat` by op `seq` (create, mkdir, mknod, symlink).
+    pub fn make(&mut self, path: &RelPath, stat: FullStat, seq: Seq) {
+        self.entries
+            .insert(path.clone(), LocalEntry { stat: Some(stat), seq, renamed: None, made: Some(seq) });
     }
 
     /// `from` (a file, symlink or special file) was renamed over `to` by op `seq`.
     pub fn rename(&mut self, from: &RelPath, to: &RelPath, stat: FullStat, seq: Seq) {
         let renamed = Some(self.entries.get(from).and_then(|e| e.renamed).unwrap_or(seq));
-        self.entries.insert(from.clone(), LocalEntry { stat: None, seq, renamed: None });
-        self.entries.insert(to.clone(), LocalEntry { stat: Some(stat), seq, renamed });
+        self.entries.insert(from.clone(), LocalEntry { stat: None, seq, renamed: None, made: None });
+        self.entries.insert(to.clone(), LocalEntry { stat: Some(stat), seq, renamed, made: None });
     }
 
     /// `to` was made a hard link of a file by op `seq`: the file's contents reach the server
     /// under `to` once that op resolves.
     pub fn link(&mut self, to: &RelPath, stat: FullStat, seq: Seq) {
-        self.entries.insert(to.clone(), LocalEntry { stat: Some(stat), seq, renamed: Some(seq) });
+        self.entries.insert(to.clone(), LocalEntry { stat: Some(stat), seq, renamed: Some(seq), made: None });
     }
 
     /// The names directly in `dir` that differ from the server: added (`Some(kind)`) or
@@ -90,13 +100,17 @@ impl Local {
     /// Every op up to `upto` is resolved: drops the entries they were the last to touch and
     /// returns their paths.
     pub fn resolved(&mut self, upto: Seq) -> Vec<RelPath> {
-        let done: Vec<RelPath> = self.entries.iter().filter(|(_, e)| e.seq <= upto).map(|(p, _)| p.clone()).collect();
+        let done: Vec<RelPath> =
+            self.entries.iter().filter(|(_, e)| e.seq <= upto).map(|(p, _)| p.clone()).collect();
         for p in &done {
             self.entries.remove(p);
         }
         for e in self.entries.values_mut() {
             if e.renamed.is_some_and(|r| r <= upto) {
                 e.renamed = None;
+            }
+            if e.made.is_some_and(|m| m <= upto) {
+                e.made = None;
             }
         }
         done
@@ -152,5 +166,21 @@ mod tests {
         assert_eq!(l.get(&p("b")).unwrap().renamed, Some(7), "a later write keeps the mark");
         l.resolved(7);
         assert_eq!(l.get(&p("b")).unwrap().renamed, None);
+    }
+
+    #[test]
+    fn a_made_path_is_marked_until_its_making_op_resolves() {
+        let mut l = Local::default();
+        l.make(&p("d"), file(), 4);
+        l.set(&p("d"), Some(file()), 5);
+        assert_eq!(l.get(&p("d")).unwrap().made, Some(4), "a later change (chmod) keeps the mark");
+        l.set(&p("e"), Some(file()), 6);
+        assert_eq!(l.get(&p("e")).unwrap().made, None, "a change of the server's path is not a make");
+        l.resolved(4);
+        assert_eq!(l.get(&p("d")).unwrap().made, None);
+        l.make(&p("f"), file(), 7);
+        l.set(&p("f"), None, 8);
+        l.set(&p("f"), Some(file()), 9);
+        assert_eq!(l.get(&p("f")).unwrap().made, None, "a removal ends the mark");
     }
 }

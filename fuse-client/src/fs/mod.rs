@@ -764,8 +764,8 @@ impl Fs {
         let own = lock(&self.local).get(&dir);
         match own {
             Some(e) if e.stat.is_none() => return Some(Err(Errno::ENOENT)),
-            // Made here: the server may not have it yet, and has nothing in it.
-            Some(_) if self.journal.is_dirty(dir.as_bytes()) => {
+            // Made here: the server does not have it yet, and has nothing in it.
+            Some(e) if e.made.is_some() => {
                 return Some(Ok(self.merge_local(&dir, Vec::new(), None)));
             }
             _ => {}

@@ -125,6 +125,13 @@ impl Fs {
         }
     }
 
+    /// `path` made as `stat` by op `seq` (not a link): recorded, and returned for the kernel.
+    fn make(&self, path: &RelPath, seq: Seq, stat: FullStat) -> Entry {
+        lock(&self.local).make(path, stat, seq);
+        self.local_added.notify_one();
+        self.made(path, stat)
+    }
+
     /// A new name made here, for the kernel: counted as a lookup.
     fn made(&self, path: &RelPath, stat: FullStat) -> Entry {
         self.cache().local_change(LocalChange::Created(path));
@@ -176,8 +183,7 @@ impl Fs {
         let perm = mode & !umask & 0o7777;
         let seq = self.append(Op::Create { path: bytes(&path), mode: perm, exclusive: true }).await?;
         let stat = self.new_stat(libc::S_IFREG | perm, 0);
-        self.set_local(&path, seq, Some(stat), |_| {});
-        let entry = self.made(&path, stat);
+        let entry = self.make(&path, seq, stat);
         let fh = self.open_file(entry.attr.id, path, flags);
         Ok((entry, fh))
     }
@@ -190,8 +196,7 @@ impl Fs {
         let perm = mode & !umask & 0o7777;
         let seq = self.append(Op::Mkdir { path: bytes(&path), mode: perm }).await?;
         let stat = self.new_stat(libc::S_IFDIR | perm, 4096);
-        self.set_local(&path, seq, Some(stat), |_| {});
-        let entry = self.made(&path, stat);
+        let entry = self.make(&path, seq, stat);
         self.cache().local_mkdir(&path, std::time::Instant::now());
         Ok(entry)
     }
@@ -214,8 +219,7 @@ impl Fs {
         };
         let seq = self.append(op).await?;
         let stat = self.new_stat(kind | perm, 0);
-        self.set_local(&path, seq, Some(stat), |_| {});
-        Ok(self.made(&path, stat))
+        Ok(self.make(&path, seq, stat))
     }
 
     pub async fn symlink(&self, parent: u64, name: &OsStr, target: &[u8]) -> Result<Entry> {
@@ -226,8 +230,7 @@ impl Fs {
         let seq =
             self.append(Op::Symlink { target: Bytes::copy_from_slice(target), path: bytes(&path) }).await?;
         let stat = self.new_stat(libc::S_IFLNK | 0o777, target.len() as u64);
-        self.set_local(&path, seq, Some(stat), |_| {});
-        Ok(self.made(&path, stat))
+        Ok(self.make(&path, seq, stat))
     }
 
     pub async fn unlink(&self, parent: u64, name: &OsStr) -> Result<()> {
