@@ -121,13 +121,23 @@ impl Cache {
         match &e.change {
             Change::Created { path, stat } => {
                 let Some(p) = self.locate(path, seq, report) else { return };
-                self.name_changed(&p, Some(seq));
+                let own_mkdir = own && stat.is_some_and(|s| s.mode & libc::S_IFMT == libc::S_IFDIR);
+                if own_mkdir {
+                    // This mount's own mkdir. What is cached below it is this mount's own since
+                    // (the listings of directories made in it here): a directory the name had
+                    // before took its subtree with it at its delete event. Dropping them would
+                    // cost a round trip in each, while an untar is still making them.
+                    self.marks.mark(&p, seq, true);
+                    self.attrs.remove(p.as_bytes());
+                    self.missing.remove(p.as_bytes());
+                } else {
+                    self.name_changed(&p, Some(seq));
+                }
                 self.names_changed(&p, added(stat.as_ref()), Some(seq), own, report);
                 self.store_dir_stat(&p, e.dir.as_ref(), seq, now);
                 self.store_event_stat(&p, stat.as_ref(), seq, now);
-                if own && stat.is_some_and(|s| s.mode & libc::S_IFMT == libc::S_IFDIR) {
-                    // This mount's own mkdir: the directory was empty when made, and every name
-                    // added to it since comes as a later event.
+                if own_mkdir {
+                    // Empty when made, and every name added to it since comes as a later event.
                     self.dirs.insert(
                         p.clone(),
                         Entry { value: Arc::new(Listing::new(Vec::new())), seq, inserted: now },

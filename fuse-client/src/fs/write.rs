@@ -525,8 +525,14 @@ impl Fs {
             });
             self.cache().local_change(LocalChange::Modified(&path));
         }
+        // A chown to the owner the file has changes nothing (tar, as root, chowns every file it
+        // makes): left out, it does not keep the file's mode and times from joining its put.
+        // Not with set-id bits, which a chown on the server may clear.
+        let same = |id: u32, has: u32| id == has && stat.mode & (libc::S_ISUID | libc::S_ISGID) == 0;
         let uid = set.uid.map(|u| if u == self.ids.local_uid { self.ids.remote_uid } else { u });
+        let uid = uid.filter(|&u| !same(u, stat.uid));
         let gid = set.gid.map(|g| if g == self.ids.local_gid { self.ids.remote_gid } else { g });
+        let gid = gid.filter(|&g| !same(g, stat.gid));
         if set.mode.is_some() || uid.is_some() || gid.is_some() || set.atime.is_some() || set.mtime.is_some()
         {
             let time = |s: Option<SetTime>| match s {
