@@ -212,6 +212,7 @@ impl<R: Remote> Sender<R> {
             shared: shared.clone(),
             remote,
             queue: VecDeque::new(),
+            blocks: Blocks::default(),
             queue_bytes: 0,
             loaded_upto: 0,
             reqs: HashMap::new(),
@@ -302,6 +303,7 @@ struct Req {
 struct Slot {
     seq: Seq,
     op: Op,
+    keys: Vec<PathKey>,
     maybe_applied: bool,
     seen: Instant,
     req: Option<ReqId>,
@@ -326,6 +328,7 @@ struct Task<R: Remote> {
     shared: Arc<Shared<R>>,
     remote: Option<Arc<R>>,
     queue: VecDeque<Slot>,
+    blocks: Blocks,
     queue_bytes: u64,
     loaded_upto: Seq,
     reqs: HashMap<ReqId, Req>,
@@ -406,6 +409,7 @@ impl<R: Remote> Task<R> {
                 let slot = Slot {
                     seq,
                     maybe_applied: self.journal.maybe_sent_before(seq),
+                    keys: PathKey::of(&op),
                     op,
                     seen: now,
                     req: None,
@@ -435,7 +439,8 @@ impl<R: Remote> Task<R> {
             return None;
         }
         let flush_upto = self.shared.control.lock().expect("sender control lock poisoned").flush_upto;
-        let mut blocks = Blocks::default();
+        let mut blocks = std::mem::take(&mut self.blocks);
+        blocks.clear();
         let mut hold: Option<Instant> = None;
         let mut all_before_done = true;
         for i in 0..self.queue.len() {
@@ -448,7 +453,7 @@ impl<R: Remote> Task<R> {
                 if barrier {
                     break;
                 }
-                blocks.add(&slot.op);
+                blocks.add(slot);
                 all_before_done = false;
                 continue;
             }
@@ -459,8 +464,8 @@ impl<R: Remote> Task<R> {
                 }
                 break;
             }
-            if blocks.blocks(&slot.op) {
-                blocks.add(&slot.op);
+            if blocks.blocks(slot) {
+                blocks.add(slot);
                 all_before_done = false;
                 continue;
             }
@@ -471,9 +476,10 @@ impl<R: Remote> Task<R> {
                 Plan::Hold(t) => hold = Some(hold.map_or(t, |h| h.min(t))),
                 Plan::Send(idxs, op) => self.start(idxs, op),
             }
-            blocks.add(&self.queue[i].op);
+            blocks.add(&self.queue[i]);
             all_before_done = false;
         }
+        self.blocks = blocks;
         hold
     }
 
@@ -536,13 +542,14 @@ impl<R: Remote> Task<R> {
         blocks: &Blocks,
     ) -> Plan {
         let max = self.config.max_write;
+        let key = self.queue[i].keys[0].path;
         let mut end = offset.saturating_add(data.len() as u64);
         let mut total = data.len();
         let (idxs, _) = self.follow(i, path, |op| match op {
             Op::Write { offset: o, data: d, cond: None, .. }
                 if *o == end
                     && total + d.len() <= max
-                    && !blocks.write_overlaps(path, end..end.saturating_add(d.len() as u64)) =>
+                    && !blocks.write_overlaps(key, end..end.saturating_add(d.len() as u64)) =>
             {
                 end = end.saturating_add(d.len() as u64);
                 total += d.len();
@@ -862,43 +869,69 @@ fn overlaps(a: &Range<u64>, b: &Range<u64>) -> bool {
     a.start < b.end && b.start < a.end
 }
 
-/// The paths of unresolved ops seen so far in a walk of the queue. Rebuilt at every walk, a
-/// few thousand inserts each: foldhash (seeded per process) rather than SipHash, which was
-/// most of the sender's time.
+/// One path of an op as keys for [`Blocks`]: a hash of the path and of each of its ancestors,
+/// made once when the op is loaded, so that the walk of the queue at every event hashes no
+/// path (with an untar's deep paths, rehashing every ancestor of every queued op at every
+/// event was a third of the daemon's time). Two paths with one hash only hold an op back
+/// needlessly: related paths always share a key, so no op ever goes early.
+struct PathKey {
+    path: u64,
+    ancestors: Vec<u64>,
+}
+
+impl PathKey {
+    fn of(op: &Op) -> Vec<PathKey> {
+        op.paths()
+            .map(|p| PathKey { path: path_hash(p), ancestors: ancestors(p).map(|a| path_hash(&a)).collect() })
+            .collect()
+    }
+}
+
+fn path_hash(p: &[u8]) -> u64 {
+    use std::hash::BuildHasher;
+    foldhash::fast::FixedState::with_seed(0).hash_one(p)
+}
+
+/// The paths of unresolved ops seen so far in a walk of the queue, by [`PathKey`]; kept
+/// between walks for its allocations.
 #[derive(Default)]
 struct Blocks {
     /// Each op on the path: `Some(range)` for a plain write, which only blocks overlapping
     /// plain writes; `None` blocks everything.
-    exact: foldhash::HashMap<Bytes, Vec<Option<Range<u64>>>>,
+    exact: foldhash::HashMap<u64, Vec<Option<Range<u64>>>>,
     /// Paths with an unresolved op somewhere below them.
-    below: foldhash::HashMap<Bytes, u32>,
+    below: foldhash::HashSet<u64>,
 }
 
 impl Blocks {
-    fn add(&mut self, op: &Op) {
-        let range = pipelined_range(op);
-        for p in op.paths() {
-            self.exact.entry(p.clone()).or_default().push(range.clone());
-            for a in ancestors(p) {
-                *self.below.entry(a).or_default() += 1;
-            }
+    fn clear(&mut self) {
+        self.exact.clear();
+        self.below.clear();
+    }
+
+    fn add(&mut self, slot: &Slot) {
+        let range = pipelined_range(&slot.op);
+        for k in &slot.keys {
+            self.exact.entry(k.path).or_default().push(range.clone());
+            self.below.extend(k.ancestors.iter().copied());
         }
     }
 
-    fn blocks(&self, op: &Op) -> bool {
-        let range = pipelined_range(op);
-        op.paths().any(|p| {
-            let same = self.exact.get(p).is_some_and(|v| match &range {
+    fn blocks(&self, slot: &Slot) -> bool {
+        let range = pipelined_range(&slot.op);
+        slot.keys.iter().any(|k| {
+            let same = self.exact.get(&k.path).is_some_and(|v| match &range {
                 Some(r) => v.iter().any(|b| b.as_ref().is_none_or(|b| overlaps(b, r))),
                 None => true,
             });
-            same || self.below.contains_key(p) || ancestors(p).any(|a| self.exact.contains_key(&a))
+            same || self.below.contains(&k.path) || k.ancestors.iter().any(|a| self.exact.contains_key(a))
         })
     }
 
-    /// Whether extending a plain write on `path` by `range` would overlap an op in the way.
-    fn write_overlaps(&self, path: &Bytes, range: Range<u64>) -> bool {
-        self.exact.get(path).is_some_and(|v| v.iter().any(|b| b.as_ref().is_none_or(|b| overlaps(b, &range))))
+    /// Whether extending a plain write on the path of `key` by `range` would overlap an op in
+    /// the way.
+    fn write_overlaps(&self, key: u64, range: Range<u64>) -> bool {
+        self.exact.get(&key).is_some_and(|v| v.iter().any(|b| b.as_ref().is_none_or(|b| overlaps(b, &range))))
     }
 }
 
