@@ -487,7 +487,7 @@ pub struct Put {
     pub path: Bytes,
     /// Fail with a FAILURE "File exists" status if the target exists.
     pub excl: bool,
-    /// fsync the file (and its directory) before replying.
+    /// Make the file and its name durable before replying.
     pub fsync: bool,
     /// Permission bits of the new file, applied exactly (no umask).
     pub mode: u32,

@@ -493,7 +493,9 @@ impl Fs {
                 // SAFETY: `ts` holds the two timespecs futimens reads.
                 sys::cvt(unsafe { libc::futimens(fd.as_raw_fd(), ts.as_ptr()) })?;
             }
-            if put.fsync {
+            if put.fsync && !put.excl {
+                // Synced before it replaces a file: a crash must not swap the old file's
+                // synced bytes for unsynced ones.
                 fsync(fd.as_fd())?;
             }
             let _own_target = self.own(abs);
@@ -518,7 +520,12 @@ impl Fs {
             } else {
                 renameat2(from, to, 0)?;
             }
-            if put.fsync {
+            if put.fsync && put.excl {
+                // A new name: the file's fsync after the rename makes its data and its name
+                // durable in one journal commit (ext4, xfs), where a sync of the data and then
+                // of the directory took two flushes.
+                fsync(fd.as_fd())?;
+            } else if put.fsync {
                 let dir = sys::openat(at.dir.as_raw_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY)?;
                 fsync(dir.as_fd())?;
             }
