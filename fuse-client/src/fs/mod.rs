@@ -460,11 +460,15 @@ impl Fs {
     /// The feed vouches for replies from now on. Subtrees walked before (the first `ls` of a
     /// mount usually comes before the server has watched the whole tree) are walked again:
     /// their entries would otherwise keep the short TTL and all expire at once a second later,
-    /// each asked for again on its own.
+    /// each asked for again on its own. And the whole tree is walked in the background (up to
+    /// [`prefetch::MAX_ENTRIES`]), so the first `git status` or build finds its names and stats
+    /// cached instead of paying a round trip per directory it goes through. (Not before: the
+    /// feed's hello, which empties the cache, comes at about the time the mount starts.)
     pub fn feed_ready(&self) {
         for dir in self.covered.take() {
             self.want_subtree(&dir);
         }
+        self.want_subtree(&RelPath::root());
     }
 
     /// The cache was emptied: subtrees may be walked again.
