@@ -529,7 +529,11 @@ async fn answer(stream: UnixStream, daemon: &Daemon) -> io::Result<()> {
     match String::from_utf8_lossy(&line).trim() {
         "sync" => {
             let reply = match daemon.fs.sync().await {
-                Ok(()) => "ok".to_owned(),
+                Ok(()) => {
+                    // Both ways: the mount also shows every change the pod made before now.
+                    daemon.fs.feed_caught_up().await;
+                    "ok".to_owned()
+                }
                 Err(e) => format!("error: {e}"),
             };
             write.write_all(format!("{reply}\n").as_bytes()).await?;

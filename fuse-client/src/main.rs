@@ -51,7 +51,8 @@ enum Command {
         #[command(flatten)]
         tty: TtyArgs,
     },
-    /// Wait until every change made to the mount so far is on the server.
+    /// Wait until every change made to the mount so far is on the server, and the mount shows
+    /// every change the pod made so far.
     Sync {
         /// The mount point (default: as for exec).
         mountpoint: Option<PathBuf>,

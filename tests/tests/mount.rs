@@ -258,9 +258,10 @@ fn check_remote_changes(root: &Path, mnt: &Path, deadline: Duration, how: Rewrit
     fs::write(root.join("gone.txt"), b"to be deleted")?;
     fs::write(root.join("old-name.txt"), b"renamed contents")?;
 
-    // Fill every cache: listings, attributes and pages.
+    // Fill every cache: listings, attributes and pages (once the new files show: the mount may
+    // have walked the tree just before they were made).
     for name in ["same-size.txt", "grows.txt", "dir/nested.txt", "gone.txt", "old-name.txt"] {
-        read(&mnt.join(name)).map_err(anyhow::Error::msg).with_context(|| format!("reading {name}"))?;
+        within(&format!("{name} made in the pod"), deadline, || read(&mnt.join(name)))?;
     }
     names(mnt)?;
     names(&mnt.join("dir"))?;

@@ -676,6 +676,7 @@ fn check_posix_semantics(e: &Endpoint, mnt: &Path) -> Result<()> {
     fs::write(server.join("pod-excl"), b"pod excl\n")?;
     fs::write(server.join("pod-trunc"), b"pod trunc\n")?;
     fs::write(server.join("pod-target"), b"pod target\n")?;
+    e.sync(mnt)?;
     ensure!(names(&dir)?.len() == 4, "the mount does not show the pod's files: {:?}", names(&dir)?);
 
     // O_APPEND, twice each, on a new file and on the pod's.
@@ -911,6 +912,9 @@ fn check_rmdir(e: &Endpoint, mnt: &Path) -> Result<()> {
     fs::create_dir_all(server.join("pod-full/sub"))?;
     fs::write(server.join("pod-full/file"), b"x")?;
     fs::create_dir(server.join("pod-empty"))?;
+    // The mount shows the pod's changes once sync returns (at once, if the mount has cached
+    // nothing of them yet).
+    e.sync(mnt)?;
     fs::create_dir(dir.join("full"))?;
     fs::write(dir.join("full/inside"), b"x")?;
     for name in ["full", "pod-full"] {
@@ -1019,6 +1023,7 @@ fn check_set_attributes(e: &Endpoint, mnt: &Path, ns: bool) -> Result<()> {
     let (dir, server) = (mnt.join("attrs"), e.root.join("attrs"));
     fs::create_dir(&server)?;
     fs::write(server.join("pod-file"), b"pod")?;
+    e.sync(mnt)?;
     fs::write(dir.join("new-file"), b"new")?;
     for name in ["pod-file", "new-file"] {
         let path = dir.join(name);
@@ -1079,6 +1084,7 @@ print("synced", flush=True)
 /// Once fsync returns, the server has the file: new, in a new directory, rewritten shorter.
 fn check_fsync(e: &Endpoint, mnt: &Path) -> Result<()> {
     fs::write(e.root.join("pod-file"), b"the pod's longer original contents\n")?;
+    e.sync(mnt)?;
     for (name, data) in [
         ("new-file", "fsynced contents\n"),
         ("new-dir/deeper/file", "fsynced in a new directory\n"),

@@ -297,7 +297,47 @@ impl Fs {
                 Ok(n) => tracing::debug!("walked {} ({n} entries) in {:?}", show(&dir), started.elapsed()),
                 Err(e) => tracing::debug!("walking {}: {e}", show(&dir)),
             }
+            if dir.is_root() {
+                tokio::spawn(self.clone().fetch_git_start());
+            }
         }
+    }
+
+    /// Fetches the files of the mount's git repository (if its root is one) that a git command
+    /// reads first, one after the other, each a round trip when cold
+    /// ([`prefetch::git_start_files`]); the tree's walk has their stats by now.
+    async fn fetch_git_start(self: Arc<Self>) {
+        use futures::StreamExt;
+        let now = Instant::now();
+        let pack = RelPath::new(b".git/objects/pack").expect("a plain relative path");
+        let packs = self.cache().listing(&pack, now).map(|l| l.value);
+        let packs = packs.iter().flat_map(|l| l.entries()).filter(|e| e.kind == FileKind::Regular);
+        let mut budget = prefetch::GIT_START_MAX_BYTES;
+        let mut wanted = Vec::new();
+        for path in prefetch::git_start_files(packs.map(|e| &e.name[..])) {
+            if self.is_local(&path) {
+                continue;
+            }
+            let mut cache = self.cache();
+            let Some(attr) = cache.attr(&path, now) else { continue };
+            let version = DataVersion::from(&attr.value);
+            let regular = attr.value.mode & libc::S_IFMT == libc::S_IFREG;
+            if !regular || version.size == 0 || version.size > WHOLE_FILE.min(budget) {
+                continue;
+            }
+            budget -= version.size;
+            wanted.push((path, version.size));
+        }
+        futures::stream::iter(wanted)
+            .for_each_concurrent(None, |(path, size)| {
+                let fs = &self;
+                async move {
+                    if let Err(e) = fs.get_whole(&path, size).await {
+                        tracing::debug!("fetching {} ahead of git: {e}", show(&path));
+                    }
+                }
+            })
+            .await;
     }
 
     /// Fetches the ranges [`Fs::read`] asks for ahead of sequential readers, each in its own
@@ -543,7 +583,7 @@ impl Fs {
 
     /// Waits until the feed has applied every change the server made before now; false if
     /// there is no feed to wait for (or it went down meanwhile).
-    async fn feed_caught_up(&self) -> bool {
+    pub async fn feed_caught_up(&self) -> bool {
         if self.feed.borrow().is_none() {
             return false;
         }
@@ -1085,8 +1125,14 @@ impl Fs {
 
     /// Fetches small file `path` whole, caching its attributes and contents.
     async fn get_small(&self, path: &RelPath) -> Result<Bytes> {
+        self.get_whole(path, SMALL_FILE).await
+    }
+
+    /// Fetches file `path` whole if it has at most `max` bytes, caching its attributes and
+    /// contents.
+    async fn get_whole(&self, path: &RelPath, max: u64) -> Result<Bytes> {
         let ticket = self.begin();
-        let (stat, data) = self.remote.get(path, SMALL_FILE).await?;
+        let (stat, data) = self.remote.get(path, max).await?;
         let seq = stat.seq.unwrap_or(ticket.floor);
         let got = DataVersion::from(&stat.stat);
         let mut cache = self.cache();

@@ -184,8 +184,8 @@ pub struct Found {
 /// no listing: the walk reports a directory it cannot read the same way.
 pub struct Assembler {
     root: RelPath,
-    /// The directories being walked, outermost first.
-    open: Vec<(RelPath, Vec<ListingEntry>, u64)>,
+    /// The directories being walked, outermost first, and whether the walk reads them.
+    open: Vec<(RelPath, Vec<ListingEntry>, u64, bool)>,
     found: Found,
 }
 
@@ -207,18 +207,18 @@ impl Assembler {
             let Ok(path) = path else { continue };
             let Some(kind) = FileKind::from_mode(e.stat.mode) else { continue };
             if path != self.root {
-                while let Some((dir, _, _)) = self.open.last() {
+                while let Some((dir, ..)) = self.open.last() {
                     if path.parent().as_ref() == Some(dir) {
                         break;
                     }
                     self.close_last();
                 }
-                if let (Some((_, children, _)), Some(name)) = (self.open.last_mut(), path.file_name()) {
+                if let (Some((_, children, ..)), Some(name)) = (self.open.last_mut(), path.file_name()) {
                     children.push(ListingEntry { name: Bytes::copy_from_slice(name), kind, meta: None });
                 }
             }
             if kind == FileKind::Directory {
-                self.open.push((path.clone(), Vec::new(), seq));
+                self.open.push((path.clone(), Vec::new(), seq, !e.unread()));
             }
             self.found.attrs.push((path, e.stat, seq));
         }
@@ -244,12 +244,31 @@ impl Assembler {
     }
 
     fn close_last(&mut self) {
-        if let Some((dir, children, seq)) = self.open.pop() {
-            if !children.is_empty() {
+        if let Some((dir, children, seq, read)) = self.open.pop() {
+            if read {
                 self.found.listings.push((dir, children, seq));
             }
         }
     }
+}
+
+/// What [`git_start_files`] fetches at most, in all.
+pub const GIT_START_MAX_BYTES: u64 = 16 << 20;
+
+/// The files of a git repository at the mount's root that nearly every git command reads
+/// first, in turn (each a round trip when cold): the current branch, the configuration, the
+/// packed refs, the index, the commit graph and the pack indexes (`pack`: the names of the
+/// regular files in `.git/objects/pack`, as far as known).
+pub fn git_start_files<'a>(pack: impl IntoIterator<Item = &'a [u8]>) -> Vec<RelPath> {
+    let fixed = ["HEAD", "config", "packed-refs", "index", "objects/info/commit-graph"];
+    let idx = pack.into_iter().filter(|name| name.ends_with(b".idx"));
+    let idx = idx.map(|name| [&b"objects/pack/"[..], name].concat());
+    fixed
+        .iter()
+        .map(|f| f.as_bytes().to_vec())
+        .chain(idx)
+        .filter_map(|f| RelPath::new(&[&b".git/"[..], &f].concat()).ok())
+        .collect()
 }
 
 #[cfg(test)]
@@ -277,7 +296,8 @@ mod tests {
     #[test]
     fn listings_complete_when_the_walk_leaves_them() {
         let mut a = Assembler::new(p("src"));
-        a.batch(5, vec![e("", true), e("a", true), e("a/x", false), e("a/empty", true)]);
+        let unread = WalkEntry { target: Bytes::from_static(WalkEntry::UNREAD), ..e("a/locked", true) };
+        a.batch(5, vec![e("", true), e("a", true), e("a/x", false), e("a/empty", true), unread]);
         a.batch(6, vec![e("b", false), e("c", true), e("c/y", false)]);
         let found = a.finish();
         let listings: Vec<(RelPath, Vec<&[u8]>, u64)> =
@@ -285,14 +305,36 @@ mod tests {
         assert_eq!(
             listings,
             vec![
-                (p("src/a"), vec![&b"x"[..], b"empty"], 5),
+                (p("src/a/empty"), vec![], 5),
+                (p("src/a"), vec![&b"x"[..], b"empty", b"locked"], 5),
                 (p("src/c"), vec![&b"y"[..]], 6),
                 (p("src"), vec![&b"a"[..], b"b", b"c"], 5),
             ],
-            "an empty directory gets none: an unreadable one looks the same"
+            "an empty directory is listed empty, one the walk did not read is not listed"
         );
-        assert_eq!(found.attrs.len(), 7);
-        assert_eq!((found.attrs[4].0.clone(), found.attrs[4].2), (p("src/b"), 6));
+        assert_eq!(found.attrs.len(), 8);
+        assert_eq!((found.attrs[5].0.clone(), found.attrs[5].2), (p("src/b"), 6));
+    }
+
+    #[test]
+    fn git_start_files_are_the_fixed_ones_and_the_pack_indexes() {
+        let pack: [&[u8]; 3] = [b"pack-1.idx", b"pack-1.pack", b"pack-2.idx"];
+        let got: Vec<String> = git_start_files(pack)
+            .iter()
+            .map(|p| String::from_utf8_lossy(p.as_bytes()).into_owned())
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ".git/HEAD",
+                ".git/config",
+                ".git/packed-refs",
+                ".git/index",
+                ".git/objects/info/commit-graph",
+                ".git/objects/pack/pack-1.idx",
+                ".git/objects/pack/pack-2.idx",
+            ]
+        );
     }
 
     #[tokio::test]

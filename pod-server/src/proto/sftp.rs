@@ -251,8 +251,19 @@ pub struct WalkEntry {
     /// Relative to the walked directory; empty for the directory itself.
     pub path: Bytes,
     pub stat: FullStat,
-    /// The symlink's target if this is a symlink, else empty.
+    /// The symlink's target if this is a symlink; for a directory whose contents do not
+    /// follow in the walk (its last level, or it could not be opened), [`WalkEntry::UNREAD`];
+    /// else empty. So a directory with nothing after it is known empty.
     pub target: Bytes,
+}
+
+impl WalkEntry {
+    pub const UNREAD: &'static [u8] = b".";
+
+    /// A directory the walk did not read: its contents are unknown, not empty.
+    pub fn unread(&self) -> bool {
+        self.stat.is_dir() && self.target == Self::UNREAD
+    }
 }
 
 /// The reply to `walk-read@devmount`.

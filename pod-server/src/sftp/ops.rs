@@ -418,6 +418,8 @@ impl Fs {
         let batch = walk.next_batch(max_entries.saturating_add(1), self.sequence())?;
         let mut entries = batch.entries.into_iter();
         let own = entries.next().expect("a walk's first batch starts with the walked path");
+        // A listing reads no subdirectory: the walk's mark for that means nothing here.
+        let entries = entries.map(|e| if e.unread() { WalkEntry { target: Bytes::new(), ..e } } else { e });
         Ok(ListReply { seq: batch.seq, stat: own.stat, complete: batch.eof, entries: entries.collect() })
     }
 
@@ -1087,7 +1089,7 @@ impl Walk {
                 Err(e) if is_errno(&e, libc::ENOENT) => continue,
                 Err(e) => return Err(e),
             };
-            let target = if is_symlink(&st) {
+            let mut target = if is_symlink(&st) {
                 match sys::readlinkat(dir, &name) {
                     Ok(t) => t,
                     Err(e) if is_errno(&e, libc::ENOENT) => continue,
@@ -1109,6 +1111,9 @@ impl Walk {
             } else {
                 None
             };
+            if st.st_mode & libc::S_IFMT == libc::S_IFDIR && sub.is_none() {
+                target = WalkEntry::UNREAD.to_vec();
+            }
             let entry =
                 WalkEntry { path: Bytes::from(path), stat: FullStat::from(&st), target: target.into() };
             if let Some(fd) = sub {
@@ -1366,6 +1371,9 @@ mod tests {
         assert_eq!(sorted_paths(&one), [&b""[..], b"a", b"e", b"h"]);
         let a = one.iter().find(|e| e.path.as_ref() == b"a").unwrap();
         assert!(a.stat.is_dir(), "a directory at the limit is listed");
+        assert!(a.unread(), "and marked as not read");
+        let e = walk_all(&fs, b"w", 0).into_iter().find(|e| e.path.as_ref() == b"e").unwrap();
+        assert!(!e.unread(), "an empty directory read is not marked");
         assert_eq!(a.stat.ino, std::fs::metadata(r.join("w/a")).unwrap().ino());
 
         let two = walk_all(&fs, b"w", 2);
