@@ -505,6 +505,7 @@ impl Fs {
     /// cached instead of paying a round trip per directory it goes through. (Not before: the
     /// feed's hello, which empties the cache, comes at about the time the mount starts.)
     pub fn feed_ready(&self) {
+        tracing::debug!("the feed is ready: walking the tree");
         for dir in self.covered.take() {
             self.want_subtree(&dir);
         }
@@ -513,6 +514,7 @@ impl Fs {
 
     /// The cache was emptied: subtrees may be walked again.
     pub fn cache_emptied(&self) {
+        tracing::debug!("the cache was emptied");
         self.covered.clear();
         self.siblings.clear();
     }
