@@ -303,30 +303,47 @@ impl Fs {
         }
     }
 
-    /// Fetches the files of the mount's git repository (if its root is one) that a git command
-    /// reads first, one after the other, each a round trip when cold
-    /// ([`prefetch::git_start_files`]); the tree's walk has their stats by now.
+    /// Fetches the files of the mount's git repositories (the root, or a directory right below
+    /// it, with a `.git` directory) that a git command reads first, one after the other, each
+    /// a round trip when cold ([`prefetch::git_start_files`]); the tree's walk has their stats
+    /// by now.
     async fn fetch_git_start(self: Arc<Self>) {
         use futures::StreamExt;
         let now = Instant::now();
-        let pack = RelPath::new(b".git/objects/pack").expect("a plain relative path");
-        let packs = self.cache().listing(&pack, now).map(|l| l.value);
-        let packs = packs.iter().flat_map(|l| l.entries()).filter(|e| e.kind == FileKind::Regular);
+        let has_git = |dir: &RelPath| {
+            let listing = self.cache().listing(dir, now);
+            listing.is_some_and(|l| l.value.get(b".git").is_some_and(|e| e.kind == FileKind::Directory))
+        };
+        let root = RelPath::root();
+        let below = self.cache().listing(&root, now).map(|l| l.value);
+        let below = below.iter().flat_map(|l| l.entries()).filter(|e| e.kind == FileKind::Directory);
+        let repos = std::iter::once(root.clone()).chain(below.filter_map(|e| root.join(&e.name).ok()));
         let mut budget = prefetch::GIT_START_MAX_BYTES;
         let mut wanted = Vec::new();
-        for path in prefetch::git_start_files(packs.map(|e| &e.name[..])) {
-            if self.is_local(&path) {
+        for repo in repos.filter(|r| has_git(r)) {
+            let Ok(pack) = repo.join(b".git").and_then(|g| g.join(b"objects")).and_then(|o| o.join(b"pack")) else {
                 continue;
+            };
+            let packs = self.cache().listing(&pack, now).map(|l| l.value);
+            let packs = packs.iter().flat_map(|l| l.entries()).filter(|e| e.kind == FileKind::Regular);
+            for path in prefetch::git_start_files(&repo, packs.map(|e| &e.name[..])) {
+                if self.is_local(&path) {
+                    continue;
+                }
+                let mut cache = self.cache();
+                let Some(attr) = cache.attr(&path, now) else { continue };
+                let version = DataVersion::from(&attr.value);
+                let regular = attr.value.mode & libc::S_IFMT == libc::S_IFREG;
+                if !regular || version.size == 0 || version.size > WHOLE_FILE.min(budget) {
+                    continue;
+                }
+                let cached = cache.read_data(&path, &version, 0..version.size);
+                if cached.iter().all(|part| matches!(part, DataPart::Cached { .. })) {
+                    continue;
+                }
+                budget -= version.size;
+                wanted.push((path, version.size));
             }
-            let mut cache = self.cache();
-            let Some(attr) = cache.attr(&path, now) else { continue };
-            let version = DataVersion::from(&attr.value);
-            let regular = attr.value.mode & libc::S_IFMT == libc::S_IFREG;
-            if !regular || version.size == 0 || version.size > WHOLE_FILE.min(budget) {
-                continue;
-            }
-            budget -= version.size;
-            wanted.push((path, version.size));
         }
         futures::stream::iter(wanted)
             .for_each_concurrent(None, |(path, size)| {

@@ -255,19 +255,20 @@ impl Assembler {
 /// What [`git_start_files`] fetches at most, in all.
 pub const GIT_START_MAX_BYTES: u64 = 16 << 20;
 
-/// The files of a git repository at the mount's root that nearly every git command reads
-/// first, in turn (each a round trip when cold): the current branch, the configuration, the
-/// packed refs, the index, the commit graph and the pack indexes (`pack`: the names of the
-/// regular files in `.git/objects/pack`, as far as known).
-pub fn git_start_files<'a>(pack: impl IntoIterator<Item = &'a [u8]>) -> Vec<RelPath> {
+/// The files of the git repository at `repo` that nearly every git command reads first, in
+/// turn (each a round trip when cold): the current branch, the configuration, the packed refs,
+/// the index, the commit graph and the pack indexes (`pack`: the names of the regular files in
+/// its `.git/objects/pack`, as far as known).
+pub fn git_start_files<'a>(repo: &RelPath, pack: impl IntoIterator<Item = &'a [u8]>) -> Vec<RelPath> {
     let fixed = ["HEAD", "config", "packed-refs", "index", "objects/info/commit-graph"];
     let idx = pack.into_iter().filter(|name| name.ends_with(b".idx"));
     let idx = idx.map(|name| [&b"objects/pack/"[..], name].concat());
+    let base = if repo.is_root() { b".git/".to_vec() } else { [repo.as_bytes(), b"/.git/"].concat() };
     fixed
         .iter()
         .map(|f| f.as_bytes().to_vec())
         .chain(idx)
-        .filter_map(|f| RelPath::new(&[&b".git/"[..], &f].concat()).ok())
+        .filter_map(|f| RelPath::new(&[&base[..], &f].concat()).ok())
         .collect()
 }
 
@@ -319,10 +320,10 @@ mod tests {
     #[test]
     fn git_start_files_are_the_fixed_ones_and_the_pack_indexes() {
         let pack: [&[u8]; 3] = [b"pack-1.idx", b"pack-1.pack", b"pack-2.idx"];
-        let got: Vec<String> = git_start_files(pack)
-            .iter()
-            .map(|p| String::from_utf8_lossy(p.as_bytes()).into_owned())
-            .collect();
+        let show = |files: Vec<RelPath>| -> Vec<String> {
+            files.iter().map(|p| String::from_utf8_lossy(p.as_bytes()).into_owned()).collect()
+        };
+        let got = show(git_start_files(&RelPath::root(), pack));
         assert_eq!(
             got,
             [
@@ -335,6 +336,8 @@ mod tests {
                 ".git/objects/pack/pack-2.idx",
             ]
         );
+        let below = show(git_start_files(&p("work/app"), std::iter::empty()));
+        assert_eq!(below[0], "work/app/.git/HEAD");
     }
 
     #[tokio::test]
