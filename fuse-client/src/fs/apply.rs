@@ -9,7 +9,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use devmount_server::proto::sftp::{ext, open_flags, rename_flags, Attrs, Put, SetAttrs, StatusCode, TimeSet};
+use devmount_server::proto::sftp::{
+    ext, open_flags, rename_flags, Attrs, Put, SetAttrs, StatusCode, TimeSet,
+};
 use devmount_server::sftp::client::{SftpClient, SftpError};
 use tokio::sync::OnceCell;
 
@@ -38,13 +40,15 @@ impl Applier {
     }
 
     fn abs(&self, rel: &[u8]) -> Result<Bytes, RemoteError> {
-        let rel = RelPath::new(rel).map_err(|e| RemoteError::Rejected { errno: libc::EINVAL, message: e.to_string() })?;
+        let rel = RelPath::new(rel)
+            .map_err(|e| RemoteError::Rejected { errno: libc::EINVAL, message: e.to_string() })?;
         Ok(self.remote.abs(&rel))
     }
 
     /// The write handle of `rel`, opened on first use.
     async fn handle(&self, rel: &Bytes) -> Result<Bytes, RemoteError> {
-        let cell = self.handles.lock().unwrap_or_else(|e| e.into_inner()).entry(rel.clone()).or_default().clone();
+        let cell =
+            self.handles.lock().unwrap_or_else(|e| e.into_inner()).entry(rel.clone()).or_default().clone();
         let abs = self.abs(rel)?;
         let h = cell
             .get_or_try_init(|| async {
@@ -114,7 +118,9 @@ impl Applier {
                 }
                 let h = self.handle(path).await?;
                 match cond {
-                    Some(c) if self.remote.is_devmount() => sftp.dev_write(&h, *offset, *c, data.clone()).await.map_err(remote_error)?,
+                    Some(c) if self.remote.is_devmount() => {
+                        sftp.dev_write(&h, *offset, *c, data.clone()).await.map_err(remote_error)?
+                    }
                     _ => sftp.write(&h, *offset, data.clone()).await.map_err(remote_error)?,
                 }
             }
@@ -127,13 +133,21 @@ impl Applier {
                     // A conditional write of nothing: the check alone.
                     sftp.dev_write(&h, 0, *c, Bytes::new()).await.map_err(remote_error)?;
                 }
-                sftp.fsetstat(&h, &Attrs { size: Some(*size), ..Attrs::default() }).await.map_err(remote_error)?;
+                sftp.fsetstat(&h, &Attrs { size: Some(*size), ..Attrs::default() })
+                    .await
+                    .map_err(remote_error)?;
             }
             Op::SetAttr { path, mode, uid, gid, atime, mtime } => {
                 let p = abs(path)?;
                 if self.remote.is_devmount() {
-                    let attrs =
-                        SetAttrs { mode: *mode, uid: *uid, gid: *gid, size: None, atime: *atime, mtime: *mtime };
+                    let attrs = SetAttrs {
+                        mode: *mode,
+                        uid: *uid,
+                        gid: *gid,
+                        size: None,
+                        atime: *atime,
+                        mtime: *mtime,
+                    };
                     sftp.dev_setstat(&p, false, &attrs).await.map_err(remote_error)?;
                 } else {
                     // SFTP v3 sets owner and group together, and both times together: fill
@@ -150,7 +164,9 @@ impl Applier {
                 let attrs = Attrs { permissions: Some(*mode & 0o7777), ..Attrs::default() };
                 sftp.mkdir(&abs(path)?, &attrs).await.map_err(remote_error)?;
             }
-            Op::Mknod { path, mode, rdev } => sftp.dev_mknod(&abs(path)?, *mode, *rdev).await.map_err(remote_error)?,
+            Op::Mknod { path, mode, rdev } => {
+                sftp.dev_mknod(&abs(path)?, *mode, *rdev).await.map_err(remote_error)?
+            }
             Op::Symlink { target, path } => sftp.symlink(target, &abs(path)?).await.map_err(remote_error)?,
             Op::Link { from, to } => {
                 sftp.hardlink(&abs(from)?, &abs(to)?).await.map_err(remote_error)?;

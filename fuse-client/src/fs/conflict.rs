@@ -37,7 +37,9 @@ pub async fn resolve(remote: &Remote, op: &Op, maybe_applied: bool) -> Resolutio
         Op::Write { path, offset, data, .. } => {
             (path, Op::Write { path: path.clone(), offset: *offset, data: data.clone(), cond: None })
         }
-        Op::Truncate { path, size, .. } => (path, Op::Truncate { path: path.clone(), size: *size, cond: None }),
+        Op::Truncate { path, size, .. } => {
+            (path, Op::Truncate { path: path.clone(), size: *size, cond: None })
+        }
         Op::Rename { from, to, flags, .. } => {
             (to, Op::Rename { from: from.clone(), to: to.clone(), flags: *flags, cond: None })
         }

@@ -321,7 +321,8 @@ impl Fs {
         let mut budget = prefetch::GIT_START_MAX_BYTES;
         let mut wanted = Vec::new();
         for repo in repos.filter(|r| has_git(r)) {
-            let Ok(pack) = repo.join(b".git").and_then(|g| g.join(b"objects")).and_then(|o| o.join(b"pack")) else {
+            let Ok(pack) = repo.join(b".git").and_then(|g| g.join(b"objects")).and_then(|o| o.join(b"pack"))
+            else {
                 continue;
             };
             let packs = self.cache().listing(&pack, now).map(|l| l.value);
