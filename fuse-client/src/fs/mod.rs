@@ -328,22 +328,9 @@ impl Fs {
             let packs = self.cache().listing(&pack, now).map(|l| l.value);
             let packs = packs.iter().flat_map(|l| l.entries()).filter(|e| e.kind == FileKind::Regular);
             for path in prefetch::git_start_files(&repo, packs.map(|e| &e.name[..])) {
-                if self.is_local(&path) {
-                    continue;
-                }
-                let mut cache = self.cache();
-                let Some(attr) = cache.attr(&path, now) else { continue };
-                let version = DataVersion::from(&attr.value);
-                let regular = attr.value.mode & libc::S_IFMT == libc::S_IFREG;
-                if !regular || version.size == 0 || version.size > WHOLE_FILE.min(budget) {
-                    continue;
-                }
-                let cached = cache.read_data(&path, &version, 0..version.size);
-                if cached.iter().all(|part| matches!(part, DataPart::Cached { .. })) {
-                    continue;
-                }
-                budget -= version.size;
-                wanted.push((path, version.size));
+                let Some(size) = self.worth_fetching(&path, WHOLE_FILE.min(budget), now) else { continue };
+                budget -= size;
+                wanted.push((path, size));
             }
         }
         futures::stream::iter(wanted)
@@ -417,26 +404,32 @@ impl Fs {
         let (mut files, mut bytes) = (Vec::new(), 0);
         for entry in listing.value.entries().iter().filter(|e| e.kind == FileKind::Regular) {
             let Ok(path) = dir.join(&entry.name) else { continue };
-            if self.is_local(&path) {
-                continue;
-            }
-            let mut cache = self.cache();
-            let Some(attr) = cache.attr(&path, now) else { continue };
-            let version = DataVersion::from(&attr.value);
-            if version.size == 0 || version.size > SMALL_FILE {
-                continue;
-            }
-            let cached = cache.read_data(&path, &version, 0..version.size);
-            if cached.iter().all(|part| matches!(part, DataPart::Cached { .. })) {
-                continue;
-            }
-            bytes += version.size;
+            let Some(size) = self.worth_fetching(&path, SMALL_FILE, now) else { continue };
+            bytes += size;
             if bytes > prefetch::SIBLINGS_MAX_BYTES || files.len() == prefetch::SIBLINGS_MAX_FILES {
                 break;
             }
             files.push(path);
         }
         Some(files)
+    }
+
+    /// The size of `path` if fetching it whole ahead of a reader is worth it: a regular file
+    /// not changed here, its stats cached, neither empty nor over `max` bytes, and not all of it
+    /// cached already.
+    fn worth_fetching(&self, path: &RelPath, max: u64, now: Instant) -> Option<u64> {
+        if self.is_local(path) {
+            return None;
+        }
+        let mut cache = self.cache();
+        let attr = cache.attr(path, now)?;
+        let version = DataVersion::from(&attr.value);
+        let regular = attr.value.mode & libc::S_IFMT == libc::S_IFREG;
+        if !regular || version.size == 0 || version.size > max {
+            return None;
+        }
+        let cached = cache.read_data(path, &version, 0..version.size);
+        (!cached.iter().all(|part| matches!(part, DataPart::Cached { .. }))).then_some(version.size)
     }
 
     /// Asks for the small files of `dir` to be fetched (once per directory).
